@@ -1,0 +1,45 @@
+# Every set-up step lives here: `make test` and `make demo` work on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+# Offline data sets (read-only) and a writable data/cache folder.
+SHARED_DATASETS := $(abspath ../shared/datasets)
+ifneq ($(wildcard $(SHARED_DATASETS)/omniglot),)
+export METANET_DATASETS ?= $(SHARED_DATASETS)
+endif
+export METANET_DATA_DIR ?= $(HOME)/.cache/metanet_jax/data
+# JAX's persistent compilation cache: recompiles of the same programs are skipped.
+export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/metanet_jax/jax_cache
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: install test demo bench lint format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+demo: $(STAMP)
+	$(BIN)/python -m experiments.omniglot --flagfile=experiments/flags/demo.flags
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/episode_throughput.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
