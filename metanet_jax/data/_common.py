@@ -1,0 +1,206 @@
+"""Shared pieces of the data package: folders, the `ClassImages` container, preprocessing and
+the on-disk cache. Nothing here imports TensorFlow."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+DATASETS_ENV = "METANET_DATASETS"
+DATA_DIR_ENV = "METANET_DATA_DIR"
+CACHE_VERSION = 1  # bump when preprocessing changes: old cache files are then ignored
+
+
+class ClassImages(NamedTuple):
+    """Images grouped by class: the input of `sample_episodes`.
+
+    Attributes:
+      images: `[classes, per_class, H, W, C]` uint8. Omniglot and MNIST: `[.., 28, 28, 1]` with
+        ink as 255 and background as 0 (the sampler maps them to 1.0 and 0.0).
+      alphabets: `[classes]` str, the alphabet of each class (`"mnist"` for MNIST).
+      characters: `[classes]` str, a unique name per class (`"Alphabet/character05"`, `"7"`).
+      class_ids: `[classes]` int64, a global id per class (Omniglot: the character id in 0..1622
+        from the file names; MNIST: the digit).
+      counts: `[classes]` int64, examples of the class in the source before truncation to the
+        smallest class (Omniglot: 20 everywhere).
+    """
+
+    images: np.ndarray
+    alphabets: np.ndarray
+    characters: np.ndarray
+    class_ids: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.images.shape[0])
+
+    def select(self, index: np.ndarray) -> ClassImages:
+        """The classes at `index` (an int array or boolean mask over classes), in that order."""
+        return ClassImages(*(np.asarray(f)[index] for f in self))
+
+    def save(self, path: Path) -> None:
+        """Writes an uncompressed `.npz` atomically (a temporary file, then a rename)."""
+        atomic_savez(path, **self._asdict())
+
+    @classmethod
+    def load(cls, path: Path) -> ClassImages:
+        with np.load(path, allow_pickle=False) as f:
+            return cls(**{k: f[k] for k in cls._fields})
+
+
+def data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """The writable folder for everything this package writes.
+
+    `data_dir` if given, else `$METANET_DATA_DIR`, else `$XDG_CACHE_HOME/metanet_jax/data`
+    (`~/.cache/metanet_jax/data`). Not created here.
+    """
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(cache).expanduser() / "metanet_jax" / "data"
+
+
+def datasets_dir() -> Path | None:
+    """`$METANET_DATASETS` (the read-only folder holding `omniglot/` and `mnist/`), or None."""
+    value = os.environ.get(DATASETS_ENV)
+    return Path(value).expanduser() if value else None
+
+
+def local_folder(manual_dir: str | os.PathLike | None, name: str) -> Path | None:
+    """The folder of local archives for data set `name`, or None for TFDS's normal download.
+
+    `manual_dir` may be the data set's own folder or the folder holding `<name>/`; without it
+    `$METANET_DATASETS/<name>` is used. A configured folder that does not exist is an error,
+    never a silent fallback to the network.
+    """
+    if manual_dir is not None:
+        folder = Path(manual_dir).expanduser()
+        if (folder / name).is_dir():
+            folder = folder / name
+    elif (root := datasets_dir()) is not None:
+        folder = root / name
+    else:
+        return None
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{name}: local data folder {folder} does not exist (from manual_dir or "
+            f"${DATASETS_ENV}). Point it at a folder holding the {name} archives, or unset "
+            f"${DATASETS_ENV} to let TFDS download them."
+        )
+    return folder
+
+
+def require_files(folder: Path, names: list[str], what: str, how: str) -> None:
+    """Raises FileNotFoundError naming the folder and every missing file, before any work."""
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{what}: missing file(s) {', '.join(missing)} in {folder} "
+            f"(expected: {', '.join(names)}). {how}"
+        )
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    """`np.savez` to a temporary name in the same folder, then an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def cleanup_on_error(root: Path, *subdirs: Path) -> Iterator[None]:
+    """Removes what the body created under `root`/`subdirs` if it raises.
+
+    Entries that existed before are kept, so a failed preparation never leaves a half-written
+    download, extraction or TFDS folder behind and a later run starts clean.
+    """
+    root_existed = root.exists()
+    before = {d: set(d.iterdir()) if d.is_dir() else None for d in subdirs}
+    try:
+        yield
+    except BaseException:
+        if not root_existed:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for d, old in before.items():
+                if old is None:
+                    shutil.rmtree(d, ignore_errors=True)
+                elif d.is_dir():
+                    for p in set(d.iterdir()) - old:
+                        if p.is_dir():
+                            shutil.rmtree(p, ignore_errors=True)
+                        else:
+                            p.unlink(missing_ok=True)
+        raise
+
+
+def _area_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """`[n_out, n_in]` weights of exact area averaging (box filter with fractional overlap)."""
+    scale = n_in / n_out
+    lo = np.arange(n_out)[:, None] * scale
+    hi = lo + scale
+    j = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
+    return (overlap / scale).astype(np.float32)
+
+
+def area_resize(images: np.ndarray, size: int, *, chunk: int = 2048) -> np.ndarray:
+    """Area-averaging resize of grey images (each output pixel = mean over its input area).
+
+    Args:
+      images: `[N, h, w]` float32 or uint8 grey images.
+      size: output height and width.
+      chunk: images per matrix product (bounds the float32 memory).
+
+    Returns:
+      `[N, size, size]` float32 (same value range as the input).
+    """
+    n, h, w = images.shape
+    rows, cols = _area_matrix(h, size), _area_matrix(w, size)
+    out = np.empty((n, size, size), np.float32)
+    for s in range(0, n, chunk):
+        x = images[s : s + chunk].astype(np.float32)
+        out[s : s + chunk] = np.einsum("ih,nhw,jw->nij", rows, x, cols, optimize=True)
+    return out
+
+
+def strokes_to_ink(grey: np.ndarray, size: int = 28) -> np.ndarray:
+    """Dark-strokes-on-white grey images to ink images: invert, then area-resize.
+
+    Inverting first makes ink 1 and background 0 before any filtering, so the resize averages
+    ink over each output pixel's area and thin strokes survive as grey values.
+
+    Args:
+      grey: `[N, h, w]` uint8, 0 = stroke, 255 = background (Omniglot's PNGs, Lake's runs).
+      size: output height and width.
+
+    Returns:
+      `[N, size, size, 1]` uint8, ink = 255 and background = 0.
+    """
+    ink = 255.0 - grey.astype(np.float32)
+    small = area_resize(ink, size)
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8)[..., None]

@@ -1,0 +1,344 @@
+"""Pure-JAX episode sampler: N-way K-shot episodes drawn on device from a class array.
+
+Layout of every episode (support and query alike), "class-major":
+
+* `ways` classes are drawn without replacement; the class given label `i` is the `i`-th of
+  a uniformly random ordering, so the class-to-label assignment is a fresh random
+  permutation per episode.
+* support: `x[b, i * shots + s]` is the `s`-th example of label `i`; `y[b] = [0]*shots +
+  [1]*shots + ... + [ways-1]*shots` (labels `0..ways-1`, each repeated `shots` times).
+* query: the same with `queries_per_class` in place of `shots`.
+* per class, `shots + queries_per_class` distinct drawers (examples) are drawn without
+  replacement: the first `shots` go to the support set, the rest to the query set, so
+  support and query are different drawings of the same classes.
+* rotation (`rotate=True`): each class gets one random multiple of 90 degrees
+  (`jnp.rot90(img, k)`, k in 0..3), the same for its support and query images. With
+  `rotations_as_classes=True` the class pool is `classes * 4`: class `c + r * classes` is
+  class `c` rotated by `r * 90` degrees, a class of its own (`rotate` is then ignored).
+* pixel permutations (permuted MNIST, `permutations` of shape `[P, H*W]`): the pool is
+  `classes * P` (`* 4` with rotations as classes); class `c + p * classes` is class `c` with
+  its pixels reordered by `permutations[p]` (`x_flat[permutations[p]]`), applied on the fly.
+  Index order of the pool: `c + classes * (p + P * r)`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from metanet_jax.types import Episode
+
+
+class EpisodeIndices(NamedTuple):
+    """What `sample_episode_indices` drew (all `[B, ways, ...]`, label `i` at position `i`).
+
+    Attributes:
+      classes: `[B, ways]` int32, base class of each label (index into `images`' first axis).
+      drawers: `[B, ways, shots + queries]` int32, example index per class (first `shots`:
+        support, the rest: query), distinct within a class.
+      rotations: `[B, ways]` int32, multiples of 90 degrees (`jnp.rot90` k), 0 when not rotated.
+      permutations: `[B, ways]` int32, index into the pixel permutations (0 when none).
+    """
+
+    classes: jax.Array
+    drawers: jax.Array
+    rotations: jax.Array
+    permutations: jax.Array
+
+
+def _check(
+    num_classes: int,
+    num_drawers: int,
+    ways: int,
+    shots: int,
+    queries_per_class: int,
+    batch_size: int,
+    pool: int,
+) -> None:
+    if ways < 1 or shots < 1 or queries_per_class < 0 or batch_size < 1:
+        raise ValueError(
+            f"Need ways >= 1, shots >= 1, queries_per_class >= 0, batch_size >= 1; got "
+            f"ways={ways}, shots={shots}, queries_per_class={queries_per_class}, "
+            f"batch_size={batch_size}."
+        )
+    if ways > pool:
+        raise ValueError(
+            f"ways={ways} is more than the {pool} classes available ({num_classes} classes "
+            "before rotations/permutations)."
+        )
+    if shots + queries_per_class > num_drawers:
+        raise ValueError(
+            f"shots + queries_per_class = {shots + queries_per_class} is more than the "
+            f"{num_drawers} examples per class."
+        )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "num_classes",
+        "num_drawers",
+        "ways",
+        "shots",
+        "queries_per_class",
+        "batch_size",
+        "rotate",
+        "rotations_as_classes",
+        "num_permutations",
+    ),
+)
+def sample_episode_indices(
+    key: jax.Array,
+    num_classes: int,
+    num_drawers: int,
+    ways: int,
+    shots: int,
+    queries_per_class: int,
+    batch_size: int,
+    *,
+    rotate: bool = True,
+    rotations_as_classes: bool = False,
+    num_permutations: int = 1,
+) -> EpisodeIndices:
+    """Draws the classes, examples, rotations and permutations of a batch of episodes.
+
+    Args:
+      key: a PRNG key.
+      num_classes: `C`, classes in the image array.
+      num_drawers: `D`, examples per class.
+      ways, shots, queries_per_class, batch_size: episode sizes (static).
+      rotate: a random multiple of 90 degrees per class (ignored with rotations as classes).
+      rotations_as_classes: the 4 rotations of a class are 4 classes.
+      num_permutations: `P` pixel permutations, each making `C` more classes.
+
+    Returns:
+      `EpisodeIndices`, see its docstring.
+    """
+    r = 4 if rotations_as_classes else 1
+    pool = num_classes * num_permutations * r
+    _check(num_classes, num_drawers, ways, shots, queries_per_class, batch_size, pool)
+    k_cls, k_drw, k_rot = jax.random.split(key, 3)
+    # Without replacement, in uniformly random order: top-k of i.i.d. uniforms.
+    _, pooled = jax.lax.top_k(jax.random.uniform(k_cls, (batch_size, pool)), ways)
+    _, drawers = jax.lax.top_k(
+        jax.random.uniform(k_drw, (batch_size, ways, num_drawers)), shots + queries_per_class
+    )
+    classes = pooled % num_classes
+    rest = pooled // num_classes
+    perms = rest % num_permutations
+    if rotations_as_classes:
+        rotations = rest // num_permutations
+    elif rotate:
+        rotations = jax.random.randint(k_rot, (batch_size, ways), 0, 4)
+    else:
+        rotations = jnp.zeros((batch_size, ways), jnp.int32)
+    i32 = lambda a: a.astype(jnp.int32)
+    return EpisodeIndices(i32(classes), i32(drawers), i32(rotations), i32(perms))
+
+
+def _rotation_tables(h: int, w: int) -> np.ndarray:
+    """`[4, h*w]`: `x_flat[table[k]] == jnp.rot90(x, k).ravel()` (square images)."""
+    grid = np.arange(h * w).reshape(h, w)
+    return np.stack([np.rot90(grid, k).ravel() for k in range(4)]).astype(np.int32)
+
+
+def gather_episodes(
+    images: jax.Array,
+    indices: EpisodeIndices,
+    shots: int,
+    permutations: jax.Array | None = None,
+    *,
+    rotate: bool = True,
+) -> tuple[Episode, Episode]:
+    """Gathers the images that `indices` names and lays them out as support and query sets.
+
+    Only the `B * ways * (shots + queries)` needed images are gathered and converted.
+
+    Args:
+      images: `[C, D, H, W, ch]` uint8 (ink 255 -> 1.0) or float (taken as is).
+      indices: from `sample_episode_indices`.
+      shots: support examples per class.
+      permutations: `[P, H*W]` int pixel permutations, or None.
+      rotate: apply `indices.rotations` (False skips the pixel gather when there are no
+        permutations either).
+
+    Returns:
+      `(support, query)`: `Episode`s with x `[B, ways*shots, H, W, ch]` and
+      `[B, ways*queries, H, W, ch]` float32, y `[B, ways*shots]` / `[B, ways*queries]` int32,
+      class-major (see the module docstring).
+    """
+    _, _, h, w, ch = images.shape
+    b, ways, n = indices.drawers.shape
+    x = images[indices.classes[:, :, None], indices.drawers]  # [B, ways, n, H, W, ch]
+    rotated = rotate and h == w
+    if permutations is not None or rotated:
+        idx = jnp.broadcast_to(jnp.arange(h * w, dtype=jnp.int32), (b, ways, h * w))
+        if permutations is not None:
+            idx = jnp.asarray(permutations, jnp.int32)[indices.permutations]
+        if rotated:
+            rot = jnp.asarray(_rotation_tables(h, w))[indices.rotations]  # [B, ways, HW]
+            idx = jnp.take_along_axis(idx, rot, axis=-1)
+        flat = x.reshape(b, ways, n, h * w, ch)
+        x = jnp.take_along_axis(flat, idx[:, :, None, :, None], axis=3).reshape(x.shape)
+    if x.dtype == jnp.uint8:
+        x = x.astype(jnp.float32) * (1.0 / 255.0)
+    else:
+        x = x.astype(jnp.float32)
+
+    def episode(part: jax.Array, k: int) -> Episode:
+        y = jnp.broadcast_to(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), k), (b, ways * k))
+        return Episode(part.reshape(b, ways * k, h, w, ch), y)
+
+    return episode(x[:, :, :shots], shots), episode(x[:, :, shots:], n - shots)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "ways",
+        "shots",
+        "queries_per_class",
+        "batch_size",
+        "rotate",
+        "rotations_as_classes",
+    ),
+)
+def sample_episodes(
+    key: jax.Array,
+    images: jax.Array,
+    ways: int,
+    shots: int,
+    queries_per_class: int,
+    batch_size: int,
+    *,
+    rotate: bool = True,
+    rotations_as_classes: bool = False,
+    permutations: jax.Array | None = None,
+) -> tuple[Episode, Episode]:
+    """Samples a batch of N-way K-shot episodes on device (jitted; sizes are static).
+
+    Keep `images` on device (`jax.device_put(split.images)`) so that no call copies it.
+
+    Args:
+      key: a PRNG key (`jax.random.key(0)`); the same key gives the same episodes.
+      images: `[C, D, H, W, ch]` uint8 (ink 255 maps to 1.0) or float in [0, 1].
+      ways: classes per episode (labels `0..ways-1`).
+      shots: support examples per class.
+      queries_per_class: query examples per class.
+      batch_size: episodes per batch `B`.
+      rotate: rotate each class by a random multiple of 90 degrees, the same for its support
+        and query images (the authors' protocol). Needs square images.
+      rotations_as_classes: the 4 rotations of each class are distinct classes instead.
+      permutations: `[P, H*W]` int pixel permutations (`pixel_permutations`), making `C * P`
+        classes (permuted MNIST); None for none.
+
+    Returns:
+      `(support, query)` `Episode`s: x `[B, ways*shots, H, W, ch]` and
+      `[B, ways*queries_per_class, H, W, ch]` float32 in [0, 1]; y int32 `[B, ways*shots]`
+      and `[B, ways*queries_per_class]`, class-major (module docstring).
+
+    Raises:
+      ValueError: `ways` above the available classes, `shots + queries_per_class` above the
+        examples per class, or non-positive sizes.
+    """
+    c, d, h, w, _ = images.shape
+    if (rotate or rotations_as_classes) and h != w:
+        raise ValueError(f"Rotations need square images, got {h}x{w}; pass rotate=False.")
+    num_perms = 1 if permutations is None else int(permutations.shape[0])
+    indices = sample_episode_indices(
+        key,
+        c,
+        d,
+        ways,
+        shots,
+        queries_per_class,
+        batch_size,
+        rotate=rotate,
+        rotations_as_classes=rotations_as_classes,
+        num_permutations=num_perms,
+    )
+    return gather_episodes(
+        images, indices, shots, permutations, rotate=rotate or rotations_as_classes
+    )
+
+
+def pixel_permutations(
+    seed: int,
+    num_permutations: int,
+    image_shape: tuple[int, int] = (28, 28),
+    *,
+    include_identity: bool = True,
+) -> np.ndarray:
+    """Seeded pixel permutations for permuted MNIST (`10 * P` classes from 10 digits).
+
+    Args:
+      seed: `numpy.random.default_rng(seed)` draws permutation `p` as `rng.permutation(H*W)`.
+      num_permutations: `P`.
+      image_shape: `(H, W)`.
+      include_identity: permutation 0 is the identity (the original digits are classes 0..9).
+
+    Returns:
+      `[P, H*W]` int32.
+    """
+    if num_permutations < 1:
+        raise ValueError(f"num_permutations must be >= 1, got {num_permutations}.")
+    n = int(np.prod(image_shape))
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(n) for _ in range(num_permutations)]
+    if include_identity:
+        perms[0] = np.arange(n)
+    return np.stack(perms).astype(np.int32)
+
+
+def fixed_eval_episodes(
+    seed: int,
+    images: jax.Array | np.ndarray,
+    ways: int,
+    shots: int,
+    queries_per_class: int,
+    num_episodes: int,
+    batch_size: int,
+    *,
+    rotate: bool = False,
+    rotations_as_classes: bool = False,
+    permutations: jax.Array | None = None,
+) -> Iterator[tuple[Episode, Episode]]:
+    """A fixed, seeded set of evaluation episodes, in batches: same seed, same episodes.
+
+    Batch `i` is `sample_episodes(jax.random.fold_in(jax.random.key(seed), i), ...)`; the last
+    batch holds the remaining `num_episodes % batch_size` episodes when that is not zero.
+    Iterating again recomputes the same batches (nothing is stored).
+
+    Args:
+      seed: integer seed of the episode set.
+      images: `[C, D, H, W, ch]` class array (moved to device once).
+      ways, shots, queries_per_class: episode sizes.
+      num_episodes: total episodes (e.g. 400 trials as in the paper).
+      batch_size: episodes per yielded batch.
+      rotate: default False: evaluation classes are not rotated.
+      rotations_as_classes, permutations: as in `sample_episodes`.
+
+    Yields:
+      `(support, query)` with leading axis `min(batch_size, remaining)`.
+    """
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes must be >= 1, got {num_episodes}.")
+    images = jax.device_put(images)
+    base = jax.random.key(seed)
+    for i, start in enumerate(range(0, num_episodes, batch_size)):
+        yield sample_episodes(
+            jax.random.fold_in(base, i),
+            images,
+            ways,
+            shots,
+            queries_per_class,
+            min(batch_size, num_episodes - start),
+            rotate=rotate,
+            rotations_as_classes=rotations_as_classes,
+            permutations=permutations,
+        )
