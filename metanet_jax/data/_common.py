@@ -16,7 +16,7 @@ import numpy as np
 
 DATASETS_ENV = "METANET_DATASETS"
 DATA_DIR_ENV = "METANET_DATA_DIR"
-CACHE_VERSION = 1  # bump when preprocessing changes: old cache files are then ignored
+CACHE_VERSION = 2  # bump when preprocessing changes: old cache files are then ignored
 
 
 class ClassImages(NamedTuple):

@@ -67,7 +67,7 @@ def load_mnist(
     """MNIST as 10 classes per split, truncated to the smallest class.
 
     Prepared once with TFDS (needs TensorFlow) and cached as
-    `<data_dir>/cache/mnist_<split>_v1.npz`.
+    `<data_dir>/cache/mnist_<split>_v2.npz`.
 
     Args:
       manual_dir: folder with the four `.gz` files (or the folder holding `mnist/`); default

@@ -112,10 +112,14 @@ def _prepare_part(part: str, folder: Path | None, builder_name: str, root: Path)
         ids, first, counts = np.unique(label_all, return_index=True, return_counts=True)
         if not np.all(counts == DRAWERS):
             raise ValueError(f"Omniglot {part}: expected {DRAWERS} images per character.")
-        order = np.argsort(label_all, kind="stable")  # class-major, record order within
-        ink = strokes_to_ink(grey_all[order])
+        order = np.argsort(label_all, kind="stable")  # class-major
+        ink = strokes_to_ink(grey_all[order]).reshape(len(ids), DRAWERS, 28, 28, 1)
+        # TFDS's record order is not the drawer order (file names are not features): sort each
+        # class's drawings by their bytes, a canonical order the same in every zip.
+        for c in range(len(ids)):
+            ink[c] = ink[c][sorted(range(DRAWERS), key=lambda i: ink[c, i].tobytes())]
         classes = ClassImages(
-            images=ink.reshape(len(ids), DRAWERS, 28, 28, 1),
+            images=ink,
             alphabets=alpha_all[first],
             characters=np.asarray(
                 [
@@ -139,7 +143,7 @@ def load_omniglot_parts(
     """Loads Omniglot's source zips, one `ClassImages` per zip, sorted by character id.
 
     Each part is prepared once with TFDS (needs TensorFlow) and cached as
-    `<data_dir>/cache/omniglot_<part>_v1.npz`; later loads read only the cache.
+    `<data_dir>/cache/omniglot_<part>_v2.npz`; later loads read only the cache.
 
     Args:
       parts: names among `"background"` (964 characters), `"evaluation"` (659), `"small1"`

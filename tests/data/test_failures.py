@@ -1,0 +1,93 @@
+"""Missing, wrong or corrupt inputs fail fast with a clear error and leave nothing behind."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from metanet_jax import data
+from metanet_jax.data._common import cleanup_on_error
+
+
+def _empty(path):
+    return not path.exists() or not any(path.rglob("*"))
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "archives" / "omniglot").mkdir(parents=True)
+    (tmp_path / "archives" / "mnist").mkdir()
+    out = tmp_path / "out"
+    t = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="images_background.zip") as e:
+        data.load_omniglot("standard", manual_dir=tmp_path / "archives", data_dir=out)
+    assert str(tmp_path / "archives" / "omniglot") in str(e.value)
+    assert "images_evaluation.zip" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz"):
+        data.load_mnist(manual_dir=tmp_path / "archives", data_dir=out)
+    assert time.perf_counter() - t < 10
+    assert _empty(out)
+
+
+def test_missing_folder_and_env(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv("METANET_DATASETS", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.load_omniglot("small1", data_dir=out)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        data.load_mnist(data_dir=out)
+    assert _empty(out)
+
+
+def test_wrong_folder(tmp_path):
+    """A folder with other files (here: MNIST's) is not taken for Omniglot."""
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "train-images-idx3-ubyte.gz").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="images_background_small1.zip"):
+        data.load_omniglot_parts(("small1",), manual_dir=wrong, data_dir=tmp_path / "out")
+    assert _empty(tmp_path / "out")
+
+
+def test_corrupt_file_then_good_file(tmp_path, datasets_root, omniglot_parts):
+    """A corrupt zip fails before any work; the right zip later prepares the split."""
+    archives, out = tmp_path / "archives", tmp_path / "out"
+    archives.mkdir()
+    name = "images_background_small1.zip"
+    (archives / name).write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="sha256"):
+        data.load_omniglot_parts(("small1",), manual_dir=archives, data_dir=out)
+    assert _empty(out)
+    # Only this one zip is present: only its split is built.
+    (archives / name).unlink()
+    os.symlink(datasets_root / "omniglot" / name, archives / name)
+    small1 = data.load_omniglot_parts(("small1",), manual_dir=archives, data_dir=out)["small1"]
+    assert (small1.images == omniglot_parts["small1"].images).all()
+    assert (out / "cache" / f"omniglot_small1_v{data._common.CACHE_VERSION}.npz").is_file()
+    assert not (out / "downloads" / "mnist").exists()
+
+
+def test_bad_part_name(tmp_path):
+    with pytest.raises(ValueError, match="Unknown Omniglot part"):
+        data.load_omniglot_parts(("train",), data_dir=tmp_path / "out")
+    assert _empty(tmp_path / "out")
+
+
+def test_cleanup_on_error_removes_only_new_entries(tmp_path):
+    root = tmp_path / "root"
+    sub = root / "sub"
+    sub.mkdir(parents=True)
+    (sub / "old").write_text("keep")
+    with pytest.raises(RuntimeError), cleanup_on_error(root, sub, root / "new"):
+        (sub / "half").mkdir()
+        (sub / "half" / "x").write_text("partial")
+        (root / "new").mkdir()
+        raise RuntimeError("boom")
+    assert sorted(p.name for p in sub.iterdir()) == ["old"]
+    assert not (root / "new").exists()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(RuntimeError), cleanup_on_error(fresh, fresh / "a"):
+        (fresh / "a").mkdir(parents=True)
+        raise RuntimeError("boom")
+    assert not fresh.exists()

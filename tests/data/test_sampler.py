@@ -1,0 +1,152 @@
+"""Episode sampler invariants, on small synthetic class arrays (and one real one)."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metanet_jax import Episode, data
+
+C, D, S = 6, 8, 6  # classes, drawers, image side
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (C, D, S, S, 1), dtype=np.uint8)
+
+
+def _identify(img, images, permutations=None):
+    """(class, drawer, rotation, permutation) of an output image, by exhaustive search."""
+    perms = [np.arange(S * S)] if permutations is None else list(permutations)
+    hits = []
+    for c, d, k, p in itertools.product(range(C), range(D), range(4), range(len(perms))):
+        src = images[c, d, ..., 0].ravel()[perms[p]].reshape(S, S)
+        if np.array_equal(np.rot90(src, k), img[..., 0]):
+            hits.append((c, d, k, p))
+    assert len(hits) == 1, hits
+    return hits[0]
+
+
+def _as_uint8(x):
+    return np.rint(np.asarray(x) * 255).astype(np.uint8)
+
+
+def test_shapes_labels_and_layout(images):
+    s, q = data.sample_episodes(jax.random.key(0), jnp.asarray(images), 4, 2, 3, 5)
+    assert isinstance(s, Episode) and isinstance(q, Episode)
+    assert s.x.shape == (5, 8, S, S, 1) and q.x.shape == (5, 12, S, S, 1)
+    assert s.x.dtype == jnp.float32 and s.y.dtype == jnp.int32 and q.y.dtype == jnp.int32
+    assert 0.0 <= float(s.x.min()) and float(s.x.max()) <= 1.0
+    np.testing.assert_array_equal(s.y, np.broadcast_to(np.repeat(np.arange(4), 2), (5, 8)))
+    np.testing.assert_array_equal(q.y, np.broadcast_to(np.repeat(np.arange(4), 3), (5, 12)))
+    for b in range(5):
+        assert np.all(np.bincount(np.asarray(s.y[b]), minlength=4) == 2)
+        assert np.all(np.bincount(np.asarray(q.y[b]), minlength=4) == 3)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_support_query_same_classes_disjoint_drawers_consistent_rotation(images, rotate):
+    s, q = data.sample_episodes(jax.random.key(1), jnp.asarray(images), 5, 2, 3, 4, rotate=rotate)
+    sx, qx = _as_uint8(s.x), _as_uint8(q.x)
+    rotations = set()
+    for b in range(4):
+        seen_classes = []
+        for label in range(5):
+            sup = [_identify(x, images) for x in sx[b][np.asarray(s.y[b]) == label]]
+            qry = [_identify(x, images) for x in qx[b][np.asarray(q.y[b]) == label]]
+            ids = {(c, k) for c, _, k, _ in sup + qry}
+            assert len(ids) == 1  # one class, one rotation for its support and query images
+            drawers = [d for _, d, _, _ in sup + qry]
+            assert len(set(drawers)) == len(drawers)  # all different drawings
+            ((c, k),) = ids
+            seen_classes.append(c)
+            rotations.add(k)
+        assert len(set(seen_classes)) == 5  # classes without replacement
+    assert rotations == ({0, 1, 2, 3} if rotate else {0})
+
+
+def test_rotations_as_classes(images):
+    key = jax.random.key(2)
+    s, q = data.sample_episodes(key, jnp.asarray(images), 4 * C, 1, 1, 2, rotations_as_classes=True)
+    for b in range(2):
+        found = {_identify(x, images)[::2] for x in _as_uint8(s.x[b])}
+        assert found == set(itertools.product(range(C), range(4)))  # every (class, rotation)
+    with pytest.raises(ValueError, match="ways"):
+        data.sample_episodes(
+            key, jnp.asarray(images), 4 * C + 1, 1, 1, 2, rotations_as_classes=True
+        )
+
+
+def test_permutations(images):
+    perms = data.pixel_permutations(3, 3, (S, S))
+    s, _ = data.sample_episodes(
+        jax.random.key(3),
+        jnp.asarray(images),
+        3 * C,
+        1,
+        1,
+        2,
+        rotate=False,
+        permutations=jnp.asarray(perms),
+    )
+    for b in range(2):
+        found = {(c, p) for c, _, k, p in (_identify(x, images, perms) for x in _as_uint8(s.x[b]))}
+        assert found == set(itertools.product(range(C), range(3)))
+
+
+def test_determinism_and_label_permutation(images):
+    imgs = jnp.asarray(images)
+    a = data.sample_episodes(jax.random.key(7), imgs, 3, 1, 2, 8)
+    b = data.sample_episodes(jax.random.key(7), imgs, 3, 1, 2, 8)
+    c = data.sample_episodes(jax.random.key(8), imgs, 3, 1, 2, 8)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert not np.array_equal(a[0].x, c[0].x)
+    idx = data.sample_episode_indices(jax.random.key(7), C, D, 3, 1, 2, 64)
+    assert len(set(np.asarray(idx.classes[:, 0]).tolist())) > 1  # label 0 is any class
+
+
+def test_jit_with_traced_key_and_vmap_free(images):
+    imgs = jnp.asarray(images)
+    f = jax.jit(lambda k: data.sample_episodes(k, imgs, 2, 1, 1, 3))
+    s, q = f(jax.random.key(0))
+    assert s.x.shape == (3, 2, S, S, 1)
+
+
+def test_bad_input(images):
+    imgs, key = jnp.asarray(images), jax.random.key(0)
+    with pytest.raises(ValueError, match="ways"):
+        data.sample_episodes(key, imgs, C + 1, 1, 1, 2)
+    with pytest.raises(ValueError, match="shots \\+ queries_per_class"):
+        data.sample_episodes(key, imgs, 2, 5, 4, 2)
+    with pytest.raises(ValueError, match="square"):
+        data.sample_episodes(key, imgs[:, :, :, :4], 2, 1, 1, 2)
+    with pytest.raises(ValueError):
+        data.sample_episodes(key, imgs, 2, 0, 1, 2)
+
+
+def test_fixed_eval_episodes(images):
+    a = list(data.fixed_eval_episodes(5, images, 3, 1, 2, num_episodes=10, batch_size=4))
+    b = list(data.fixed_eval_episodes(5, images, 3, 1, 2, num_episodes=10, batch_size=4))
+    c = list(data.fixed_eval_episodes(6, images, 3, 1, 2, num_episodes=10, batch_size=4))
+    assert [s.x.shape[0] for s, _ in a] == [4, 4, 2]
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    assert not np.array_equal(a[0][0].x, c[0][0].x)
+    # Not rotated by default.
+    for x in _as_uint8(a[0][0].x[0]):
+        assert _identify(x, images)[2] == 0
+
+
+def test_real_omniglot_episode(omniglot_parts):
+    imgs = jax.device_put(omniglot_parts["evaluation"].images)
+    s, q = data.sample_episodes(jax.random.key(0), imgs, 5, 1, 10, 16)
+    assert s.x.shape == (16, 5, 28, 28, 1) and q.x.shape == (16, 50, 28, 28, 1)
+    assert float(s.x.max()) == 1.0 and float(jnp.median(q.x)) == 0.0
+    with pytest.raises(ValueError, match="shots \\+ queries_per_class"):
+        data.sample_episodes(jax.random.key(0), imgs, 5, 1, 20, 16)
+    with pytest.raises(ValueError, match="ways"):
+        data.sample_episodes(jax.random.key(0), imgs, 660, 1, 1, 1, rotate=False)
