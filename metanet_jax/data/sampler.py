@@ -172,29 +172,30 @@ def gather_episodes(
       `[B, ways*queries, H, W, ch]` float32, y `[B, ways*shots]` / `[B, ways*queries]` int32,
       class-major (see the module docstring).
     """
-    _, _, h, w, ch = images.shape
+    c, d, h, w, ch = images.shape
     b, ways, n = indices.drawers.shape
-    x = images[indices.classes[:, :, None], indices.drawers]  # [B, ways, n, H, W, ch]
+    rows = indices.classes[:, :, None] * d + indices.drawers  # [B, ways, n] into C * D
     rotated = rotate and h == w
-    if permutations is not None or rotated:
-        idx = jnp.broadcast_to(jnp.arange(h * w, dtype=jnp.int32), (b, ways, h * w))
-        if permutations is not None:
-            idx = jnp.asarray(permutations, jnp.int32)[indices.permutations]
-        if rotated:
-            rot = jnp.asarray(_rotation_tables(h, w))[indices.rotations]  # [B, ways, HW]
-            idx = jnp.take_along_axis(idx, rot, axis=-1)
-        flat = x.reshape(b, ways, n, h * w, ch)
-        x = jnp.take_along_axis(flat, idx[:, :, None, :, None], axis=3).reshape(x.shape)
-    if x.dtype == jnp.uint8:
-        x = x.astype(jnp.float32) * (1.0 / 255.0)
-    else:
-        x = x.astype(jnp.float32)
+    pix = None  # per class, output pixel p reads source pixel pix[p]
+    if rotated:
+        pix = jnp.asarray(_rotation_tables(h, w))[indices.rotations]  # [B, ways, HW]
+    if permutations is not None:
+        perm = jnp.asarray(permutations, jnp.int32)[indices.permutations]  # [B, ways, HW]
+        # x_flat[perm][rot] == x_flat[perm[rot]]: permute, then rotate.
+        pix = perm if pix is None else jnp.take_along_axis(perm, pix, axis=-1)
 
-    def episode(part: jax.Array, k: int) -> Episode:
+    def episode(r: jax.Array) -> Episode:
+        # One gather straight into the output layout: [B, ways, k, ...] -> [B, ways * k, ...].
+        k = r.shape[-1]
+        if pix is None:
+            x = images.reshape(c * d, h, w, ch)[r]
+        else:
+            x = images.reshape(c * d, h * w, ch)[r[..., None], pix[:, :, None, :]]
+        x = x.astype(jnp.float32) * (1.0 / 255.0) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
         y = jnp.broadcast_to(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), k), (b, ways * k))
-        return Episode(part.reshape(b, ways * k, h, w, ch), y)
+        return Episode(x.reshape(b, ways * k, h, w, ch), y)
 
-    return episode(x[:, :, :shots], shots), episode(x[:, :, shots:], n - shots)
+    return episode(rows[:, :, :shots]), episode(rows[:, :, shots:])
 
 
 @functools.partial(
