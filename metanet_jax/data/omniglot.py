@@ -91,7 +91,9 @@ def _prepare_part(part: str, folder: Path | None, builder_name: str, root: Path)
 
     from metanet_jax.data import _tfds_builders  # noqa: F401  (registers the builders)
 
-    tfds_dir, downloads = root / "tfds", root / "downloads" / "omniglot"
+    # One download/extract folder per builder: TFDS names extractions by file name, and the
+    # original and rebuilt zips share file names.
+    tfds_dir, downloads = root / "tfds", root / "downloads" / builder_name
     watched = (tfds_dir, tfds_dir / builder_name, downloads.parent, downloads, root / "cache")
     with cleanup_on_error(root, *watched):
         builder = tfds.builder(f"{builder_name}/{part}", data_dir=os.fspath(tfds_dir))
@@ -108,6 +110,8 @@ def _prepare_part(part: str, folder: Path | None, builder_name: str, root: Path)
             alphabets.extend(a.decode() for a in ex["alphabet"])
             char_ids.append(ex["alphabet_char_id"])
         grey_all, label_all = np.concatenate(grey), np.concatenate(labels)
+        if grey_all.max() <= 1:  # TFDS's TF-free reader gives {0, 1}; the TF reader {0, 255}
+            grey_all = grey_all * np.uint8(255)
         char_all, alpha_all = np.concatenate(char_ids), np.asarray(alphabets)
         ids, first, counts = np.unique(label_all, return_index=True, return_counts=True)
         if not np.all(counts == DRAWERS):

@@ -70,7 +70,7 @@ def test_area_resize_keeps_a_one_pixel_stroke():
     # Continuous: every output row it crosses has ink (a 1-pixel stroke covers at most 1/3.75
     # of an output pixel's width; this one straddles two output columns: 2 x 0.133).
     assert (ink[3:25].max(axis=1) > 0.1).all()
-    assert (ink[3:25].sum(axis=1) == pytest.approx(1 / 3.75, rel=1e-3))
+    assert ink[3:25].sum(axis=1) == pytest.approx(1 / 3.75, rel=1e-3)
 
 
 @pytest.mark.parametrize("scheme", data.SPLIT_SCHEMES)
