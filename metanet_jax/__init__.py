@@ -4,7 +4,54 @@
 `metanet_jax.data` does, lazily, when a data set is prepared.
 """
 
+from metanet_jax import generators, layers, memory, networks, synthetic
+from metanet_jax.config import MetaNetConfig
+from metanet_jax.episode import (
+    base_learner_queries,
+    base_meta_info,
+    episode_loss,
+    init,
+    make_episode_loss,
+    make_predict,
+    predict,
+    representation_meta_info,
+    task_forward,
+    task_loss,
+)
+from metanet_jax.generators import example_fast_weights, task_fast_weights
+from metanet_jax.training import (
+    TrainState,
+    init_train_state,
+    make_optimizer,
+    make_train_step,
+    train_step,
+)
 from metanet_jax.types import Episode
 
-__all__ = ["Episode"]
+__all__ = [
+    "Episode",
+    "MetaNetConfig",
+    "TrainState",
+    "base_learner_queries",
+    "base_meta_info",
+    "episode_loss",
+    "example_fast_weights",
+    "generators",
+    "init",
+    "init_train_state",
+    "layers",
+    "make_episode_loss",
+    "make_optimizer",
+    "make_predict",
+    "make_train_step",
+    "memory",
+    "networks",
+    "predict",
+    "representation_meta_info",
+    "synthetic",
+    "task_fast_weights",
+    "task_forward",
+    "task_loss",
+    "train_step",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,178 @@
+"""Static configuration of a Meta Network (a frozen, hashable dataclass).
+
+The config is passed to jitted functions by closure or as a static argument; it never lives
+inside traced code as a mutable object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+VARIANTS = ("metanet", "metanet-", "metanet+")
+ARCHITECTURES = ("omniglot_cnn", "mini_imagenet_cnn", "mlp")
+REP_LOSSES = ("auto", "ce", "contrastive")
+QUERY_PATHS = ("stacked", "per_query")
+TASK_BATCHING = ("scan", "vmap")
+BASE_INPUTS = ("x", "r")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+
+# Per-architecture defaults (METANET.md, "Architectures").
+_ARCH_DEFAULTS = {
+    "omniglot_cnn": dict(conv_channels=64, num_conv_layers=5, hidden_units=64, batchnorm_layers=0),
+    "mini_imagenet_cnn": dict(
+        conv_channels=32, num_conv_layers=5, hidden_units=288, batchnorm_layers=3
+    ),
+    "mlp": dict(conv_channels=0, num_conv_layers=0, hidden_units=64, batchnorm_layers=0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaNetConfig:
+    """Hyperparameters of one MetaNet setting.
+
+    Attributes:
+      ways: classes per episode (N-way).
+      shots: support examples per class (K-shot).
+      queries_per_class: query (training) examples per class; L = ways * queries_per_class.
+      image_shape: `(H, W, C)` of one example.
+      variant: "metanet", "metanet-" (no task-level fast weights) or "metanet+" (an extra
+        task-level fast weight for the base learner; METANET.md's reading).
+      architecture: "omniglot_cnn", "mini_imagenet_cnn" or "mlp" (continual / MNIST runs).
+      conv_channels, num_conv_layers, hidden_units, num_hidden_layers, batchnorm_layers:
+        network sizes; `None` takes the architecture's default (METANET.md).
+      max_ways: output units of the base learner (>= ways); an episode uses the first `ways`
+        logits, so a model can be tested on more ways than it was trained with.
+      base_input: "x" (the image) or "r" (u's representation; b is then an MLP on r).
+      augment_base, augment_representation: names of the augmented layers of b and u;
+        `None` takes METANET.md's defaults (see `networks.default_augmented`).
+      rep_loss: "auto" (cross-entropy when shots == 1, contrastive otherwise), "ce" or
+        "contrastive".
+      rep_chunks: T, the number of support chunks (or sampled pairs) for task-level meta info.
+      contrastive_margin: margin of the contrastive loss.
+      second_order: differentiate through the meta information (no `stop_gradient`).
+      rep_loss_in_objective: add the representation loss to the training objective.
+      query_path: "stacked" (memory kernels stacked along output channels, then mixed by the
+        attention weights) or "per_query" (one kernel per query, vmapped).
+      task_batching: "scan" (per-task gradients accumulated in a scan) or "vmap".
+      lstm_hidden, generator_hidden, grad_p: sizes of d and m, and the preprocessing's p.
+      learning_rate, clip_norm: the outer optimiser (Adam after global-norm clipping).
+      compute_dtype: dtype of the networks' activations and convolutions ("float32" default;
+        parameters and optimiser state stay float32).
+    """
+
+    ways: int = 5
+    shots: int = 1
+    queries_per_class: int = 10
+    image_shape: tuple[int, ...] = (28, 28, 1)
+    variant: Literal["metanet", "metanet-", "metanet+"] = "metanet"
+    architecture: Literal["omniglot_cnn", "mini_imagenet_cnn", "mlp"] = "omniglot_cnn"
+    conv_channels: int | None = None
+    num_conv_layers: int | None = None
+    hidden_units: int | None = None
+    num_hidden_layers: int = 2
+    batchnorm_layers: int | None = None
+    max_ways: int | None = None
+    base_input: Literal["x", "r"] = "x"
+    augment_base: tuple[str, ...] | None = None
+    augment_representation: tuple[str, ...] | None = None
+    rep_loss: Literal["auto", "ce", "contrastive"] = "auto"
+    rep_chunks: int = 5
+    contrastive_margin: float = 1.0
+    second_order: bool = False
+    rep_loss_in_objective: bool = False
+    query_path: Literal["stacked", "per_query"] = "stacked"
+    task_batching: Literal["scan", "vmap"] = "scan"
+    lstm_hidden: int = 20
+    generator_hidden: int = 20
+    grad_p: float = 7.0
+    learning_rate: float = 1e-3
+    clip_norm: float = 10.0
+    compute_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+
+    def __post_init__(self):
+        def positive(name):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"MetaNetConfig.{name} must be a positive int, got {value!r}")
+
+        for name in ("ways", "shots", "queries_per_class", "rep_chunks", "lstm_hidden"):
+            positive(name)
+        positive("generator_hidden")
+        for name, allowed in (
+            ("variant", VARIANTS),
+            ("architecture", ARCHITECTURES),
+            ("rep_loss", REP_LOSSES),
+            ("query_path", QUERY_PATHS),
+            ("task_batching", TASK_BATCHING),
+            ("base_input", BASE_INPUTS),
+            ("compute_dtype", COMPUTE_DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"MetaNetConfig.{name}={getattr(self, name)!r} is unknown; "
+                    f"expected one of {allowed}"
+                )
+        shape = tuple(self.image_shape)
+        if len(shape) != 3 or any((not isinstance(s, int)) or s <= 0 for s in shape):
+            raise ValueError(f"MetaNetConfig.image_shape must be (H, W, C) > 0, got {shape!r}")
+        object.__setattr__(self, "image_shape", shape)
+        if self.max_ways is not None:
+            if not isinstance(self.max_ways, int) or self.max_ways < self.ways:
+                raise ValueError(
+                    f"MetaNetConfig.max_ways={self.max_ways!r} must be an int >= ways={self.ways}"
+                )
+        for name in ("conv_channels", "num_conv_layers", "hidden_units", "batchnorm_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(f"MetaNetConfig.{name} must be a non-negative int, got {value!r}")
+        if self.hidden_units is not None and self.hidden_units <= 0:
+            raise ValueError("MetaNetConfig.hidden_units must be positive")
+        if self.num_hidden_layers < 1:
+            raise ValueError("MetaNetConfig.num_hidden_layers must be >= 1")
+        if self.architecture != "mlp" and self.resolved("num_conv_layers") <= 0:
+            raise ValueError(f"architecture {self.architecture!r} needs num_conv_layers >= 1")
+        if self.architecture != "mlp" and self.resolved("conv_channels") <= 0:
+            raise ValueError(f"architecture {self.architecture!r} needs conv_channels >= 1")
+        if self.grad_p <= 0 or self.clip_norm <= 0 or self.learning_rate <= 0:
+            raise ValueError("grad_p, clip_norm and learning_rate must be positive")
+        for name in ("augment_base", "augment_representation"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+    def resolved(self, name: str) -> int:
+        """The value of a size field, with the architecture's default when it is `None`."""
+        value = getattr(self, name)
+        return _ARCH_DEFAULTS[self.architecture][name] if value is None else value
+
+    @property
+    def output_units(self) -> int:
+        """Output units of b (and of u's representation head): `max_ways` or `ways`."""
+        return self.max_ways if self.max_ways is not None else self.ways
+
+    @property
+    def support_size(self) -> int:
+        """N = ways * shots."""
+        return self.ways * self.shots
+
+    @property
+    def query_size(self) -> int:
+        """L = ways * queries_per_class."""
+        return self.ways * self.queries_per_class
+
+    @property
+    def uses_contrastive(self) -> bool:
+        """Whether the representation loss is the contrastive pair loss."""
+        if self.rep_loss == "auto":
+            return self.shots > 1
+        return self.rep_loss == "contrastive"
+
+    @property
+    def has_task_fast_weights(self) -> bool:
+        """MetaNet- has no task-level fast weights for u."""
+        return self.variant != "metanet-"
+
+    def replace(self, **changes) -> MetaNetConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

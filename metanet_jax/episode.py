@@ -1,0 +1,558 @@
+"""One MetaNet episode, end to end (paper, Algorithm 1), per task and over a task batch.
+
+Per task (`task_forward`):
+
+1. task-level meta information: chunk gradients of u's representation loss w.r.t. Q;
+2. Q* = d(G, gradients)                                      (task-level fast weights);
+3. example-level meta information: per-example gradients of b's loss w.r.t. W;
+4. W*_i = m(Z, gradient_i)                                    (example-level fast weights);
+5. memory write: values M = [W*_i], keys r'_i = u(Q, Q*, x'_i);
+6. query keys r_j = u(Q, Q*, x_j);
+7. attention read a_j = softmax(cos(R, r_j)), W*_j = a_j M;
+8. logits_j = b(W, W*_j, x_j); loss = sum_j CE(logits_j, y_j).
+
+`episode_loss` maps that over the task batch (`vmap`, or a sequential `lax.map`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from metanet_jax import generators, memory, networks
+from metanet_jax.config import MetaNetConfig
+from metanet_jax.types import Array, Episode, FastWeights, Params, PRNGKey
+
+GROUPS = ("base", "representation", "example_generator", "task_generator")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+
+
+# ----------------------------------------------------------------------------- init
+def _kinds(specs, names) -> tuple[str, ...]:
+    kinds = {s.kind for s in specs if s.name in names}
+    return tuple(k for k in ("conv", "dense") if k in kinds)
+
+
+def init(key: PRNGKey, config: MetaNetConfig) -> Params:
+    """Slow weights theta = {W, Q, Z, G} as a Flax-style params dict.
+
+    Depends only on the architecture (output units, image shape, architecture, variant,
+    augmented layers, generator sizes): never on shots or query counts.
+
+    Args:
+      key: a typed PRNG key (`jax.random.key`).
+      config: the model configuration.
+
+    Returns:
+      `{"base": W, "representation": Q, "example_generator": Z, "task_generator": G}`.
+    """
+    if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
+        raise ValueError("init expects a typed PRNG key from jax.random.key(seed)")
+    kb, kq, kz, kg = (jax.random.fold_in(key, i) for i in range(4))
+    b_specs, u_specs = networks.base_specs(config), networks.representation_specs(config)
+    b_aug = networks.augmented_names(config, "base")
+    u_aug = networks.augmented_names(config, "representation")
+    b_in = config.image_shape if config.base_input == "x" else (u_specs[-1].features,)
+    base = networks.init_network(kb, b_specs, b_in)
+    rep = networks.init_network(kq, u_specs, config.image_shape, extra_head=config.output_units)
+    hid = config.generator_hidden
+    example_gen = {
+        kind: generators.init_mlp_generator(jax.random.fold_in(kz, i), hid)
+        for i, kind in enumerate(_kinds(b_specs, b_aug))
+    }
+    task_gen = {}
+    if config.has_task_fast_weights:
+        task_gen["representation"] = {
+            kind: generators.init_lstm_generator(jax.random.fold_in(kg, i), config.lstm_hidden)
+            for i, kind in enumerate(_kinds(u_specs, u_aug))
+        }
+    if config.variant == "metanet+":
+        task_gen["base"] = {
+            kind: generators.init_lstm_generator(
+                jax.random.fold_in(kg, 10 + i), config.lstm_hidden
+            )
+            for i, kind in enumerate(_kinds(b_specs, b_aug))
+        }
+    return {
+        "base": base,
+        "representation": rep,
+        "example_generator": example_gen,
+        "task_generator": task_gen,
+    }
+
+
+# ----------------------------------------------------------------------------- validation
+def check_shapes(support: Episode, query_x: Array, config: MetaNetConfig, query_y=None) -> None:
+    """Raise `ValueError` when an episode batch does not fit the config (shapes only).
+
+    Expected: `support.x [B, ways*shots, *image_shape]`, `support.y [B, ways*shots]`,
+    `query_x [B, L, *image_shape]`, `query_y [B, L]`.
+    """
+    n, shape = config.support_size, tuple(config.image_shape)
+    sx, sy = jnp.shape(support.x), jnp.shape(support.y)
+    if len(sx) != 2 + len(shape):
+        raise ValueError(
+            f"support.x must be [B, ways*shots, *image_shape] = [B, {n}, {shape}], got {sx}"
+        )
+    if sx[1] != n:
+        raise ValueError(
+            f"support size {sx[1]} is not ways*shots = {config.ways}*{config.shots} = {n}"
+        )
+    if tuple(sx[2:]) != shape:
+        raise ValueError(f"image shape {tuple(sx[2:])} is not the config's {shape} (support.x)")
+    if tuple(sy) != tuple(sx[:2]):
+        raise ValueError(f"support.y must be [B, {n}] = {tuple(sx[:2])}, got {tuple(sy)}")
+    qx = jnp.shape(query_x)
+    if len(qx) != 2 + len(shape) or tuple(qx[2:]) != shape:
+        raise ValueError(f"query.x must be [B, L, *{shape}], got {qx}")
+    if qx[0] != sx[0]:
+        raise ValueError(f"support and query batch sizes differ: {sx[0]} vs {qx[0]}")
+    if qx[1] <= 0:
+        raise ValueError("the query set is empty")
+    if query_y is not None and tuple(jnp.shape(query_y)) != tuple(qx[:2]):
+        raise ValueError(f"query.y must be [B, L] = {tuple(qx[:2])}, got {jnp.shape(query_y)}")
+    for name, y in (("support.y", support.y), ("query.y", query_y)):
+        if y is not None and not jnp.issubdtype(jnp.asarray(y).dtype, jnp.integer):
+            raise ValueError(f"{name} must hold integer labels, got {jnp.asarray(y).dtype}")
+
+
+def check_labels(config: MetaNetConfig, **labels) -> None:
+    """Raise `ValueError` when concrete labels fall outside `[0, ways)` (tracers are skipped)."""
+    for name, y in labels.items():
+        if y is None or isinstance(y, jax.core.Tracer):
+            continue
+        arr = np.asarray(y)
+        if arr.size and (arr.min() < 0 or arr.max() >= config.ways):
+            raise ValueError(
+                f"{name} has labels in [{arr.min()}, {arr.max()}], outside [0, ways={config.ways})"
+            )
+
+
+# ----------------------------------------------------------------------------- meta information
+def cross_entropy(logits: Array, labels: Array) -> Array:
+    """Per-example softmax cross-entropy, `[n, C], [n] -> [n]` (float32)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
+    return -jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
+
+
+def chunk_layout(n: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """min(T, n) chunks of sizes as equal as possible, in support order (METANET.md step 1).
+
+    Returns:
+      `(index [C, S], mask [C, S])`: example indices per chunk, padded (mask 0) to the
+      largest chunk size S.
+    """
+    count = min(chunks, n)
+    sizes = [n // count + (1 if i < n % count else 0) for i in range(count)]
+    width = max(sizes)
+    index = np.zeros((count, width), np.int32)
+    mask = np.zeros((count, width), np.float32)
+    start = 0
+    for c, size in enumerate(sizes):
+        index[c, :size] = np.arange(start, start + size)
+        mask[c, :size] = 1.0
+        start += size
+    return index, mask
+
+
+def pair_layout(n: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
+    """All support pairs (i < j) in order, cut into min(T, pairs) chunks.
+
+    Returns:
+      `(pairs [C, S, 2], mask [C, S])`.
+    """
+    pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n)], np.int32)
+    index, mask = chunk_layout(len(pairs), chunks)
+    return pairs[index], mask
+
+
+def _ce_chunk_loss(specs, config, q_full, x, y, w):
+    key_slow = networks.apply_network(specs, q_full, x)
+    logits = networks.representation_head(q_full, key_slow)[:, : config.ways]
+    return jnp.sum(cross_entropy(logits, y) * w) / jnp.sum(w)
+
+
+def _contrastive_chunk_loss(specs, config, q_full, xa, xb, same, w):
+    ea = networks.apply_network(specs, q_full, xa)
+    eb = networks.apply_network(specs, q_full, xb)
+    ea, eb = (e.astype(jnp.promote_types(e.dtype, jnp.float32)) for e in (ea, eb))
+    d2 = jnp.sum(jnp.square(ea - eb), axis=-1)
+    far = jax.nn.relu(config.contrastive_margin - jnp.sqrt(d2 + 1e-12))
+    loss = same * d2 + (1.0 - same) * jnp.square(far)
+    return jnp.sum(loss * w) / jnp.sum(w)
+
+
+def representation_meta_info(
+    rep_params: Params, support: Episode, config: MetaNetConfig, key: PRNGKey | None = None
+) -> tuple[FastWeights, Array]:
+    """Task-level meta information: gradients of u's representation loss (Alg. 1, l. 2-4).
+
+    Cross-entropy through u's head over min(T, N) support chunks (authors' code), or the
+    contrastive loss over support pairs (paper, shots > 1): all pairs cut into min(T, pairs)
+    chunks, or T sampled pairs when a `key` is given.
+
+    Args:
+      rep_params: Q.
+      support: one task, `x [N, *image_shape]`, `y [N]`.
+      config: the configuration.
+      key: optional typed key; samples T pairs for the contrastive loss.
+
+    Returns:
+      `(grads, losses)`: `{name: {"kernel": [C, *k]}}` per-chunk gradients w.r.t. the
+      augmented subtree of Q, and the `[C]` chunk losses.
+    """
+    specs = networks.representation_specs(config)
+    aug = networks.augmented_names(config, "representation")
+    q_aug = networks.subtree(rep_params, aug)
+    x = support.x
+    if not config.uses_contrastive:
+        index, mask = chunk_layout(x.shape[0], config.rep_chunks)
+
+        def loss(qa, xi, yi, w):
+            return _ce_chunk_loss(specs, config, {**rep_params, **qa}, xi, yi, w)
+
+        args = (x[index], support.y[index], jnp.asarray(mask))
+    else:
+        if key is None:
+            pairs, mask = pair_layout(x.shape[0], config.rep_chunks)
+            pairs, mask = jnp.asarray(pairs), jnp.asarray(mask)
+        else:  # T sampled pairs (i != j), one per chunk
+            ki, kj = jax.random.split(key)
+            n = x.shape[0]
+            i = jax.random.randint(ki, (config.rep_chunks,), 0, n)
+            j = jax.random.randint(kj, (config.rep_chunks,), 0, n - 1)
+            j = j + (j >= i)
+            pairs = jnp.stack([i, j], -1)[:, None, :]
+            mask = jnp.ones((config.rep_chunks, 1), jnp.float32)
+        same = (support.y[pairs[..., 0]] == support.y[pairs[..., 1]]).astype(jnp.float32)
+
+        def loss(qa, xa, xb, s, w):
+            return _contrastive_chunk_loss(specs, config, {**rep_params, **qa}, xa, xb, s, w)
+
+        args = (x[pairs[..., 0]], x[pairs[..., 1]], same, mask)
+    in_axes = (None,) + (0,) * len(args)
+    losses, grads = jax.vmap(jax.value_and_grad(loss), in_axes)(q_aug, *args)
+    return grads, losses
+
+
+def base_meta_info(
+    base_params: Params, inputs: Array, labels: Array, config: MetaNetConfig
+) -> FastWeights:
+    """Example-level meta information: per-example gradients of b's loss (Alg. 1, l. 7-8).
+
+    `jax.vmap(jax.grad(...))` over the support set: one gradient per example, not one batch
+    gradient.
+
+    Args:
+      base_params: W.
+      inputs: `[N, *input]` support inputs of b (x', or r' when `base_input == "r"`).
+      labels: `[N]`.
+      config: the configuration.
+
+    Returns:
+      `{name: {"kernel": [N, *k]}}` gradients w.r.t. the augmented subtree of W.
+    """
+    specs = networks.base_specs(config)
+    w_aug = networks.subtree(base_params, networks.augmented_names(config, "base"))
+
+    def loss(wa, xi, yi):
+        logits = networks.apply_network(specs, {**base_params, **wa}, xi[None])
+        return cross_entropy(logits[:, : config.ways], yi[None])[0]
+
+    return jax.vmap(jax.grad(loss), (None, 0, 0))(w_aug, inputs, labels)
+
+
+def base_task_meta_info(
+    base_params: Params, inputs: Array, labels: Array, config: MetaNetConfig
+) -> FastWeights:
+    """MetaNet+ (our reading): chunk gradients of b's task loss w.r.t. W, `[C, ...]`."""
+    specs = networks.base_specs(config)
+    w_aug = networks.subtree(base_params, networks.augmented_names(config, "base"))
+    index, mask = chunk_layout(inputs.shape[0], config.rep_chunks)
+
+    def loss(wa, xi, yi, w):
+        logits = networks.apply_network(specs, {**base_params, **wa}, xi)
+        return jnp.sum(cross_entropy(logits[:, : config.ways], yi) * w) / jnp.sum(w)
+
+    return jax.vmap(jax.grad(loss), (None, 0, 0, 0))(
+        w_aug, inputs[index], labels[index], jnp.asarray(mask)
+    )
+
+
+# ----------------------------------------------------------------------------- query path
+def base_learner_queries(
+    base_params: Params,
+    values: FastWeights,
+    attention: Array,
+    inputs: Array,
+    config: MetaNetConfig,
+    task_fast: FastWeights | None = None,
+) -> Array:
+    """b(W, W*_j, x_j) for every query j, with W*_j = sum_i a_ji M_i (Alg. 1, l. 13-15).
+
+    "stacked": each augmented layer runs one conv with the N memory kernels stacked along the
+    output channels and mixes the N outputs with a_j (linearity). "per_query": W*_j is built
+    explicitly and b is `vmap`ped over queries (grouped convolutions).
+
+    Args:
+      base_params: W.
+      values: memory values `{name: {"kernel": [N, *k]}}`.
+      attention: `[L, N]`.
+      inputs: `[L, *input]` query inputs of b.
+      config: the configuration.
+      task_fast: MetaNet+ task-level fast weights of b, or `None`.
+
+    Returns:
+      `[L, output_units]` logits.
+    """
+    specs = networks.base_specs(config)
+    if config.query_path == "stacked":
+        return networks.apply_network(
+            specs, base_params, inputs, task_fast=task_fast, memory=values, mix=attention
+        )
+    start = networks.first_augmented_index(specs, networks.augmented_names(config, "base"))
+    h = networks.apply_network(specs, base_params, inputs, stop=start)
+    per_query = memory.read(values, attention)
+
+    def one(hj, fast_j):
+        out = networks.apply_network(
+            specs, base_params, hj[None], fast=fast_j, task_fast=task_fast,
+            start=start, bn_axis_name="queries",
+        )  # fmt: skip
+        return out[0]
+
+    return jax.vmap(one, axis_name="queries")(h, per_query)
+
+
+# ----------------------------------------------------------------------------- one task
+def _tree_norm(tree) -> Array:
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def task_forward(
+    params: Params,
+    support: Episode,
+    query_x: Array,
+    config: MetaNetConfig,
+    key: PRNGKey | None = None,
+) -> tuple[Array, dict[str, Any]]:
+    """Logits of one task's queries (Alg. 1 without the loss).
+
+    Args:
+      params: theta.
+      support: one task: `x [N, *image_shape]`, `y [N]`.
+      query_x: `[L, *image_shape]`.
+      config: the configuration.
+      key: optional typed key (sampled contrastive pairs).
+
+    Returns:
+      `(logits [L, ways], aux)` with `attention [L, N]`, `rep_loss`, norms and entropy.
+    """
+    dtype = _DTYPES[config.compute_dtype]
+    out_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 results
+    stop = (lambda t: t) if config.second_order else lax.stop_gradient
+    base, rep = params["base"], params["representation"]
+    xs = support.x.astype(dtype)
+    xq = query_x.astype(dtype)
+    n = xs.shape[0]
+
+    # 1-2. task level: Q* = d(G, chunk gradients of the representation loss).
+    rep_grads, rep_losses = representation_meta_info(rep, Episode(xs, support.y), config, key)
+    q_star = None
+    if config.has_task_fast_weights:
+        q_star = generators.task_fast_weights(
+            params["task_generator"]["representation"], stop(rep_grads), config.grad_p, out_dtype
+        )  # fmt: skip
+
+    # 5-6. keys for the support set (memory) and the queries, in one pass through u.
+    u_specs = networks.representation_specs(config)
+    r_all = networks.apply_network(u_specs, rep, jnp.concatenate([xs, xq]), fast=q_star)
+    r_all = r_all.astype(out_dtype)
+    r_support, r_query = r_all[:n], r_all[n:]
+    if config.base_input == "x":
+        b_support, b_query = xs, xq
+    else:
+        b_support, b_query = r_support.astype(dtype), r_query.astype(dtype)
+
+    # 3-4. example level: W*_i = m(Z, per-example gradients of b's loss).
+    base_grads = base_meta_info(base, b_support, support.y, config)
+    values = generators.example_fast_weights(
+        params["example_generator"], stop(base_grads), config.grad_p, out_dtype
+    )
+    task_fast = None
+    if config.variant == "metanet+":
+        chunk_grads = base_task_meta_info(base, b_support, support.y, config)
+        task_fast = generators.task_fast_weights(
+            params["task_generator"]["base"], stop(chunk_grads), config.grad_p, out_dtype
+        )
+
+    # 5, 7. memory write and attention read.
+    values, mem_keys = memory.write(values, r_support)
+    attention = memory.cosine_attention(r_query, mem_keys)
+
+    # 8. augmented forward of b on the queries.
+    logits = base_learner_queries(base, values, attention, b_query, config, task_fast)
+    logits = logits[:, : config.ways].astype(out_dtype)
+    entropy = -jnp.sum(attention * jnp.log(attention + 1e-12), axis=-1).mean()
+    aux = {
+        "attention": attention,
+        "rep_loss": jnp.sum(rep_losses),
+        "attention_entropy": entropy,
+        "example_fast_weight_norm": _tree_norm(values) / np.sqrt(n),
+        "task_fast_weight_norm": _tree_norm(q_star),
+    }
+    return logits, aux
+
+
+def task_loss(
+    params: Params,
+    support: Episode,
+    query: Episode,
+    config: MetaNetConfig,
+    key: PRNGKey | None = None,
+) -> tuple[Array, dict[str, Any]]:
+    """One task's loss: the sum over queries of cross-entropy (authors' code sums).
+
+    Returns:
+      `(loss, aux)`; aux holds `logits [L, ways]`, `accuracy`, `attention [L, N]`, ...
+    """
+    logits, aux = task_forward(params, support, query.x, config, key)
+    ce = cross_entropy(logits, query.y)
+    loss = jnp.sum(ce)
+    if config.rep_loss_in_objective:
+        loss = loss + aux["rep_loss"]
+    aux = dict(aux, logits=logits, accuracy=jnp.mean(jnp.argmax(logits, -1) == query.y))
+    aux["query_loss"] = jnp.sum(ce)
+    return loss, aux
+
+
+# ----------------------------------------------------------------------------- task batch
+def task_keys(key: PRNGKey | None, batch: int):
+    """One key per task, `fold_in(key, task_index)` (or `None`)."""
+    if key is None:
+        return None
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+
+
+def map_tasks(fn, config: MetaNetConfig, *args):
+    """Apply a per-task function over the leading task axis: `vmap` or sequential `lax.map`.
+
+    `None` arguments are passed through unmapped.
+    """
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    def call(mapped):
+        full = list(args)
+        for i, a in zip(present, mapped):
+            full[i] = a
+        return fn(*full)
+
+    mapped = tuple(args[i] for i in present)
+    if config.task_batching == "vmap":
+        return jax.vmap(call)(mapped)
+    return lax.map(call, mapped)
+
+
+def episode_loss(
+    params: Params,
+    support: Episode,
+    query: Episode,
+    config: MetaNetConfig,
+    key: PRNGKey | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """The MetaNet objective over a batch of tasks (pure, unjitted).
+
+    Args:
+      params: theta = {"base", "representation", "example_generator", "task_generator"}.
+      support: `x [B, ways*shots, *image_shape]` float, `y [B, ways*shots]` int.
+      query: `x [B, L, *image_shape]`, `y [B, L]`.
+      config: static configuration.
+      key: optional typed key; only the sampled contrastive pairs use it.
+
+    Returns:
+      `(loss, aux)`: loss is the mean over the B tasks of each task's summed query
+      cross-entropy; `aux["logits"] [B, L, ways]`, `aux["accuracy"] [B]`,
+      `aux["attention"] [B, L, ways*shots]`, `aux["task_loss"] [B]`, and per-task
+      diagnostics (`rep_loss`, `attention_entropy`, fast-weight norms) `[B]`.
+    """
+    check_shapes(support, query.x, config, query.y)
+    keys = task_keys(key, support.x.shape[0])
+
+    def one(sx, sy, qx, qy, k=None):
+        return task_loss(params, Episode(sx, sy), Episode(qx, qy), config, k)
+
+    losses, aux = map_tasks(one, config, support.x, support.y, query.x, query.y, keys)
+    aux = dict(aux, task_loss=losses)
+    return jnp.mean(losses), aux
+
+
+def predict(params: Params, support: Episode, query_x: Array, config: MetaNetConfig) -> Array:
+    """Query logits `[B, L, ways]` for a batch of tasks (pure, unjitted)."""
+    check_shapes(support, query_x, config)
+
+    def one(sx, sy, qx):
+        return task_forward(params, Episode(sx, sy), qx, config)[0]
+
+    return map_tasks(one, config, support.x, support.y, query_x)
+
+
+# ----------------------------------------------------------------------------- jitted entry points
+class ValidatedFunction:
+    """A jitted function that checks its episode inputs before running.
+
+    Shapes are checked at every call (and again when traced); concrete label values are
+    checked unless `validate=False` (the training loop avoids the host sync). `.lower(...)`
+    and other attributes are those of the underlying `jax.jit` object.
+    """
+
+    def __init__(self, jitted, check, validate: bool):
+        self._jitted = jitted
+        self._check = check
+        self._validate = validate
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        self._check(args, labels=self._validate)
+        return self._jitted(*args, **kwargs)
+
+    def lower(self, *args, **kwargs):
+        self._check(args, labels=False)
+        return self._jitted.lower(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._jitted, name)
+
+
+def _episode_checker(config: MetaNetConfig, support_at: int, query_at: int, has_query_y: bool):
+    def check(args, labels: bool):
+        support, query = args[support_at], args[query_at]
+        qx = query.x if has_query_y else query
+        qy = query.y if has_query_y else None
+        check_shapes(support, qx, config, qy)
+        if labels:
+            check_labels(config, **{"support.y": support.y, "query.y": qy})
+
+    return check
+
+
+def make_episode_loss(config: MetaNetConfig, *, validate: bool = True) -> ValidatedFunction:
+    """`episode_loss(params, support, query[, key]) -> (loss, aux)`, jitted (config static)."""
+    def fn(params, support, query, key=None):
+        return episode_loss(params, support, query, config, key)
+
+    jitted = jax.jit(fn)
+    return ValidatedFunction(jitted, _episode_checker(config, 1, 2, True), validate)
+
+
+def make_predict(config: MetaNetConfig, *, validate: bool = True) -> ValidatedFunction:
+    """`predict(params, support, query_x) -> logits [B, L, ways]`, jitted (config static)."""
+    jitted = jax.jit(functools.partial(predict, config=config))
+    return ValidatedFunction(jitted, _episode_checker(config, 1, 2, False), validate)

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny configurations and synthetic episodes (seconds per test)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+# Unit tests run on the CPU, whatever the machine has. Their programs are tiny and run once,
+# so XLA's backend optimisation (half the compile time here) is not worth paying for.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+).strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import metanet_jax as mn  # noqa: E402
+
+TINY = dict(
+    ways=3,
+    shots=1,
+    queries_per_class=2,
+    image_shape=(6, 6, 1),
+    conv_channels=3,
+    num_conv_layers=2,
+    hidden_units=5,
+    rep_chunks=2,
+    lstm_hidden=4,
+    generator_hidden=4,
+)
+
+
+def tiny_config(**overrides) -> mn.MetaNetConfig:
+    """A network small enough to compile in a second or two."""
+    return mn.MetaNetConfig(**{**TINY, **overrides})
+
+
+def tiny_batch(config: mn.MetaNetConfig, batch: int = 2, seed: int = 0):
+    return mn.synthetic.synthetic_episodes(jax.random.key(seed), config, batch)
+
+
+@functools.lru_cache(maxsize=None)
+def episode_loss_fn(config: mn.MetaNetConfig):
+    """One jitted episode loss per config, shared by the tests (compiles dominate)."""
+    return mn.make_episode_loss(config)
+
+
+@functools.lru_cache(maxsize=None)
+def loss_grad_fn(config: mn.MetaNetConfig):
+    """Jitted gradient of the mean episode loss w.r.t. theta, one per config."""
+    return jax.jit(jax.grad(lambda p, s, q: mn.episode_loss(p, s, q, config)[0]))
+
+
+@pytest.fixture
+def x64():
+    """Run a test in float64."""
+    with jax.enable_x64(True):
+        yield

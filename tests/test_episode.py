@@ -1,0 +1,297 @@
+"""The whole episode: shapes, the loop-based reference, gradients, variants, bad input."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import metanet_jax as mn
+from metanet_jax import episode as ep
+from metanet_jax import networks
+from tests import reference
+from tests.conftest import episode_loss_fn, loss_grad_fn, tiny_batch, tiny_config
+
+
+def _to64(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float64) if x.dtype == jnp.float32 else x, tree)
+
+
+@pytest.mark.parametrize("variant", ["metanet", "metanet-", "metanet+"])
+@pytest.mark.parametrize("query_path", ["stacked", "per_query"])
+def test_matches_loop_reference_float64(x64, variant, query_path):
+    config = tiny_config(
+        variant=variant, query_path=query_path, compute_dtype="float64", queries_per_class=1
+    )
+    params = _to64(mn.init(jax.random.key(0), config))
+    support, query = tiny_batch(config, batch=1)
+    support = mn.Episode(support.x.astype(jnp.float64), support.y)
+    query = mn.Episode(query.x.astype(jnp.float64), query.y)
+    loss, aux = jax.jit(lambda p, s, q: mn.episode_loss(p, s, q, config))(params, support, query)
+    ref_loss, ref_logits, ref_att = reference.episode(params, config, support, query)
+    assert aux["logits"].dtype == jnp.float64
+    assert reference.relative_error(aux["logits"], ref_logits) < 1e-10
+    assert reference.relative_error(aux["attention"], ref_att) < 1e-10
+    assert reference.relative_error(loss, ref_loss) < 1e-10
+
+
+def test_output_shapes_and_fast_weight_structure():
+    config = tiny_config(queries_per_class=3)
+    params = mn.init(jax.random.key(0), config)
+    assert set(params) == {"base", "representation", "example_generator", "task_generator"}
+    support, query = tiny_batch(config, batch=4)
+    loss, aux = episode_loss_fn(config)(params, support, query)
+    b, n, length = 4, config.support_size, config.query_size
+    chex.assert_shape(loss, ())
+    chex.assert_shape(aux["logits"], (b, length, config.ways))
+    chex.assert_shape(aux["accuracy"], (b,))
+    chex.assert_shape(aux["attention"], (b, length, n))
+    np.testing.assert_allclose(np.asarray(aux["attention"]).sum(-1), 1.0, rtol=1e-5)
+    chex.assert_tree_all_finite((loss, aux))
+
+    # Fast weights mirror the augmented slow subtrees.
+    task = mn.Episode(support.x[0], support.y[0])
+    grads_u, losses = mn.representation_meta_info(params["representation"], task, config)
+    chex.assert_shape(losses, (min(config.rep_chunks, n),))
+    q_star = mn.task_fast_weights(params["task_generator"]["representation"], grads_u)
+    u_aug = networks.subtree(
+        params["representation"], networks.augmented_names(config, "representation")
+    )
+    chex.assert_trees_all_equal_shapes(q_star, u_aug)
+    grads_b = mn.base_meta_info(params["base"], task.x, task.y, config)
+    values = mn.example_fast_weights(params["example_generator"], grads_b)
+    w_aug = networks.subtree(params["base"], networks.augmented_names(config, "base"))
+    chex.assert_trees_all_equal_shapes(
+        values, jax.tree.map(lambda w: jnp.zeros((n,) + w.shape), w_aug)
+    )
+    predict = mn.make_predict(config)
+    logits = predict(params, support, query.x)
+    np.testing.assert_allclose(logits, aux["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_query_paths_agree_float32():
+    config = tiny_config(ways=4, queries_per_class=3)
+    params = mn.init(jax.random.key(1), config)
+    support, query = tiny_batch(config, batch=2, seed=3)
+    outs = {}
+    for path in ("stacked", "per_query"):
+        c = config.replace(query_path=path)
+        outs[path] = jax.jit(jax.value_and_grad(lambda p: mn.episode_loss(p, support, query, c)[0]))(
+            params
+        )
+    np.testing.assert_allclose(outs["stacked"][0], outs["per_query"][0], rtol=1e-5)
+    chex.assert_trees_all_close(outs["stacked"][1], outs["per_query"][1], rtol=2e-3, atol=1e-5)
+
+
+def test_task_batching_modes_agree():
+    config = tiny_config()
+    params = mn.init(jax.random.key(1), config)
+    support, query = tiny_batch(config, batch=3)
+    results = {}
+    for mode in ("vmap", "scan"):
+        c = config.replace(task_batching=mode)
+        results[mode] = jax.jit(lambda p, c=c: mn.training.loss_and_grads(p, support, query, c, None))(
+            params
+        )
+    np.testing.assert_allclose(results["vmap"][0], results["scan"][0], rtol=1e-5)
+    chex.assert_trees_all_close(results["vmap"][2], results["scan"][2], rtol=1e-4, atol=1e-6)
+
+
+def _grad_norms(config, params, support, query):
+    return loss_grad_fn(config)(params, support, query)
+
+
+@pytest.mark.parametrize("variant", ["metanet", "metanet-", "metanet+"])
+def test_outer_gradients_finite_and_nonzero(variant):
+    config = tiny_config(variant=variant)
+    params = mn.init(jax.random.key(0), config)
+    support, query = tiny_batch(config)
+    grads = _grad_norms(config, params, support, query)
+    chex.assert_tree_all_finite(grads)
+    # u's representation head only makes the task-level meta information: with first-order
+    # meta gradients and the representation loss outside the objective, it gets none.
+    head = grads["representation"].pop("head")
+    assert float(jnp.abs(head["kernel"]).max()) == 0.0
+    for group, tree in grads.items():
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+            assert float(jnp.abs(leaf).max()) > 0, (group, jax.tree_util.keystr(path))
+    if variant == "metanet-":
+        assert grads["task_generator"] == {}
+
+
+def test_second_order_and_rep_loss_options():
+    config = tiny_config()
+    params = mn.init(jax.random.key(0), config)
+    support, query = tiny_batch(config)
+    first = _grad_norms(config, params, support, query)
+    second = _grad_norms(config.replace(second_order=True), params, support, query)
+    # The meta information depends on W and Q, not on Z and G: second order changes the
+    # gradients of W and Q only (Z and G see the same meta information either way).
+    for group in ("base", "representation"):
+        diff = jax.tree.map(lambda a, b: reference.relative_error(a, b), second[group], first[group])
+        assert max(jax.tree.leaves(diff)) > 1e-4, group
+    chex.assert_trees_all_close(first["example_generator"], second["example_generator"], rtol=1e-5)
+    chex.assert_trees_all_close(first["task_generator"], second["task_generator"], rtol=1e-5)
+    chex.assert_tree_all_finite(second)
+    with_rep = _grad_norms(config.replace(rep_loss_in_objective=True), params, support, query)
+    assert float(jnp.abs(with_rep["representation"]["head"]["kernel"]).max()) > 0
+
+
+def test_contrastive_rep_loss_and_sampled_pairs():
+    config = tiny_config(shots=2)
+    assert config.uses_contrastive
+    params = mn.init(jax.random.key(0), config)
+    support, query = tiny_batch(config)
+    fn = episode_loss_fn(config)
+    loss_a, _ = fn(params, support, query)
+    loss_b, _ = fn(params, support, query)
+    assert float(loss_a) == float(loss_b)  # no key: deterministic chunks of all pairs
+    sampled = [float(fn(params, support, query, jax.random.key(k))[0]) for k in range(3)]
+    assert all(np.isfinite(sampled))
+    assert len(set(sampled)) > 1  # a key samples T pairs
+    ce_loss, _ = episode_loss_fn(config.replace(rep_loss="ce"))(params, support, query)
+    assert float(ce_loss) != float(loss_a)
+
+
+def test_base_input_r_and_max_ways():
+    config = tiny_config(base_input="r", max_ways=5)
+    params = mn.init(jax.random.key(0), config)
+    assert params["base"]["out"]["kernel"].shape[-1] == 5
+    support, query = tiny_batch(config)
+    loss, aux = episode_loss_fn(config)(params, support, query)
+    chex.assert_shape(aux["logits"], (2, config.query_size, config.ways))
+    chex.assert_tree_all_finite(loss)
+    # A model built for 5 output units evaluates 5-way episodes with the same params.
+    loss5, aux5 = episode_loss_fn(config.replace(ways=5))(
+        params, *tiny_batch(config.replace(ways=5))
+    )
+    chex.assert_shape(aux5["logits"], (2, 5 * config.queries_per_class, 5))
+
+
+@pytest.mark.parametrize("architecture", ["mlp", "mini_imagenet_cnn"])
+def test_other_architectures(architecture):
+    config = tiny_config(
+        architecture=architecture,
+        image_shape=(7, 7, 3) if architecture != "mlp" else (5, 5, 1),
+        batchnorm_layers=1 if architecture != "mlp" else None,
+        num_conv_layers=3 if architecture != "mlp" else None,
+    )
+    params = mn.init(jax.random.key(0), config)
+    if architecture == "mini_imagenet_cnn":
+        assert "bn_conv_0" in params["base"]
+        assert networks.augmented_names(config, "base") == ("conv_1", "conv_2", "fc_0", "out")
+    support, query = tiny_batch(config)
+    outs = {}
+    for path in ("stacked", "per_query"):
+        outs[path] = episode_loss_fn(config.replace(query_path=path))(params, support, query)
+    np.testing.assert_allclose(outs["stacked"][0], outs["per_query"][0], rtol=1e-4)
+    chex.assert_tree_all_finite(outs["stacked"])
+
+
+def test_init_depends_only_on_architecture():
+    a = mn.init(jax.random.key(7), tiny_config(shots=1, queries_per_class=2))
+    b = mn.init(jax.random.key(7), tiny_config(shots=5, queries_per_class=9, rep_chunks=3))
+    chex.assert_trees_all_equal(a, b)
+    c = mn.init(jax.random.key(8), tiny_config())
+    assert not np.allclose(a["base"]["out"]["kernel"], c["base"]["out"]["kernel"])
+
+
+class EpisodeVariantsTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_episode_loss_variants(self):
+        config = tiny_config()
+        params = mn.init(jax.random.key(0), config)
+        support, query = tiny_batch(config)
+        fn = self.variant(lambda p, s, q: mn.episode_loss(p, s, q, config))
+        loss, aux = fn(params, support, query)
+        chex.assert_shape(aux["logits"], (2, config.query_size, config.ways))
+        chex.assert_tree_all_finite(loss)
+        np.testing.assert_allclose(
+            loss, episode_loss_fn(config)(params, support, query)[0], rtol=1e-5
+        )
+
+
+# ----------------------------------------------------------------------------- bad input
+def _bad(config, params, support, query, match):
+    fn = episode_loss_fn(config)
+    with pytest.raises(ValueError, match=match):
+        fn(params, support, query)
+
+
+def test_bad_input_raises_value_error():
+    config = tiny_config()
+    params = mn.init(jax.random.key(0), config)
+    support, query = tiny_batch(config)
+    _bad(config, params, support._replace(y=support.y.at[0, 0].set(3)), query, "outside")
+    _bad(config, params, support, query._replace(y=query.y.at[0, 0].set(-1)), "outside")
+    _bad(config, params, mn.Episode(support.x[:, :2], support.y[:, :2]), query, "ways\\*shots")
+    _bad(config, params, mn.Episode(support.x[:, :, :5], support.y), query, "image shape")
+    _bad(config, params, support, mn.Episode(query.x[:1], query.y[:1]), "batch sizes differ")
+    _bad(config, params, support._replace(y=support.y.astype(jnp.float32)), query, "integer")
+    # Shapes are checked before compiling, also through .lower().
+    with pytest.raises(ValueError, match="ways\\*shots"):
+        episode_loss_fn(config).lower(
+            params, mn.Episode(support.x[:, :2], support.y[:, :2]), query
+        )
+    # validate=False skips the label-value check (no host sync) but still checks shapes.
+    fn = mn.make_episode_loss(config, validate=False)
+    fn(params, support._replace(y=support.y.at[0, 0].set(3)), query)
+    with pytest.raises(ValueError, match="image shape"):
+        fn(params, mn.Episode(support.x[:, :, :5], support.y), query)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("variant", "metanet++", "variant"),
+        ("architecture", "resnet", "architecture"),
+        ("ways", 0, "ways"),
+        ("shots", -1, "shots"),
+        ("queries_per_class", 0, "queries_per_class"),
+        ("rep_chunks", 0, "rep_chunks"),
+        ("image_shape", (28, 28), "image_shape"),
+        ("max_ways", 2, "max_ways"),
+        ("query_path", "fast", "query_path"),
+        ("task_batching", "pmap", "task_batching"),
+    ],
+)
+def test_bad_config_raises(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**{field: value})
+
+
+def test_unknown_augmented_layer_raises():
+    with pytest.raises(ValueError, match="do not exist"):
+        mn.init(jax.random.key(0), tiny_config(augment_base=("conv_9",)))
+
+
+def test_lowering_compiles():
+    config = tiny_config()
+    params = mn.init(jax.random.key(0), config)
+    support, query = tiny_batch(config)
+    compiled = episode_loss_fn(config).lower(params, support, query).compile()
+    loss, _ = compiled(params, support, query)
+    np.testing.assert_allclose(loss, mn.episode_loss(params, support, query, config)[0], rtol=1e-5)
+
+
+def test_import_does_not_pull_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, metanet_jax, metanet_jax.training; "
+        "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_chunk_layout_is_balanced_and_ordered():
+    index, mask = ep.chunk_layout(7, 3)
+    assert mask.sum(1).tolist() == [3, 2, 2]
+    assert index[mask > 0].tolist() == list(range(7))
+    index, mask = ep.chunk_layout(3, 5)  # min(T, N) chunks of one
+    assert index.shape == (3, 1) and mask.all()
