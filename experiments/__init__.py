@@ -1,0 +1,1 @@
+"""Flagfile-driven programs: `python -m experiments.<name> --flagfile=experiments/flags/<f>`."""

@@ -1,0 +1,168 @@
+r"""Train a Meta Network on Omniglot (or Mini-ImageNet / synthetic data), then test it.
+
+  python -m experiments.omniglot --flagfile=experiments/flags/demo.flags
+  python -m experiments.omniglot --flagfile=experiments/flags/standard_5way.flags \
+      --workdir=/tmp/run1 --steps=20000
+
+Every flag is validated before any work: a bad value exits with status 1 and one line naming
+the flag and its allowed range, and nothing (not even the workdir) is created. A run on an
+existing workdir resumes from its latest checkpoint (`--steps` is the total to reach); one
+whose model or data flags differ from the workdir's config.json is refused. SIGINT/SIGTERM
+save a checkpoint and exit (status 0); a NaN/infinite loss stops the run (status 1) keeping
+the last good checkpoint. See metanet_jax/experiment.py and WORKSPACE.md.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+
+from experiments import common
+from metanet_jax import config as config_lib
+from metanet_jax import experiment, logging_utils
+
+FLAGS = flags.FLAGS
+_D = experiment.RunSpec(workdir="")  # defaults
+
+# --- where
+flags.DEFINE_string("workdir", None, "Run folder (config.json, checkpoints, metrics, results).")
+flags.register_validator(
+    "workdir", lambda v: bool(v), message="--workdir must be set to a folder path"
+)
+flags.DEFINE_enum("dataset", _D.dataset, experiment.DATASETS, "Data set.")
+flags.DEFINE_enum(
+    "split", _D.split, ("standard", "previous", "small1", "small2", "small"),
+    "Omniglot class split scheme (docs/DATA.md).",
+)  # fmt: skip
+common.define_int("validation_classes", _D.validation_classes, 1, 500,
+                  "Omniglot background characters held out for validation.")  # fmt: skip
+common.define_int("split_seed", _D.split_seed, 0, common.MAX_INT, "Seed of the class split.")
+common.define_folder("datasets", _D.datasets,
+                     "Offline data folder holding omniglot/ and mnist/ (default: "
+                     "$METANET_DATASETS, else TFDS downloads).")  # fmt: skip
+common.define_folder("mini_imagenet_dir", _D.mini_imagenet_dir,
+                     "Mini-ImageNet folder (CSV splits + images), --dataset=mini_imagenet only.",
+                     must_exist=False)  # fmt: skip
+common.define_int("synthetic_size", _D.synthetic_size, 4, 128,
+                  "Image size of --dataset=synthetic (smoke tests).")  # fmt: skip
+# --- episodes
+common.define_int("ways", _D.ways, 2, 1000, "Classes per episode (N-way).")
+common.define_int("shots", _D.shots, 1, 100, "Support examples per class (K-shot).")
+common.define_int("queries_per_class", _D.queries_per_class, 1, 100,
+                  "Training query examples per class.")  # fmt: skip
+common.define_int("eval_queries_per_class", _D.eval_queries_per_class, 1, 100,
+                  "Query examples per class in validation and test episodes.")  # fmt: skip
+common.define_int("max_ways", _D.max_ways, 2, 1000,
+                  "Output units of b (>= ways), to test on more ways than trained.",
+                  allow_none=True)  # fmt: skip
+flags.DEFINE_bool("rotate", _D.rotate, "Rotate each training class by k*90 degrees.")
+flags.DEFINE_bool("rotations_as_classes", _D.rotations_as_classes,
+                  "The 4 rotations of a training class are 4 classes.")  # fmt: skip
+# --- optimisation
+common.define_int("meta_batch", _D.meta_batch, 1, 1024, "Tasks (episodes) per update.")
+common.define_int("steps", _D.steps, 1, 10**8, "Total updates to reach (resume included).")
+common.define_float("learning_rate", _D.learning_rate, 0.0, 1.0, "Adam learning rate.")
+common.define_float("clip_norm", _D.clip_norm, 0.0, 1e6, "Global-norm gradient clipping.")
+common.define_int("seed", _D.seed, 0, common.MAX_INT, "Seed of init, training episodes, keys.")
+# --- model
+flags.DEFINE_enum("variant", _D.variant, config_lib.VARIANTS, "MetaNet variant.")
+flags.DEFINE_enum("base_input", _D.base_input, config_lib.BASE_INPUTS,
+                  "Input of the base learner: x (image) or r (representation).")  # fmt: skip
+flags.DEFINE_enum("architecture", _D.architecture, config_lib.ARCHITECTURES, "Networks b and u.")
+common.define_int("conv_channels", _D.conv_channels, 1, 1024,
+                  "Conv channels (unset: architecture default).", allow_none=True)  # fmt: skip
+common.define_int("num_conv_layers", _D.num_conv_layers, 1, 8,
+                  "Conv blocks (unset: architecture default).", allow_none=True)  # fmt: skip
+common.define_int("hidden_units", _D.hidden_units, 1, 4096,
+                  "FC width (unset: architecture default).", allow_none=True)  # fmt: skip
+common.define_int("rep_chunks", _D.rep_chunks, 1, 100, "T: support chunks for d.")
+flags.DEFINE_bool("second_order", _D.second_order, "Differentiate through meta information.")
+flags.DEFINE_bool("rep_loss_in_objective", _D.rep_loss_in_objective,
+                  "Add the representation loss to the training objective.")  # fmt: skip
+flags.DEFINE_enum("task_batching", _D.task_batching, config_lib.TASK_BATCHING,
+                  "Tasks of a meta-batch: scan (sequential) or vmap.")  # fmt: skip
+flags.DEFINE_enum("query_path", _D.query_path, config_lib.QUERY_PATHS, "Fast-path layout.")
+flags.DEFINE_enum("compute_dtype", _D.compute_dtype, config_lib.COMPUTE_DTYPES,
+                  "Activation dtype.")  # fmt: skip
+# --- evaluation, checkpoints, logging
+common.define_int("eval_every", _D.eval_every, 1, 10**8, "Validate every this many steps.")
+common.define_int("eval_episodes", _D.eval_episodes, 1, 10**6, "Validation episodes.")
+common.define_int("test_episodes", _D.test_episodes, 1, 10**6, "Final test episodes.")
+common.define_int("mnist_test_episodes", _D.mnist_test_episodes, 0, 10**6,
+                  "Also test MNIST 10-way 1-shot out of domain (0: off).")  # fmt: skip
+common.define_int("eval_batch", _D.eval_batch, 1, 10**4, "Episodes per evaluation batch.")
+common.define_int("checkpoint_every", _D.checkpoint_every, 1, 10**8,
+                  "Checkpoint every this many steps (and after each validation).")  # fmt: skip
+common.define_int("keep_checkpoints", _D.keep_checkpoints, 1, 1000,
+                  "Latest checkpoints kept (the best one is kept as well).")  # fmt: skip
+common.define_int("log_every", _D.log_every, 1, 10**8, "Progress line every this many steps.")
+
+
+@flags.multi_flags_validator(["ways", "max_ways"], message="--max_ways must be unset or >= --ways")
+def _max_ways(v):
+    return v["max_ways"] is None or v["max_ways"] >= v["ways"]
+
+
+@flags.multi_flags_validator(
+    ["dataset", "shots", "queries_per_class", "eval_queries_per_class"],
+    message="--shots + --queries_per_class (and + --eval_queries_per_class) must be <= 20, "
+    "the drawings per Omniglot character",
+)
+def _per_class(v):
+    need = v["shots"] + max(v["queries_per_class"], v["eval_queries_per_class"])
+    return v["dataset"] == "mini_imagenet" or need <= 20
+
+
+@flags.multi_flags_validator(
+    ["dataset", "mini_imagenet_dir"],
+    message="--dataset=mini_imagenet needs --mini_imagenet_dir naming an existing folder "
+    "(the data is not distributed with this project; see docs/DATA.md)",
+)
+def _mini_imagenet(v):
+    import os
+
+    if v["dataset"] != "mini_imagenet":
+        return True
+    return bool(v["mini_imagenet_dir"]) and os.path.isdir(v["mini_imagenet_dir"])
+
+
+@flags.multi_flags_validator(
+    ["dataset", "architecture"],
+    message="--dataset=mini_imagenet needs --architecture=mini_imagenet_cnn and the other "
+    "data sets omniglot_cnn or mlp",
+)
+def _architecture(v):
+    return (v["dataset"] == "mini_imagenet") == (v["architecture"] == "mini_imagenet_cnn")
+
+
+def spec_from_flags() -> experiment.RunSpec:
+    """The `RunSpec` the parsed flags describe."""
+    import dataclasses
+
+    return experiment.RunSpec(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(
+        experiment.RunSpec)})  # fmt: skip
+
+
+def main(argv):
+    if len(argv) > 1:
+        common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    common.quiet_libraries()
+    spec = spec_from_flags()
+    logging.info(experiment.environment_summary())
+    try:
+        results = experiment.train(spec)
+    except (experiment.WorkdirMismatch, FileNotFoundError, ValueError) as e:
+        common.fail(str(e))
+    except experiment.checkpointing.CheckpointError as e:
+        common.fail(str(e))
+    if results["status"] == "nan":
+        sys.exit(1)
+    if results["status"] == "completed":
+        print(logging_utils.final_table(results), flush=True)
+        print(f"results: {spec.workdir}/results.md", flush=True)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main, flags_parser=common.parse_flags)
