@@ -73,9 +73,7 @@ def init(key: PRNGKey, config: MetaNetConfig) -> Params:
         }
     if config.variant == "metanet+":
         task_gen["base"] = {
-            kind: generators.init_lstm_generator(
-                jax.random.fold_in(kg, 10 + i), config.lstm_hidden
-            )
+            kind: generators.init_lstm_generator(jax.random.fold_in(kg, 10 + i), config.lstm_hidden)
             for i, kind in enumerate(_kinds(b_specs, b_aug))
         }
     return {
@@ -451,7 +449,7 @@ def map_tasks(fn, config: MetaNetConfig, *args):
 
     def call(mapped):
         full = list(args)
-        for i, a in zip(present, mapped):
+        for i, a in zip(present, mapped, strict=True):
             full[i] = a
         return fn(*full)
 
@@ -545,6 +543,7 @@ def _episode_checker(config: MetaNetConfig, support_at: int, query_at: int, has_
 
 def make_episode_loss(config: MetaNetConfig, *, validate: bool = True) -> ValidatedFunction:
     """`episode_loss(params, support, query[, key]) -> (loss, aux)`, jitted (config static)."""
+
     def fn(params, support, query, key=None):
         return episode_loss(params, support, query, config, key)
 

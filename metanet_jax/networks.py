@@ -84,9 +84,7 @@ def representation_specs(config: MetaNetConfig) -> tuple[LayerSpec, ...]:
     """Layers of u up to its key layer (the representation r, linear); the head is separate."""
     hidden = config.resolved("hidden_units")
     if config.architecture == "mlp":
-        specs = [
-            LayerSpec(f"fc_{i}", "dense", hidden) for i in range(config.num_hidden_layers - 1)
-        ]
+        specs = [LayerSpec(f"fc_{i}", "dense", hidden) for i in range(config.num_hidden_layers - 1)]
     else:
         specs = _trunk(config)
     specs.append(LayerSpec(KEY_LAYER, "dense", hidden, relu=False))
@@ -152,7 +150,7 @@ def init_network(key: Array, specs, in_shape, extra_head: int | None = None) -> 
     shapes = _flat_dim(specs, in_shape)
     he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
     lecun = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    for spec, shape in zip(specs, shapes):
+    for spec, shape in zip(specs, shapes, strict=True):
         sub = jax.random.fold_in(key, _stable_id(spec.name))
         init = he if spec.relu else lecun
         if spec.kind == "conv":

@@ -40,13 +40,13 @@ def tiny_batch(config: mn.MetaNetConfig, batch: int = 2, seed: int = 0):
     return mn.synthetic.synthetic_episodes(jax.random.key(seed), config, batch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def episode_loss_fn(config: mn.MetaNetConfig):
     """One jitted episode loss per config, shared by the tests (compiles dominate)."""
     return mn.make_episode_loss(config)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def loss_grad_fn(config: mn.MetaNetConfig):
     """Jitted gradient of the mean episode loss w.r.t. theta, one per config."""
     return jax.jit(jax.grad(lambda p, s, q: mn.episode_loss(p, s, q, config)[0]))

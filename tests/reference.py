@@ -16,7 +16,9 @@ from jax import lax
 
 
 def conv(h, k):
-    return lax.conv_general_dilated(h, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return lax.conv_general_dilated(
+        h, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
 
 
 def pool(h):
@@ -148,8 +150,11 @@ def task_logits(params, config, xs, ys, xq):
         g = jax.grad(ex_loss)(w_aug, xs[i], ys[i])
         values.append(
             {
-                k: {"kernel": mlp_ref(params["example_generator"][kind(W[k]["kernel"])],
-                                      g[k]["kernel"], p)}  # fmt: skip
+                k: {
+                    "kernel": mlp_ref(
+                        params["example_generator"][kind(W[k]["kernel"])], g[k]["kernel"], p
+                    )
+                }  # fmt: skip
                 for k in b_names
             }
         )

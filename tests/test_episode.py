@@ -79,9 +79,9 @@ def test_query_paths_agree_float32():
     outs = {}
     for path in ("stacked", "per_query"):
         c = config.replace(query_path=path)
-        outs[path] = jax.jit(jax.value_and_grad(lambda p: mn.episode_loss(p, support, query, c)[0]))(
-            params
-        )
+        outs[path] = jax.jit(
+            jax.value_and_grad(lambda p: mn.episode_loss(p, support, query, c)[0])
+        )(params)
     np.testing.assert_allclose(outs["stacked"][0], outs["per_query"][0], rtol=1e-5)
     chex.assert_trees_all_close(outs["stacked"][1], outs["per_query"][1], rtol=2e-3, atol=1e-5)
 
@@ -93,9 +93,9 @@ def test_task_batching_modes_agree():
     results = {}
     for mode in ("vmap", "scan"):
         c = config.replace(task_batching=mode)
-        results[mode] = jax.jit(lambda p, c=c: mn.training.loss_and_grads(p, support, query, c, None))(
-            params
-        )
+        results[mode] = jax.jit(
+            lambda p, c=c: mn.training.loss_and_grads(p, support, query, c, None)
+        )(params)
     np.testing.assert_allclose(results["vmap"][0], results["scan"][0], rtol=1e-5)
     chex.assert_trees_all_close(results["vmap"][2], results["scan"][2], rtol=1e-4, atol=1e-6)
 
@@ -131,7 +131,9 @@ def test_second_order_and_rep_loss_options():
     # The meta information depends on W and Q, not on Z and G: second order changes the
     # gradients of W and Q only (Z and G see the same meta information either way).
     for group in ("base", "representation"):
-        diff = jax.tree.map(lambda a, b: reference.relative_error(a, b), second[group], first[group])
+        diff = jax.tree.map(
+            lambda a, b: reference.relative_error(a, b), second[group], first[group]
+        )
         assert max(jax.tree.leaves(diff)) > 1e-4, group
     chex.assert_trees_all_close(first["example_generator"], second["example_generator"], rtol=1e-5)
     chex.assert_trees_all_close(first["task_generator"], second["task_generator"], rtol=1e-5)
@@ -233,9 +235,7 @@ def test_bad_input_raises_value_error():
     _bad(config, params, support._replace(y=support.y.astype(jnp.float32)), query, "integer")
     # Shapes are checked before compiling, also through .lower().
     with pytest.raises(ValueError, match="ways\\*shots"):
-        episode_loss_fn(config).lower(
-            params, mn.Episode(support.x[:, :2], support.y[:, :2]), query
-        )
+        episode_loss_fn(config).lower(params, mn.Episode(support.x[:, :2], support.y[:, :2]), query)
     # validate=False skips the label-value check (no host sync) but still checks shapes.
     fn = mn.make_episode_loss(config, validate=False)
     fn(params, support._replace(y=support.y.at[0, 0].set(3)), query)
