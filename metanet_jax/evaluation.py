@@ -185,3 +185,55 @@ def load_checkpoint_with_meta(
     finally:
         ckpt.close()
     return config, state.params, meta
+
+
+# ----------------------------------------------------------------------------- protocols
+def evaluate_classes(
+    params: Params,
+    config: MetaNetConfig,
+    images,
+    *,
+    ways: int,
+    shots: int,
+    queries_per_class: int,
+    episodes: int,
+    seed: int,
+    batch_size: int = 50,
+    keep_first: bool = False,
+) -> EvalResult:
+    """Accuracy on a fixed, seeded set of `ways`-way `shots`-shot episodes of a class array.
+
+    Args:
+      params, config: the trained model (`config` as trained; see `eval_config`).
+      images: `[C, D, H, W, ch]` class array (e.g. the test characters; no rotation).
+      ways, shots, queries_per_class: the episodes.
+      episodes: how many (`data.fixed_eval_episodes` with `seed`).
+      seed: the episode set's seed (same seed, same episodes).
+      batch_size: episodes per evaluation batch.
+      keep_first: keep the first episode and its attention.
+    """
+    from metanet_jax import data
+
+    cfg = eval_config(config, ways, shots, queries_per_class)
+    batches = data.fixed_eval_episodes(
+        seed, images, ways, shots, queries_per_class, episodes, min(batch_size, episodes)
+    )
+    return evaluate(params, cfg, batches, keep_first=keep_first)
+
+
+def evaluate_lake_runs(
+    params: Params, config: MetaNetConfig, runs: list[tuple[Episode, Episode]]
+) -> EvalResult:
+    """Accuracy over Lake et al.'s one-shot runs (`data.load_lake_runs`), one episode per run.
+
+    Runs are evaluated one at a time (each may have its own number of queries).
+    """
+    accs = []
+    for support, query in runs:
+        ways = int(np.asarray(support.y).max()) + 1
+        cfg = eval_config(config, ways, int(np.asarray(support.y).shape[0]) // ways)
+        batch = jax.tree.map(lambda a: np.asarray(a)[None], (support, query))
+        accs.append(evaluate(params, cfg, [batch]).accuracies)
+    acc = np.concatenate(accs)
+    mean, ci = mean_ci95(acc)
+    return EvalResult(acc, mean, ci, None)

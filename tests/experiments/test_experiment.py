@@ -1,0 +1,163 @@
+"""The training run: outputs, exact resume, workdir guard, NaN stop, signals, corruption."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metanet_jax as mn
+from metanet_jax import checkpointing, evaluation, experiment
+from tests.experiments.conftest import replace
+
+
+def _params(workdir, step):
+    config, _, _ = evaluation.load_checkpoint_with_meta(workdir, "latest")
+    with checkpointing.Checkpointer(evaluation.checkpoint_dir(workdir), read_only=True) as ck:
+        state, _ = ck.restore(step, evaluation.fresh_state(config))
+    return state
+
+
+def _bitwise_equal(a, b):
+    return jax.tree.all(jax.tree.map(lambda x, y: bool(np.array_equal(x, y)), a, b))
+
+
+def test_a_run_writes_every_output(spec_factory):
+    spec = spec_factory()
+    results = experiment.train(spec)
+    workdir = spec.workdir
+    assert results["status"] == "completed"
+    for name in ("config.json", "metrics.jsonl", "results.json", "results.md",
+                 "learning_curve.png", "attention.png"):  # fmt: skip
+        assert os.path.exists(os.path.join(workdir, name)), name
+    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    saved = json.load(open(os.path.join(workdir, "results.json")))
+    for key in ("config", "steps", "wall_time_s", "test_accuracy", "test_ci95", "devices",
+                "processes", "versions"):  # fmt: skip
+        assert key in saved, key
+    assert saved["steps"] == 4 and saved["test_episodes"] == 6 and saved["devices"] >= 1
+    records = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+    keys = set().union(*records)
+    for key in ("loss", "accuracy", "validation_accuracy", "grad_norm/base",
+                "grad_norm/representation", "grad_norm/example_generator",
+                "grad_norm/task_generator", "attention_entropy", "example_fast_weight_norm",
+                "task_fast_weight_norm", "episodes_per_s"):  # fmt: skip
+        assert key in keys, key
+    config, params = evaluation.load_checkpoint(workdir, "best")
+    assert config.ways == 3 and set(params) == {
+        "base", "representation", "example_generator", "task_generator"
+    }  # fmt: skip
+
+
+def test_stop_and_resume_is_bitwise_identical_to_one_run(spec_factory, caplog):
+    one = spec_factory("one", steps=6)
+    experiment.train(one)
+    split = spec_factory("split", steps=3)
+    experiment.train(split)
+    with caplog.at_level(logging.INFO):
+        experiment.train(replace(split, steps=6))
+    assert "resumed from step 3" in caplog.text
+    a, b = _params(one.workdir, 6), _params(split.workdir, 6)
+    assert _bitwise_equal(a.params, b.params)
+    assert _bitwise_equal(a.opt_state, b.opt_state)
+    assert np.array_equal(jax.random.key_data(a.key), jax.random.key_data(b.key))
+
+
+def test_changed_model_flags_are_refused_and_steps_may_change(spec_factory):
+    spec = spec_factory(steps=2)
+    experiment.train(spec)
+    with pytest.raises(experiment.WorkdirMismatch, match=r"ways \(3 -> 4\).*variant"):
+        experiment.train(replace(spec, ways=4, variant="metanet-"))
+    out = experiment.train(replace(spec, steps=3, eval_episodes=5, log_every=2))
+    assert out["status"] == "completed" and out["steps"] == 3
+
+
+def _faulty(at_step, fault):
+    def factory(config, optimizer, validate=False):
+        inner = mn.make_train_step(config, optimizer, validate=validate)
+
+        def step(state, support, query):
+            state, metrics = inner(state, support, query)
+            if int(state.step) == at_step:
+                metrics = fault(metrics)
+            return state, metrics
+
+        return step
+
+    return factory
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(spec_factory, caplog):
+    spec = spec_factory(steps=5)
+    nan = lambda m: dict(m, loss=m["loss"] * jnp.nan)
+    with caplog.at_level(logging.ERROR):
+        out = experiment.train(spec, step_factory=_faulty(3, nan))
+    assert out == {"status": "nan", "step": 3, "last_good_step": 2}
+    assert "non-finite loss (nan) at step 3" in caplog.text
+    with checkpointing.Checkpointer(evaluation.checkpoint_dir(spec.workdir)) as ck:
+        assert ck.latest_step() == 2
+    assert not os.path.exists(os.path.join(spec.workdir, "results.json"))
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_finishes(spec_factory, caplog):
+    spec = spec_factory(steps=5, checkpoint_every=100, eval_every=100)
+
+    def term(metrics):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    with caplog.at_level(logging.INFO):
+        out = experiment.train(spec, step_factory=_faulty(2, term))
+        assert out == {"status": "interrupted", "step": 2, "signal": "SIGTERM"}
+        assert "SIGTERM received" in caplog.text
+        assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
+        with checkpointing.Checkpointer(evaluation.checkpoint_dir(spec.workdir)) as ck:
+            assert ck.steps() == [2]
+        out = experiment.train(spec)
+    assert "resumed from step 2" in caplog.text
+    assert out["status"] == "completed"
+
+
+def test_corrupted_latest_checkpoint_resumes_from_the_previous_one(spec_factory, caplog):
+    spec = spec_factory(steps=3, keep_checkpoints=3)
+    experiment.train(spec)
+    latest = evaluation.checkpoint_dir(spec.workdir) / "3"
+    for p in (latest / "state").rglob("*"):
+        if p.is_file() and p.parent.name == "d":
+            p.write_bytes(b"")
+    with caplog.at_level(logging.INFO):
+        out = experiment.train(replace(spec, steps=4))
+    assert str(latest) in caplog.text and "falling back" in caplog.text
+    assert "resumed from step 2" in caplog.text
+    assert out["status"] == "completed"
+
+
+def test_continual_learning_keeps_z_and_g_and_writes_the_curve(tmp_path):
+    from metanet_jax import continual
+
+    classes = {
+        "omniglot_train": experiment.synthetic_classes(1, 12, 20, 28),
+        "omniglot_test": experiment.synthetic_classes(2, 8, 20, 28),
+        "mnist_train": experiment.synthetic_classes(3, 10, 20, 28),
+        "mnist_test": experiment.synthetic_classes(4, 10, 20, 28),
+    }
+    spec = continual.ContinualSpec(
+        workdir=str(tmp_path / "c"), ways=3, queries_per_class=2, hidden_units=8,
+        omniglot_steps=2, mnist_steps=4, measure_every=2, permutations=2, eval_episodes=4,
+        eval_batch=4, log_every=2,
+    )  # fmt: skip
+    result = continual.run(spec, classes)
+    assert [c["mnist_trials"] for c in result["curve"]] == [0, 2, 4]
+    assert (tmp_path / "c" / "continual.json").exists()
+    assert (tmp_path / "c" / "continual.png").exists()
+    a = {"base": 1, "representation": 2, "example_generator": 3, "task_generator": 4}
+    b = {"base": 5, "representation": 6, "example_generator": 7, "task_generator": 8}
+    assert continual.switch_task(a, b) == {
+        "base": 5, "representation": 6, "example_generator": 3, "task_generator": 4
+    }  # fmt: skip
