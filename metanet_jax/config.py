@@ -13,7 +13,7 @@ VARIANTS = ("metanet", "metanet-", "metanet+")
 ARCHITECTURES = ("omniglot_cnn", "mini_imagenet_cnn", "mlp")
 REP_LOSSES = ("auto", "ce", "contrastive")
 QUERY_PATHS = ("stacked", "per_query")
-TASK_BATCHING = ("scan", "vmap")
+TASK_BATCHING = ("auto", "loop", "scan", "vmap")
 BASE_INPUTS = ("x", "r")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 
@@ -54,7 +54,12 @@ class MetaNetConfig:
       rep_loss_in_objective: add the representation loss to the training objective.
       query_path: "stacked" (memory kernels stacked along output channels, then mixed by the
         attention weights) or "per_query" (one kernel per query, vmapped).
-      task_batching: "scan" (per-task gradients accumulated in a scan) or "vmap".
+      task_batching: how a batch of tasks is processed. "vmap" (one batched program; every
+        task's fast convolutions become grouped convolutions), "scan" (per-task gradients
+        accumulated in a `lax.scan`), "loop" (the jitted `make_*` entry points run one
+        compiled per-task program per task from the host and accumulate the gradients: the
+        meta-batch-1 speed per episode) or "auto" ("loop" on CPU, "vmap" on accelerators).
+        The pure functions treat "loop" and "auto" as "vmap" (no host loop inside a trace).
       lstm_hidden, generator_hidden, grad_p: sizes of d and m, and the preprocessing's p.
       learning_rate, clip_norm: the outer optimiser (Adam after global-norm clipping).
       compute_dtype: dtype of the networks' activations and convolutions ("float32" default;
@@ -82,7 +87,7 @@ class MetaNetConfig:
     second_order: bool = False
     rep_loss_in_objective: bool = False
     query_path: Literal["stacked", "per_query"] = "stacked"
-    task_batching: Literal["scan", "vmap"] = "scan"
+    task_batching: Literal["auto", "loop", "scan", "vmap"] = "auto"
     lstm_hidden: int = 20
     generator_hidden: int = 20
     grad_p: float = 7.0
@@ -172,6 +177,16 @@ class MetaNetConfig:
     def has_task_fast_weights(self) -> bool:
         """MetaNet- has no task-level fast weights for u."""
         return self.variant != "metanet-"
+
+    def resolved_task_batching(self, backend: str | None = None) -> str:
+        """The task batching the jitted entry points use ("auto" resolved by the backend)."""
+        if self.task_batching != "auto":
+            return self.task_batching
+        if backend is None:
+            import jax
+
+            backend = jax.default_backend()
+        return "loop" if backend == "cpu" else "vmap"
 
     def replace(self, **changes) -> MetaNetConfig:
         """A copy with some fields changed (validated again)."""

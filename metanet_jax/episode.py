@@ -441,7 +441,7 @@ def task_keys(key: PRNGKey | None, batch: int):
 
 
 def map_tasks(fn, config: MetaNetConfig, *args):
-    """Apply a per-task function over the leading task axis: `vmap` or sequential `lax.map`.
+    """Apply a per-task function over the leading task axis: `lax.map` for "scan", else `vmap`.
 
     `None` arguments are passed through unmapped.
     """
@@ -454,9 +454,9 @@ def map_tasks(fn, config: MetaNetConfig, *args):
         return fn(*full)
 
     mapped = tuple(args[i] for i in present)
-    if config.task_batching == "vmap":
-        return jax.vmap(call)(mapped)
-    return lax.map(call, mapped)
+    if config.task_batching == "scan":
+        return lax.map(call, mapped)
+    return jax.vmap(call)(mapped)
 
 
 def episode_loss(
@@ -541,17 +541,89 @@ def _episode_checker(config: MetaNetConfig, support_at: int, query_at: int, has_
     return check
 
 
+class HostLoop:
+    """Run a jitted per-task function over the task axis from the host, then combine.
+
+    The per-task program is compiled once (for one task's shapes) and dispatched B times;
+    dispatch is asynchronous, so the host does not wait for the device between tasks. This is
+    `task_batching="loop"`: every task keeps the meta-batch-1 program (dense convolutions).
+    """
+
+    def __init__(self, per_task, combine):
+        self.per_task = jax.jit(per_task)
+        self.combine = jax.jit(combine)
+
+    def __call__(self, batched: tuple, shared: tuple):
+        batch = batched[0].shape[0]
+        outs = [
+            self.per_task(*shared, *(a[i] for a in batched), jnp.int32(i)) for i in range(batch)
+        ]
+        return self.combine(outs)
+
+    def lower(self, batched: tuple, shared: tuple):
+        """Lowering of the per-task program (what runs B times)."""
+        return self.per_task.lower(*shared, *(a[0] for a in batched), jnp.int32(0))
+
+
+def _stack(outs):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
 def make_episode_loss(config: MetaNetConfig, *, validate: bool = True) -> ValidatedFunction:
     """`episode_loss(params, support, query[, key]) -> (loss, aux)`, jitted (config static)."""
+    check = _episode_checker(config, 1, 2, True)
+    if config.resolved_task_batching() == "loop":
+
+        def one(params, key, sx, sy, qx, qy, index):
+            task_key = None if key is None else jax.random.fold_in(key, index)
+            return task_loss(params, Episode(sx, sy), Episode(qx, qy), config, task_key)
+
+        def combine(outs):
+            losses, aux = _stack(outs)
+            return jnp.mean(losses), dict(aux, task_loss=losses)
+
+        loop = HostLoop(one, combine)
+
+        def looped(params, support, query, key=None):
+            return loop((support.x, support.y, query.x, query.y), (params, key))
+
+        return ValidatedFunction(_LoopAdapter(looped, loop, 2), check, validate)
 
     def fn(params, support, query, key=None):
         return episode_loss(params, support, query, config, key)
 
-    jitted = jax.jit(fn)
-    return ValidatedFunction(jitted, _episode_checker(config, 1, 2, True), validate)
+    return ValidatedFunction(jax.jit(fn), check, validate)
 
 
 def make_predict(config: MetaNetConfig, *, validate: bool = True) -> ValidatedFunction:
     """`predict(params, support, query_x) -> logits [B, L, ways]`, jitted (config static)."""
+    check = _episode_checker(config, 1, 2, False)
+    if config.resolved_task_batching() == "loop":
+
+        def one(params, sx, sy, qx, index):
+            del index
+            return task_forward(params, Episode(sx, sy), qx, config)[0]
+
+        loop = HostLoop(one, jnp.stack)
+
+        def looped(params, support, query_x):
+            return loop((support.x, support.y, query_x), (params,))
+
+        return ValidatedFunction(_LoopAdapter(looped, loop, 1), check, validate)
     jitted = jax.jit(functools.partial(predict, config=config))
-    return ValidatedFunction(jitted, _episode_checker(config, 1, 2, False), validate)
+    return ValidatedFunction(jitted, check, validate)
+
+
+class _LoopAdapter:
+    """Callable + `.lower()` for a host-looped entry point (lowers the per-task program)."""
+
+    def __init__(self, fn, loop: HostLoop, n_shared: int):
+        self._fn, self._loop, self._n_shared = fn, loop, n_shared
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+    def lower(self, params, support, query, *rest):
+        query_args = (query.x, query.y) if isinstance(query, Episode) else (query,)
+        shared = (params, rest[0] if rest else None)[: self._n_shared]
+        return self._loop.lower((support.x, support.y) + query_args, shared)

@@ -69,11 +69,12 @@ def _group_norms(grads: Params) -> dict[str, Array]:
 def loss_and_grads(params: Params, support: Episode, query: Episode, config, key):
     """Mean task loss, per-task aux and the gradient w.r.t. theta.
 
-    "vmap": one gradient of the batched loss. "scan": per-task gradients accumulated in a
-    `lax.scan`, so only one task's activations are alive at a time and every task's fast
-    convolutions stay dense (no grouped convolutions).
+    "scan": per-task gradients accumulated in a `lax.scan`, so only one task's activations
+    are alive at a time and every task's fast convolutions stay dense (no grouped
+    convolutions). Otherwise ("vmap"; "loop"/"auto" inside a trace): one gradient of the
+    `vmap`ped loss.
     """
-    if config.task_batching == "vmap":
+    if config.task_batching != "scan":
         (loss, aux), grads = jax.value_and_grad(ep.episode_loss, has_aux=True)(
             params, support, query, config, key
         )
@@ -117,6 +118,11 @@ def train_step(
     """
     key = jax.random.fold_in(state.key, state.step)
     loss, aux, grads = loss_and_grads(state.params, support, query, config, key)
+    return apply_gradients(state, grads, loss, aux, optimizer)
+
+
+def apply_gradients(state: TrainState, grads, loss, aux, optimizer) -> tuple[TrainState, Metrics]:
+    """The optimiser update and the step's metrics from the mean gradient and per-task aux."""
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -136,7 +142,60 @@ def train_step(
 def make_train_step(
     config: MetaNetConfig, optimizer: optax.GradientTransformation, *, validate: bool = True
 ) -> ep.ValidatedFunction:
-    """`train_step(state, support, query) -> (state, metrics)`, jitted once, donating state."""
+    """`train_step(state, support, query) -> (state, metrics)`, jitted once, donating state.
+
+    With `task_batching` "loop" ("auto" on CPU) the step is a `LoopedTrainStep`: one
+    compiled per-task gradient program dispatched per task, gradients summed on device, and
+    one compiled update that donates the state. Same mathematics as the other modes.
+    """
+    check = ep._episode_checker(config, 1, 2, True)
+    if config.resolved_task_batching() == "loop":
+        return ep.ValidatedFunction(LoopedTrainStep(config, optimizer), check, validate)
     fn = functools.partial(train_step, config=config, optimizer=optimizer)
     jitted = jax.jit(fn, donate_argnums=0)
-    return ep.ValidatedFunction(jitted, ep._episode_checker(config, 1, 2, True), validate)
+    return ep.ValidatedFunction(jitted, check, validate)
+
+
+class LoopedTrainStep:
+    """`task_batching="loop"`: the meta-batch-1 program per task, accumulated on device.
+
+    Task i of step t uses the key `fold_in(fold_in(state.key, t), i)`, as the other modes.
+    """
+
+    def __init__(self, config: MetaNetConfig, optimizer: optax.GradientTransformation):
+        grad_fn = jax.value_and_grad(ep.task_loss, has_aux=True)
+
+        def task_grad(params, base_key, step, sx, sy, qx, qy, index):
+            key = jax.random.fold_in(jax.random.fold_in(base_key, step), index)
+            (loss, aux), grads = grad_fn(params, Episode(sx, sy), Episode(qx, qy), config, key)
+            return loss, aux, grads
+
+        def update(state, grads_sum, losses, auxes):
+            batch = len(losses)
+            grads = jax.tree.map(lambda g: g / batch, grads_sum)
+            losses = jnp.stack(losses)
+            aux = dict(jax.tree.map(lambda *xs: jnp.stack(xs), *auxes), task_loss=losses)
+            return apply_gradients(state, grads, jnp.mean(losses), aux, optimizer)
+
+        self._task_grad = jax.jit(task_grad)
+        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
+        self._update = jax.jit(update, donate_argnums=0)
+
+    def __call__(self, state: TrainState, support: Episode, query: Episode):
+        losses, auxes, total = [], [], None
+        for i in range(support.x.shape[0]):
+            loss, aux, grads = self._task_grad(
+                state.params, state.key, state.step,
+                support.x[i], support.y[i], query.x[i], query.y[i], jnp.int32(i),
+            )  # fmt: skip
+            total = grads if total is None else self._add(total, grads)
+            losses.append(loss)
+            auxes.append(aux)
+        return self._update(state, total, losses, auxes)
+
+    def lower(self, state: TrainState, support: Episode, query: Episode):
+        """Lowering of the per-task gradient program (the part that runs B times)."""
+        return self._task_grad.lower(
+            state.params, state.key, state.step,
+            support.x[0], support.y[0], query.x[0], query.y[0], jnp.int32(0),
+        )  # fmt: skip

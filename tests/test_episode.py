@@ -90,6 +90,17 @@ def test_task_batching_modes_agree():
     config = tiny_config()
     params = mn.init(jax.random.key(1), config)
     support, query = tiny_batch(config, batch=3)
+    # The jitted entry points: a host loop over one compiled per-task program vs vmap.
+    loop_loss, loop_aux = episode_loss_fn(config.replace(task_batching="loop"))(
+        params, support, query
+    )
+    vmap_loss, vmap_aux = episode_loss_fn(config.replace(task_batching="vmap"))(
+        params, support, query
+    )
+    np.testing.assert_allclose(loop_loss, vmap_loss, rtol=1e-5)
+    chex.assert_trees_all_close(loop_aux, vmap_aux, rtol=1e-4, atol=1e-6)
+    logits = mn.make_predict(config.replace(task_batching="loop"))(params, support, query.x)
+    np.testing.assert_allclose(logits, vmap_aux["logits"], rtol=1e-4, atol=1e-5)
     results = {}
     for mode in ("vmap", "scan"):
         c = config.replace(task_batching=mode)
@@ -269,7 +280,7 @@ def test_unknown_augmented_layer_raises():
 
 
 def test_lowering_compiles():
-    config = tiny_config()
+    config = tiny_config(task_batching="vmap")
     params = mn.init(jax.random.key(0), config)
     support, query = tiny_batch(config)
     compiled = episode_loss_fn(config).lower(params, support, query).compile()
