@@ -1,0 +1,163 @@
+"""Subprocess side of tests/test_parallel.py (the device count is fixed when a backend starts).
+
+python tests/parallel_helpers/worker.py devices OUT.json
+    (run with XLA_FLAGS=--xla_force_host_platform_device_count=4): one sharded train step
+    on 4 devices and on 1 device on the same episodes; losses, params and shardings.
+python tests/parallel_helpers/worker.py process OUT_DIR COORDINATOR NUM_PROCESSES PID
+    one of several processes: `STEPS` sharded train steps on its own tasks, then an orbax
+    save and restore of the state; process 0 writes OUT_DIR/params.npz.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+
+# Before the backend starts: gloo collectives for CPU arrays shared between processes.
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import metanet_jax as mn  # noqa: E402
+from metanet_jax import parallel  # noqa: E402
+
+TINY = dict(
+    ways=3,
+    shots=1,
+    queries_per_class=2,
+    image_shape=(6, 6, 1),
+    conv_channels=3,
+    num_conv_layers=1,
+    hidden_units=5,
+    rep_chunks=2,
+    lstm_hidden=4,
+    generator_hidden=4,
+    task_batching="vmap",
+)
+META_BATCH = 4
+STEPS = 3
+SEED = 7
+
+
+def config() -> mn.MetaNetConfig:
+    return mn.MetaNetConfig(**TINY)
+
+
+def initial_state(cfg, optimizer):
+    params = mn.init(jax.random.key(0), cfg)
+    return mn.init_train_state(params, optimizer, jax.random.key(1))
+
+
+def flat_params(params) -> dict[str, np.ndarray]:
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+
+
+def run_steps(mesh, steps: int = STEPS, meta_batch: int = META_BATCH):
+    """`steps` sharded train steps, each process sampling only its own tasks."""
+    cfg = config()
+    optimizer = mn.make_optimizer(cfg)
+    step = parallel.make_sharded_train_step(cfg, optimizer, mesh)
+    state = parallel.replicate(initial_state(cfg, optimizer), mesh)
+    rows = parallel.process_task_indices(meta_batch, mesh)
+    losses = []
+    for t in range(steps):
+        keys = parallel.task_episode_keys(SEED, t, rows)
+        episodes = parallel.synthetic_task_episodes(keys, cfg)
+        support, query = parallel.shard_episodes(episodes, mesh, meta_batch)
+        state, metrics = step(state, support, query)
+        losses.append(float(metrics["loss"]))
+    return state, losses, rows
+
+
+def devices_main(out: str) -> None:
+    cfg = config()
+    optimizer = mn.make_optimizer(cfg)
+    assert jax.device_count() == 4, jax.devices()
+    support, query = mn.synthetic.synthetic_episodes(jax.random.key(3), cfg, META_BATCH)
+    result = {}
+    for name, devices in (("mesh4", jax.devices()), ("mesh1", jax.devices()[:1])):
+        mesh = parallel.make_mesh(devices)
+        step = parallel.make_sharded_train_step(cfg, optimizer, mesh)
+        state = parallel.replicate(initial_state(cfg, optimizer), mesh)
+        s, q = parallel.shard_episodes((support, query), mesh)
+        new_state, metrics = step(state, s, q)
+        leaf = new_state.params["base"]["out"]["kernel"]
+        result[name] = {
+            "loss": float(metrics["loss"]),
+            "params": {k: v.tolist() for k, v in flat_params(new_state.params).items()},
+            "summary": parallel.device_summary(mesh, META_BATCH),
+            "input_spec": str(s.x.sharding.spec),
+            "input_shards": sorted(
+                [int(sh.data.shape[0]), sh.device.id] for sh in s.x.addressable_shards
+            ),
+            "param_replicated": bool(leaf.sharding.is_fully_replicated),
+            "param_devices": len(leaf.sharding.device_set),
+            "metric_replicated": bool(metrics["loss"].sharding.is_fully_replicated),
+            "step_replicated": bool(new_state.step.sharding.is_fully_replicated),
+            "key_replicated": bool(new_state.key.sharding.is_fully_replicated),
+            "state_donated": bool(state.params["base"]["out"]["kernel"].is_deleted()),
+        }
+    reference = mn.make_train_step(cfg, optimizer, validate=False)
+    new_state, metrics = reference(initial_state(cfg, optimizer), support, query)
+    result["reference"] = {
+        "loss": float(metrics["loss"]),
+        "params": {k: v.tolist() for k, v in flat_params(new_state.params).items()},
+    }
+    try:
+        parallel.check_meta_batch(6, parallel.make_mesh())
+        result["error"] = None
+    except ValueError as e:
+        result["error"] = str(e)
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+def process_main(out_dir: str, coordinator: str, num_processes: int, process_id: int) -> None:
+    called = parallel.initialize_distributed(coordinator, num_processes, process_id)
+    assert called and jax.process_count() == num_processes, jax.process_count()
+    mesh = parallel.make_mesh()
+    summary = parallel.device_summary(mesh, META_BATCH)
+    state, losses, rows = run_steps(mesh)
+    # orbax multi-process save and restore through the project's Checkpointer.
+    from metanet_jax import checkpointing
+
+    ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "ckpt"), keep=2)
+    ckpt.save(state, {"note": "multi-process test"})
+    cfg = config()
+    like = initial_state(cfg, mn.make_optimizer(cfg))
+    restored, meta = ckpt.restore(STEPS, like)
+    ckpt.close()
+    restored = parallel.replicate(restored, mesh)
+    same = all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params))
+    )
+    info = {
+        "process": jax.process_index(),
+        "rows": rows.tolist(),
+        "losses": losses,
+        "summary": summary,
+        "restored_equal": same,
+        "restored_step": int(restored.step),
+    }
+    with open(os.path.join(out_dir, f"process{process_id}.json"), "w") as f:
+        json.dump(info, f)
+    if parallel.is_primary():
+        np.savez(os.path.join(out_dir, "params.npz"), **flat_params(state.params))
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    if mode == "devices":
+        devices_main(sys.argv[2])
+    elif mode == "process":
+        process_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+    jnp.zeros(()).block_until_ready()
