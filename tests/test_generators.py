@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 from metanet_jax import generators as gen
 
@@ -178,3 +180,36 @@ def test_public_wrappers_unchanged_shapes():
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+# ------------------------------------------------------------------ preprocessing, variants
+def test_preprocess_gradients_values():
+    g = jnp.array([0.0, 1e-6, -0.5, 2.0])
+    feats = np.asarray(gen.preprocess_gradients(g, p=7.0))
+    assert feats.shape == (2, 4)
+    # Magnitude: log(|g|)/p floored at -1; sign: clip(g * e^p, -1, 1).
+    np.testing.assert_allclose(feats[0], [-1.0, -1.0, np.log(0.5) / 7, np.log(2.0) / 7], rtol=1e-5)
+    np.testing.assert_allclose(feats[1], [0.0, 1e-6 * np.exp(7.0), -1.0, 1.0], rtol=1e-5)
+
+
+class GeneratorVariantsTest(parameterized.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_generators_are_pure_and_mirror_their_input(self):
+        key = jax.random.key(0)
+        mlps = {"conv": gen.init_mlp_generator(key, 4), "dense": gen.init_mlp_generator(key, 4)}
+        lstms = {
+            "conv": gen.init_lstm_generator(key, 4),
+            "dense": gen.init_lstm_generator(jax.random.fold_in(key, 1), 4),
+        }
+        grads = {
+            "conv_0": {"kernel": jax.random.normal(key, (3, 3, 3, 1, 2)) * 1e-2},
+            "out": {"kernel": jax.random.normal(key, (3, 4, 5)) * 1e-2},
+        }
+        example = self.variant(gen.example_fast_weights)(mlps, grads)
+        chex.assert_trees_all_equal_shapes(example, grads)
+        chex.assert_tree_all_finite(example)
+        task = self.variant(gen.task_fast_weights)(lstms, grads)  # 3 chunks -> one set
+        chex.assert_trees_all_equal_shapes(task, jax.tree.map(lambda g: g[0], grads))
+        # Pure: the same inputs give the same outputs, jitted or not.
+        chex.assert_trees_all_close(example, gen.example_fast_weights(mlps, grads), rtol=1e-4)
+        chex.assert_trees_all_close(task, gen.task_fast_weights(lstms, grads), rtol=1e-4)
