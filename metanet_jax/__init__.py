@@ -39,6 +39,7 @@ __all__ = [
     "generators",
     "init",
     "init_train_state",
+    "load_checkpoint",
     "layers",
     "make_episode_loss",
     "make_optimizer",
@@ -55,3 +56,12 @@ __all__ = [
     "train_step",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy: checkpoint loading pulls in orbax, which `import metanet_jax` should not pay for.
+    if name == "load_checkpoint":
+        from metanet_jax.evaluation import load_checkpoint
+
+        return load_checkpoint
+    raise AttributeError(f"module 'metanet_jax' has no attribute {name!r}")
