@@ -15,15 +15,12 @@ import os
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-# Before the backend starts: gloo collectives for CPU arrays shared between processes.
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import metanet_jax as mn  # noqa: E402
-from metanet_jax import parallel  # noqa: E402
+import metanet_jax as mn
+from metanet_jax import parallel
 
 TINY = dict(
     ways=3,
@@ -47,6 +44,13 @@ def config() -> mn.MetaNetConfig:
     return mn.MetaNetConfig(**TINY)
 
 
+def optimizer(cfg):
+    """Clipping then plain SGD: Adam's first steps (~lr * sign(g)) would turn float32
+    differences in near-zero gradient coordinates into lr-sized parameter differences; with
+    SGD a parameter difference is the learning rate times the gradient difference."""
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.sgd(0.5))
+
+
 def initial_state(cfg, optimizer):
     params = mn.init(jax.random.key(0), cfg)
     return mn.init_train_state(params, optimizer, jax.random.key(1))
@@ -60,9 +64,9 @@ def flat_params(params) -> dict[str, np.ndarray]:
 def run_steps(mesh, steps: int = STEPS, meta_batch: int = META_BATCH):
     """`steps` sharded train steps, each process sampling only its own tasks."""
     cfg = config()
-    optimizer = mn.make_optimizer(cfg)
-    step = parallel.make_sharded_train_step(cfg, optimizer, mesh)
-    state = parallel.replicate(initial_state(cfg, optimizer), mesh)
+    opt = optimizer(cfg)
+    step = parallel.make_sharded_train_step(cfg, opt, mesh)
+    state = parallel.replicate(initial_state(cfg, opt), mesh)
     rows = parallel.process_task_indices(meta_batch, mesh)
     losses = []
     for t in range(steps):
@@ -76,14 +80,14 @@ def run_steps(mesh, steps: int = STEPS, meta_batch: int = META_BATCH):
 
 def devices_main(out: str) -> None:
     cfg = config()
-    optimizer = mn.make_optimizer(cfg)
+    opt = optimizer(cfg)
     assert jax.device_count() == 4, jax.devices()
     support, query = mn.synthetic.synthetic_episodes(jax.random.key(3), cfg, META_BATCH)
     result = {}
     for name, devices in (("mesh4", jax.devices()), ("mesh1", jax.devices()[:1])):
         mesh = parallel.make_mesh(devices)
-        step = parallel.make_sharded_train_step(cfg, optimizer, mesh)
-        state = parallel.replicate(initial_state(cfg, optimizer), mesh)
+        step = parallel.make_sharded_train_step(cfg, opt, mesh)
+        state = parallel.replicate(initial_state(cfg, opt), mesh)
         s, q = parallel.shard_episodes((support, query), mesh)
         new_state, metrics = step(state, s, q)
         leaf = new_state.params["base"]["out"]["kernel"]
@@ -97,17 +101,12 @@ def devices_main(out: str) -> None:
             ),
             "param_replicated": bool(leaf.sharding.is_fully_replicated),
             "param_devices": len(leaf.sharding.device_set),
+            "grad_norm": float(metrics["grad_norm"]),
             "metric_replicated": bool(metrics["loss"].sharding.is_fully_replicated),
             "step_replicated": bool(new_state.step.sharding.is_fully_replicated),
             "key_replicated": bool(new_state.key.sharding.is_fully_replicated),
             "state_donated": bool(state.params["base"]["out"]["kernel"].is_deleted()),
         }
-    reference = mn.make_train_step(cfg, optimizer, validate=False)
-    new_state, metrics = reference(initial_state(cfg, optimizer), support, query)
-    result["reference"] = {
-        "loss": float(metrics["loss"]),
-        "params": {k: v.tolist() for k, v in flat_params(new_state.params).items()},
-    }
     try:
         parallel.check_meta_batch(6, parallel.make_mesh())
         result["error"] = None
@@ -118,6 +117,8 @@ def devices_main(out: str) -> None:
 
 
 def process_main(out_dir: str, coordinator: str, num_processes: int, process_id: int) -> None:
+    # Before the backend starts: gloo collectives for CPU arrays shared between processes.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     called = parallel.initialize_distributed(coordinator, num_processes, process_id)
     assert called and jax.process_count() == num_processes, jax.process_count()
     mesh = parallel.make_mesh()
@@ -129,7 +130,7 @@ def process_main(out_dir: str, coordinator: str, num_processes: int, process_id:
     ckpt = checkpointing.Checkpointer(os.path.join(out_dir, "ckpt"), keep=2)
     ckpt.save(state, {"note": "multi-process test"})
     cfg = config()
-    like = initial_state(cfg, mn.make_optimizer(cfg))
+    like = initial_state(cfg, optimizer(cfg))
     restored, meta = ckpt.restore(STEPS, like)
     ckpt.close()
     restored = parallel.replicate(restored, mesh)

@@ -1,0 +1,275 @@
+"""Data parallelism over the task axis (metanet_jax.parallel): several devices, several
+processes, bfloat16 compute.
+
+The device count of a process is fixed when its backend starts, so the 4-device and the
+2-process checks run in subprocesses (tests/parallel_helpers/worker.py), started together at
+the beginning of this module so that they overlap with the in-process tests; each is bounded
+by a timeout and killed when it runs over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metanet_jax as mn
+from metanet_jax import parallel
+from tests.conftest import tiny_config
+from tests.parallel_helpers import worker
+
+WORKER = str(Path(worker.__file__).resolve())
+ROOT = str(Path(__file__).resolve().parents[1])
+TIMEOUT_S = 240  # per subprocess group; a loaded 2-core machine needs ~60 s
+
+
+def _env(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    if not any(f.startswith("--xla_backend_optimization_level") for f in flags):
+        flags.append("--xla_backend_optimization_level=0")
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    for name in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
+        env.pop(name, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Group:
+    """Subprocesses started together and waited for together (killed on timeout)."""
+
+    def __init__(self, commands, env, cwd):
+        self.start = time.time()
+        self.procs = [
+            subprocess.Popen(
+                cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+            for cmd in commands
+        ]
+        self.outputs: list[str] | None = None
+
+    def wait(self) -> list[str]:
+        if self.outputs is not None:
+            return self.outputs
+        outputs = []
+        try:
+            for p in self.procs:
+                left = max(1.0, TIMEOUT_S - (time.time() - self.start))
+                outputs.append(p.communicate(timeout=left)[0])
+        except subprocess.TimeoutExpired:
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+            pytest.fail(f"worker subprocesses ran over {TIMEOUT_S} s and were killed")
+        self.outputs = outputs
+        for p, out in zip(self.procs, outputs, strict=True):
+            assert p.returncode == 0, f"worker {p.args} failed:\n{out[-4000:]}"
+        return outputs
+
+    def kill(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """Starts the 4-device worker and the two process workers (once, concurrently)."""
+    tmp = tmp_path_factory.mktemp("parallel")
+    devices_out = tmp / "devices.json"
+    devices = _Group([[sys.executable, WORKER, "devices", str(devices_out)]], _env(4), ROOT)
+    address = f"127.0.0.1:{_free_port()}"
+    processes = _Group(
+        [[sys.executable, WORKER, "process", str(tmp), address, "2", str(i)] for i in range(2)],
+        _env(1),
+        ROOT,
+    )
+    yield {"devices": (devices, devices_out), "processes": (processes, tmp)}
+    devices.kill()
+    processes.kill()
+
+
+# ----------------------------------------------------------------------------- cheap, in-process
+def test_task_episode_keys_depend_only_on_seed_step_and_global_index(workers):
+    everything = parallel.task_episode_keys(5, 3, np.arange(4))
+    part = parallel.task_episode_keys(5, 3, np.array([2, 3]))
+    data = lambda k: np.asarray(jax.random.key_data(k))
+    np.testing.assert_array_equal(data(everything)[2:], data(part))
+    assert not np.array_equal(data(parallel.task_episode_keys(5, 4, [2, 3])), data(part))
+    assert not np.array_equal(data(parallel.task_episode_keys(6, 3, [2, 3])), data(part))
+    cfg = tiny_config()
+    whole = parallel.synthetic_task_episodes(everything, cfg)
+    half = parallel.synthetic_task_episodes(part, cfg)
+    np.testing.assert_array_equal(np.asarray(whole[0].x[2:]), np.asarray(half[0].x))
+    assert whole[0].x.shape == (4, cfg.support_size) + cfg.image_shape
+
+
+def test_sample_task_episodes_from_a_class_array(workers):
+    images = np.random.default_rng(0).integers(0, 256, (6, 4, 5, 5, 1), dtype=np.uint8)
+    keys = parallel.task_episode_keys(0, 0, np.arange(3))
+    support, query = parallel.sample_task_episodes(keys, images, 3, 1, 2)
+    assert support.x.shape == (3, 3, 5, 5, 1) and query.x.shape == (3, 6, 5, 5, 1)
+    one, _ = parallel.sample_task_episodes(keys[1:2], images, 3, 1, 2)
+    np.testing.assert_array_equal(np.asarray(support.x[1:2]), np.asarray(one.x))
+    np.testing.assert_array_equal(np.asarray(support.y[0]), [0, 1, 2])
+
+
+def test_single_process_setup_is_a_no_op(workers, monkeypatch):
+    for name in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert parallel.initialize_distributed() is False
+    assert parallel.initialize_distributed(num_processes=1) is False
+    with pytest.raises(ValueError, match="process_id"):
+        parallel.initialize_distributed(num_processes=2, process_id=2)
+    mesh = parallel.make_mesh()
+    assert parallel.is_primary()
+    n = jax.device_count()
+    summary = parallel.device_summary(mesh, 4 * n)
+    assert summary.startswith(f"devices: {n} ({jax.devices()[0].platform}")
+    assert summary.endswith(f"), processes: 1, mesh: ({n},), per-device meta-batch: 4")
+    assert parallel.device_counts(mesh)["processes"] == 1
+    with pytest.raises(ValueError, match="positive"):
+        parallel.check_meta_batch(0, mesh)
+    np.testing.assert_array_equal(
+        parallel.process_task_indices(4 * mesh.size, mesh), np.arange(4 * mesh.size)
+    )
+
+
+# ----------------------------------------------------------------------------- bfloat16
+# Stated tolerance: the bfloat16 loss of a fixed tiny episode batch is within 5% (relative)
+# of the float32 loss (bfloat16 has an 8-bit mantissa, ~0.4% per rounding; the measured
+# difference here is about 0.5%).
+BF16_RTOL = 0.05
+
+
+def test_bfloat16_loss_close_to_float32(workers):
+    cfg32 = tiny_config(task_batching="vmap")
+    cfg16 = cfg32.replace(compute_dtype="bfloat16")
+    params = mn.init(jax.random.key(0), cfg32)
+    support, query = mn.synthetic.synthetic_episodes(jax.random.key(1), cfg32, 4)
+    loss32, _ = jax.jit(lambda p, s, q: mn.episode_loss(p, s, q, cfg32))(params, support, query)
+    loss16, aux16 = jax.jit(lambda p, s, q: mn.episode_loss(p, s, q, cfg16))(params, support, query)
+    assert loss16.dtype == jnp.float32 and aux16["logits"].dtype == jnp.float32
+    assert np.isfinite(float(loss16))
+    np.testing.assert_allclose(float(loss16), float(loss32), rtol=BF16_RTOL)
+
+
+def test_bfloat16_training_learns(workers):
+    """The sharded step in bfloat16 on the synthetic problem: the loss falls, params stay
+    float32."""
+    cfg = mn.MetaNetConfig(
+        ways=3,
+        shots=1,
+        queries_per_class=3,
+        image_shape=(6, 6, 1),
+        conv_channels=4,
+        num_conv_layers=1,
+        hidden_units=8,
+        rep_chunks=1,
+        lstm_hidden=4,
+        generator_hidden=6,
+        task_batching="vmap",
+        learning_rate=1e-2,
+        compute_dtype="bfloat16",
+    )
+    optimizer = mn.make_optimizer(cfg)
+    mesh = parallel.make_mesh()
+    batch = 4 * mesh.size
+    step = parallel.make_sharded_train_step(cfg, optimizer, mesh)
+    state = parallel.replicate(
+        mn.init_train_state(mn.init(jax.random.key(0), cfg), optimizer, jax.random.key(1)), mesh
+    )
+    rows = parallel.process_task_indices(batch, mesh)
+    sample = jax.jit(lambda k: parallel.synthetic_task_episodes(k, cfg, noise=0.1))
+    losses = []
+    for t in range(40):
+        episodes = sample(parallel.task_episode_keys(0, t, rows))
+        state, metrics = step(state, *parallel.shard_episodes(episodes, mesh, batch))
+        losses.append(float(metrics["loss"]))
+    assert all(np.isfinite(losses))
+    assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    # Chance is 9 queries * ln 3 = 9.9 per task.
+    assert last < 0.8 * first, (first, last, losses)
+
+
+# ----------------------------------------------------------------------------- subprocesses
+def test_four_devices_match_one_device(workers):
+    group, out = workers["devices"]
+    group.wait()
+    r = json.loads(out.read_text())
+    four, one = r["mesh4"], r["mesh1"]
+    assert four["summary"] == "devices: 4 (cpu), processes: 1, mesh: (4,), per-device meta-batch: 1"
+    assert one["summary"] == "devices: 1 (cpu), processes: 1, mesh: (1,), per-device meta-batch: 4"
+    # Inputs: the task axis split over the 4 devices, one task each.
+    assert four["input_spec"] == "PartitionSpec('tasks',)" or four["input_spec"] == "P('tasks',)"
+    assert four["input_shards"] == [[1, 0], [1, 1], [1, 2], [1, 3]]
+    # Outputs: params, step, key and metrics replicated on all 4 devices; the state donated.
+    assert four["param_replicated"] and four["param_devices"] == 4
+    assert four["metric_replicated"] and four["step_replicated"] and four["key_replicated"]
+    assert four["state_donated"]
+    # Same loss, gradient norm and updated params (SGD with lr 0.5, see worker.optimizer) at
+    # float32 tolerance: the gradient sums run in another order on 4 devices.
+    np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
+    np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-4)
+    assert four["params"].keys() == one["params"].keys()
+    for name in one["params"]:
+        np.testing.assert_allclose(
+            np.array(four["params"][name]),
+            np.array(one["params"][name]),
+            rtol=1e-4,
+            atol=1e-5,
+            err_msg=name,
+        )
+    assert "not divisible by the 4 devices" in r["error"] and "4 or 8" in r["error"]
+
+
+def test_two_processes_match_one_process(workers):
+    group, tmp = workers["processes"]
+    # The single-process reference, computed meanwhile with the library's own
+    # (unsharded) train step on the same episodes: (seed, step, global task index).
+    cfg = worker.config()
+    optimizer = worker.optimizer(cfg)
+    step = mn.make_train_step(cfg, optimizer, validate=False)
+    state = worker.initial_state(cfg, optimizer)
+    losses = []
+    for t in range(worker.STEPS):
+        keys = parallel.task_episode_keys(worker.SEED, t, np.arange(worker.META_BATCH))
+        state, metrics = step(state, *parallel.synthetic_task_episodes(keys, cfg))
+        losses.append(float(metrics["loss"]))
+    reference = worker.flat_params(state.params)
+
+    group.wait()
+    infos = [json.loads((tmp / f"process{i}.json").read_text()) for i in range(2)]
+    assert [i["rows"] for i in infos] == [[0, 1], [2, 3]]  # each process sampled its own tasks
+    for info in infos:
+        assert info["summary"] == "devices: 2 (cpu), processes: 2, mesh: (2,), per-device meta-batch: 2"
+        np.testing.assert_allclose(info["losses"], losses, rtol=1e-5)
+        assert info["restored_equal"] and info["restored_step"] == worker.STEPS  # orbax
+    saved = np.load(tmp / "params.npz")  # written by process 0 only
+    assert sorted(saved.files) == sorted(reference)
+    for name, value in reference.items():
+        np.testing.assert_allclose(saved[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
