@@ -399,13 +399,11 @@ def _sharded_train_step(state, support, query, *, config, optimizer, axis):
 
         def body(acc, task):
             sx, sy, qx, qy, k = task
-            (l, a), g = grad_fn(state.params, Episode(sx, sy), Episode(qx, qy), config, k)
-            return jax.tree.map(jnp.add, acc, g), (l, a)
+            (task_l, a), g = grad_fn(state.params, Episode(sx, sy), Episode(qx, qy), config, k)
+            return jax.tree.map(jnp.add, acc, g), (task_l, a)
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
-        total, (losses, aux) = lax.scan(
-            body, zeros, (support.x, support.y, query.x, query.y, keys)
-        )
+        total, (losses, aux) = lax.scan(body, zeros, (support.x, support.y, query.x, query.y, keys))
         grads = jax.tree.map(lambda g: g / b, total)
         loss = jnp.mean(losses)
     grads = lax.pmean(grads, axis)
@@ -452,9 +450,7 @@ class ShardedTrainStep:
         self.state_sharding = replicated_sharding(mesh)
         self.batch_sharding = batch_sharding(mesh)
         axis = mesh.axis_names[0]
-        body = functools.partial(
-            _sharded_train_step, config=config, optimizer=optimizer, axis=axis
-        )
+        body = functools.partial(_sharded_train_step, config=config, optimizer=optimizer, axis=axis)
         mapped = jax.shard_map(
             body,
             mesh=mesh,

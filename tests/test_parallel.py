@@ -159,10 +159,11 @@ def test_single_process_setup_is_a_no_op(workers, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bfloat16
-# Stated tolerance: the bfloat16 loss of a fixed tiny episode batch is within 5% (relative)
-# of the float32 loss (bfloat16 has an 8-bit mantissa, ~0.4% per rounding; the measured
-# difference here is about 0.5%).
-BF16_RTOL = 0.05
+# Stated tolerance: the bfloat16 loss of a fixed tiny episode batch is within 2% (relative)
+# of the float32 loss. bfloat16 has an 8-bit mantissa (0.4% per rounding); measured on this
+# config over 3 seeds x 4 tasks the per-task difference was at most 0.34%, the batch mean's
+# 0.002%.
+BF16_RTOL = 0.02
 
 
 def test_bfloat16_loss_close_to_float32(workers):
@@ -266,7 +267,10 @@ def test_two_processes_match_one_process(workers):
     infos = [json.loads((tmp / f"process{i}.json").read_text()) for i in range(2)]
     assert [i["rows"] for i in infos] == [[0, 1], [2, 3]]  # each process sampled its own tasks
     for info in infos:
-        assert info["summary"] == "devices: 2 (cpu), processes: 2, mesh: (2,), per-device meta-batch: 2"
+        assert (
+            info["summary"]
+            == "devices: 2 (cpu), processes: 2, mesh: (2,), per-device meta-batch: 2"
+        )
         np.testing.assert_allclose(info["losses"], losses, rtol=1e-5)
         assert info["restored_equal"] and info["restored_step"] == worker.STEPS  # orbax
     saved = np.load(tmp / "params.npz")  # written by process 0 only

@@ -136,7 +136,9 @@ def process_main(out_dir: str, coordinator: str, num_processes: int, process_id:
     restored = parallel.replicate(restored, mesh)
     same = all(
         np.array_equal(np.asarray(a), np.asarray(b))
-        for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params))
+        for a, b in zip(
+            jax.tree.leaves(restored.params), jax.tree.leaves(state.params), strict=True
+        )
     )
     info = {
         "process": jax.process_index(),
