@@ -95,25 +95,34 @@ class _Group:
                 p.communicate()
 
 
-@pytest.fixture(scope="module")
-def workers(tmp_path_factory):
-    """Starts the 4-device worker and the two process workers (once, concurrently)."""
+_SUBPROCESS_TESTS = ("test_four_devices_match_one_device", "test_two_processes_match_one_process")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def workers(request, tmp_path_factory):
+    """Starts the 4-device worker and the two process workers once, concurrently, when
+    the tests that read them are selected (so they overlap with the in-process tests)."""
+    selected = {item.originalname for item in request.session.items}
+    groups = {"devices": None, "processes": None}
     tmp = tmp_path_factory.mktemp("parallel")
-    devices_out = tmp / "devices.json"
-    devices = _Group([[sys.executable, WORKER, "devices", str(devices_out)]], _env(4), ROOT)
-    address = f"127.0.0.1:{_free_port()}"
-    processes = _Group(
-        [[sys.executable, WORKER, "process", str(tmp), address, "2", str(i)] for i in range(2)],
-        _env(1),
-        ROOT,
-    )
-    yield {"devices": (devices, devices_out), "processes": (processes, tmp)}
-    devices.kill()
-    processes.kill()
+    if _SUBPROCESS_TESTS[0] in selected:
+        out = tmp / "devices.json"
+        cmd = [sys.executable, WORKER, "devices", str(out)]
+        groups["devices"] = (_Group([cmd], _env(4), ROOT), out)
+    if _SUBPROCESS_TESTS[1] in selected:
+        address = f"127.0.0.1:{_free_port()}"
+        cmds = [
+            [sys.executable, WORKER, "process", str(tmp), address, "2", str(i)] for i in range(2)
+        ]
+        groups["processes"] = (_Group(cmds, _env(1), ROOT), tmp)
+    yield groups
+    for group in groups.values():
+        if group is not None:
+            group[0].kill()
 
 
 # ----------------------------------------------------------------------------- cheap, in-process
-def test_task_episode_keys_depend_only_on_seed_step_and_global_index(workers):
+def test_task_episode_keys_depend_only_on_seed_step_and_global_index():
     everything = parallel.task_episode_keys(5, 3, np.arange(4))
     part = parallel.task_episode_keys(5, 3, np.array([2, 3]))
     data = lambda k: np.asarray(jax.random.key_data(k))
@@ -127,7 +136,7 @@ def test_task_episode_keys_depend_only_on_seed_step_and_global_index(workers):
     assert whole[0].x.shape == (4, cfg.support_size) + cfg.image_shape
 
 
-def test_sample_task_episodes_from_a_class_array(workers):
+def test_sample_task_episodes_from_a_class_array():
     images = np.random.default_rng(0).integers(0, 256, (6, 4, 5, 5, 1), dtype=np.uint8)
     keys = parallel.task_episode_keys(0, 0, np.arange(3))
     support, query = parallel.sample_task_episodes(keys, images, 3, 1, 2)
@@ -137,7 +146,7 @@ def test_sample_task_episodes_from_a_class_array(workers):
     np.testing.assert_array_equal(np.asarray(support.y[0]), [0, 1, 2])
 
 
-def test_single_process_setup_is_a_no_op(workers, monkeypatch):
+def test_single_process_setup_is_a_no_op(monkeypatch):
     for name in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
         monkeypatch.delenv(name, raising=False)
     assert parallel.initialize_distributed() is False
@@ -166,7 +175,7 @@ def test_single_process_setup_is_a_no_op(workers, monkeypatch):
 BF16_RTOL = 0.02
 
 
-def test_bfloat16_loss_close_to_float32(workers):
+def test_bfloat16_loss_close_to_float32():
     cfg32 = tiny_config(task_batching="vmap")
     cfg16 = cfg32.replace(compute_dtype="bfloat16")
     params = mn.init(jax.random.key(0), cfg32)
@@ -178,7 +187,7 @@ def test_bfloat16_loss_close_to_float32(workers):
     np.testing.assert_allclose(float(loss16), float(loss32), rtol=BF16_RTOL)
 
 
-def test_bfloat16_training_learns(workers):
+def test_bfloat16_training_learns():
     """The sharded step in bfloat16 on the synthetic problem: the loss falls, params stay
     float32."""
     cfg = mn.MetaNetConfig(

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One short check for a lent accelerator machine (no network, no TensorFlow/TFDS needed).
+#
+#   bash benchmarks/accelerator_check.sh            # tests + the throughput table (< 10 min)
+#   bash benchmarks/accelerator_check.sh --smoke    # tiny, on any CPU (checks the script)
+#   bash benchmarks/accelerator_check.sh --peak_bf16_tflops=989 --peak_tf32_tflops=494
+#
+# 1. tests/test_parallel.py on the CPU (4 forced host devices, 2 gloo processes, bfloat16);
+# 2. the in-process tests of tests/test_parallel.py again on the accelerator (bfloat16 loss
+#    and training, the single-device sharded step, keys and sampling);
+# 3. benchmarks/accelerator_check.py: train episodes/s, FLOPs per episode and fraction of
+#    peak for 5-way 1-shot at meta-batch 1/16/64 and 20-way 1-shot at 1/16, float32 and
+#    bfloat16, synthetic episodes. Extra arguments go to it (peaks default to H100 SXM).
+# Each step has its own timeout; the whole script stays under ~9 minutes. Results are also
+# written to ${OUT:-/tmp}/accelerator_check.json.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUTDIR="${OUT:-/tmp}"
+SMOKE=0
+for a in "$@"; do [ "$a" = "--smoke" ] && SMOKE=1; done
+status=0
+start=$(date +%s)
+
+echo "== environment"
+"$PY" - <<'PY'
+import jax
+print("jax", jax.__version__, "| default backend:", jax.default_backend(), "|", jax.devices())
+PY
+ACCEL="$("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo cpu)"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+
+if "$PY" -c "import pytest" 2>/dev/null; then
+  if [ "$SMOKE" = 1 ]; then
+    echo "== tests (smoke: the cheap in-process ones, CPU)"
+    JAX_PLATFORMS=cpu timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_parallel.py \
+      -k "keys or single_process" || status=1
+  else
+    echo "== tests/test_parallel.py on the CPU (4 host devices, 2 processes, bfloat16)"
+    JAX_PLATFORMS=cpu timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_parallel.py \
+      || status=1
+    if [ "$ACCEL" != "cpu" ]; then
+      echo "== in-process tests on the accelerator ($ACCEL)"
+      JAX_PLATFORMS="$ACCEL" timeout 150 "$PY" -m pytest -q -p no:cacheprovider \
+        tests/test_parallel.py -k "bfloat16 or single_process or keys or sample" || status=1
+    fi
+  fi
+else
+  echo "== pytest is not installed here: tests skipped (carry wheels: pip download pytest -d" \
+       "wheels/, then pip install --no-index --find-links wheels pytest)"
+  status=1
+fi
+
+echo "== throughput ($(( $(date +%s) - start )) s so far)"
+left=$(( 540 - ($(date +%s) - start) ))
+[ "$left" -lt 60 ] && left=60
+budget=$(( left - 90 ))  # no new setting after this; the last one may take ~90 s
+[ "$budget" -lt 30 ] && budget=30
+timeout "$left" "$PY" benchmarks/accelerator_check.py --budget_s="$budget" \
+  --json="$OUTDIR/accelerator_check.json" "$@" || status=1
+echo "== done in $(( $(date +%s) - start )) s, status $status"
+exit $status
