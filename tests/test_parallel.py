@@ -168,15 +168,15 @@ def test_single_process_setup_is_a_no_op(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bfloat16
-# Stated tolerance: the bfloat16 loss of a fixed tiny episode batch is within 2% (relative)
-# of the float32 loss. bfloat16 has an 8-bit mantissa (0.4% per rounding); measured on this
-# config over 3 seeds x 4 tasks the per-task difference was at most 0.34%, the batch mean's
-# 0.002%.
+# Stated tolerance: the bfloat16 loss of a fixed tiny episode batch (1 conv layer) is within 2% (relative)
+# of the float32 loss. bfloat16 has an 8-bit mantissa (0.4% per rounding); measured over
+# 3 seeds x 4 tasks the per-task difference was at most 0.21% (0.34% with 2 conv layers),
+# the batch mean's at most 0.08%.
 BF16_RTOL = 0.02
 
 
 def test_bfloat16_loss_close_to_float32():
-    cfg32 = tiny_config(task_batching="vmap")
+    cfg32 = tiny_config(task_batching="vmap", num_conv_layers=1)
     cfg16 = cfg32.replace(compute_dtype="bfloat16")
     params = mn.init(jax.random.key(0), cfg32)
     support, query = mn.synthetic.synthetic_episodes(jax.random.key(1), cfg32, 4)
