@@ -334,32 +334,68 @@ def _task_keys(root, step, indices):
     return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices.astype(jnp.uint32))
 
 
+@functools.partial(
+    jax.jit,
+    static_argnames=("ways", "shots", "queries_per_class", "rotate", "rotations_as_classes"),
+)
 def sample_task_episodes(
     keys: PRNGKey,
     images,
     ways: int,
     shots: int,
     queries_per_class: int,
-    **kwargs,
+    *,
+    rotate: bool = True,
+    rotations_as_classes: bool = False,
+    permutations=None,
 ) -> tuple[Episode, Episode]:
     """One episode per key from a class array (`data.sample_episodes` with batch 1, vmapped).
 
-    `kwargs` are those of `metanet_jax.data.sample_episodes` (rotate, rotations_as_classes,
-    permutations). Returns `(support, query)` with leading axis `len(keys)`.
+    Jitted (sizes static). The arguments after `keys` are those of
+    `metanet_jax.data.sample_episodes`. Returns `(support, query)` with leading axis
+    `len(keys)`; episode `i` depends only on `keys[i]`.
     """
     from metanet_jax.data.sampler import sample_episodes
 
-    fn = functools.partial(
-        sample_episodes,
-        images=images,
-        ways=ways,
-        shots=shots,
-        queries_per_class=queries_per_class,
-        batch_size=1,
-        **kwargs,
-    )
-    support, query = jax.vmap(lambda k: fn(k))(keys)
+    def one(k):
+        return sample_episodes(
+            k,
+            images,
+            ways,
+            shots,
+            queries_per_class,
+            1,
+            rotate=rotate,
+            rotations_as_classes=rotations_as_classes,
+            permutations=permutations,
+        )
+
+    support, query = jax.vmap(one)(keys)
     return jax.tree.map(lambda a: a[:, 0], (support, query))
+
+
+def sample_sharded_episodes(
+    key: int | PRNGKey,
+    step: int,
+    images,
+    ways: int,
+    shots: int,
+    queries_per_class: int,
+    meta_batch: int,
+    mesh: Mesh,
+    **kwargs,
+) -> tuple[Episode, Episode]:
+    """The training batch of `step`, as global arrays sharded over the task axis.
+
+    This process samples only its own tasks (`process_task_indices`), task `i` from
+    `task_episode_keys(key, step, [i])`; `kwargs` go to `sample_task_episodes`. The drop-in
+    for `data.sample_episodes(fold_in(data_key, step), ...)` in a training loop (note: a
+    different episode stream from that batch sampler's).
+    """
+    rows = process_task_indices(meta_batch, mesh)
+    keys = task_episode_keys(key, step, rows)
+    episodes = sample_task_episodes(keys, images, ways, shots, queries_per_class, **kwargs)
+    return shard_episodes(episodes, mesh, meta_batch)
 
 
 def synthetic_task_episodes(
