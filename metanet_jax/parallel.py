@@ -474,9 +474,13 @@ class ShardedTrainStep:
     Why `shard_map` and not plain sharding propagation: with jax 0.10.2 / XLA CPU, the SPMD
     partitioner miscompiles the per-example kernel gradients of `episode.base_meta_info`
     (grouped convolutions of a vmapped per-example `grad`) when the task axis is sharded:
-    devices other than the first get wrong meta information (differences of 0.1-0.4; see
-    tests/test_parallel.py::test_partitioner_grouped_conv_gradients). `shard_map` hands each
-    device an ordinary, unpartitioned per-device program.
+    devices other than the first get wrong meta information (differences of 0.1-0.4; a
+    library-free reproduction is tests/parallel_helpers/spmd_grouped_conv_repro.py).
+    `shard_map` hands each device an ordinary, unpartitioned per-device program.
+    `check_vma=False` matters: with it on, the per-example gradients w.r.t. the replicated
+    params taken *inside* the model (the meta information) would be summed over devices by
+    the transpose of the implicit `pvary`; here every gradient is local and the one
+    reduction is the explicit `pmean`.
     """
 
     def __init__(self, config, optimizer, mesh, *, donate: bool = True, validate: bool = False):

@@ -96,6 +96,7 @@ class _Group:
 
 
 _SUBPROCESS_TESTS = ("test_four_devices_match_one_device", "test_two_processes_match_one_process")
+_DEVICE_TESTS = ("test_four_devices_match_one_device", "test_partitioner_grouped_conv_gradients")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -105,7 +106,7 @@ def workers(request, tmp_path_factory):
     selected = {item.originalname for item in request.session.items}
     groups = {"devices": None, "processes": None}
     tmp = tmp_path_factory.mktemp("parallel")
-    if _SUBPROCESS_TESTS[0] in selected:
+    if selected & set(_DEVICE_TESTS):
         out = tmp / "devices.json"
         cmd = [sys.executable, WORKER, "devices", str(out)]
         groups["devices"] = (_Group([cmd], _env(4), ROOT), out)
@@ -290,3 +291,14 @@ def test_two_processes_match_one_process(workers):
     assert sorted(saved.files) == sorted(reference)
     for name, value in reference.items():
         np.testing.assert_allclose(saved[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_partitioner_grouped_conv_gradients(workers):
+    """Why the step uses shard_map (tests/parallel_helpers/spmd_grouped_conv_repro.py):
+    xfails while XLA's SPMD partitioner still miscompiles sharded per-example kernel
+    gradients; passes once it is fixed (then plain sharding propagation would do too)."""
+    group, out = workers["devices"]
+    group.wait()
+    diff = np.array(json.loads(out.read_text())["spmd_grouped_conv_diff"])
+    if diff.max() > 1e-4:
+        pytest.xfail(f"XLA SPMD partitioner bug still present: per-shard max diff {diff}")

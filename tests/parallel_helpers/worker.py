@@ -107,6 +107,9 @@ def devices_main(out: str) -> None:
             "key_replicated": bool(new_state.key.sharding.is_fully_replicated),
             "state_donated": bool(state.params["base"]["out"]["kernel"].is_deleted()),
         }
+    from tests.parallel_helpers import spmd_grouped_conv_repro
+
+    result["spmd_grouped_conv_diff"] = spmd_grouped_conv_repro.max_shard_differences().tolist()
     try:
         parallel.check_meta_batch(6, parallel.make_mesh())
         result["error"] = None
