@@ -51,7 +51,7 @@ TASK_AXIS = "tasks"
 
 # Environment variables of the cluster managers JAX can auto-detect (jax._src.clusters).
 _CLUSTER_ENV = {
-    "slurm": ("SLURM_JOB_ID", "SLURM_NTASKS"),
+    "slurm": ("SLURM_STEP_ID", "SLURM_STEP_NUM_TASKS"),  # inside `srun`, not a batch script
     "open mpi": ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"),
     "cloud tpu": ("TPU_WORKER_HOSTNAMES", None),
     "kubernetes (jobset)": ("JOBSET_NAME", None),
@@ -95,10 +95,11 @@ def initialize_distributed(
       local_device_ids: restrict this process to some local devices (optional).
       initialization_timeout: seconds to wait for all processes to connect.
 
-    Behaviour: all of the three None and no multi-process cluster manager (SLURM with
-    `SLURM_NTASKS > 1`, Open MPI, a multi-host Cloud TPU slice, a Kubernetes JobSet) in the
-    environment: a single process, nothing is done. All None inside such a cluster: JAX's
-    auto-detection (`jax.distributed.initialize()`). `num_processes == 1`: nothing is done.
+    Behaviour: all of the three None and no multi-process cluster manager (an `srun` step
+    of more than one task, `mpirun` of Open MPI, a multi-host Cloud TPU slice, a Kubernetes
+    JobSet) in the environment: a single process, nothing is done. All None inside such a
+    cluster: JAX's auto-detection (`jax.distributed.initialize()`). `num_processes == 1`:
+    nothing is done (the way to opt out of auto-detection).
     Otherwise `jax.distributed.initialize` with the given values (JAX auto-detects the
     missing ones where it can, and raises where it cannot).
 

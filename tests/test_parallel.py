@@ -45,7 +45,7 @@ def _env(devices: int) -> dict[str, str]:
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    for name in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
+    for name in ("SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
         env.pop(name, None)
     return env
 
@@ -152,9 +152,15 @@ def test_sample_task_episodes_from_a_class_array():
 
 
 def test_single_process_setup_is_a_no_op(monkeypatch):
-    for name in ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
+    for name in ("SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
         monkeypatch.delenv(name, raising=False)
     assert parallel.initialize_distributed() is False
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert parallel._detected_cluster() is None  # a one-task srun step: single process
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    assert parallel._detected_cluster() == "slurm"
+    monkeypatch.delenv("SLURM_STEP_ID")
     assert parallel.initialize_distributed(num_processes=1) is False
     with pytest.raises(ValueError, match="process_id"):
         parallel.initialize_distributed(num_processes=2, process_id=2)
