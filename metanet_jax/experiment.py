@@ -15,6 +15,7 @@ Workdir layout (`spec.workdir`):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -97,7 +98,7 @@ class RunSpec:
     rep_loss_in_objective: bool = False
     rotate: bool = True
     rotations_as_classes: bool = False
-    task_batching: str = "scan"
+    task_batching: str = "auto"
     query_path: str = "stacked"
     compute_dtype: str = "float32"
     seed: int = 0
@@ -217,10 +218,13 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     saved = json.loads(path.read_text())
     flags = saved.get("flags", {})
     now = spec.to_dict()
+    # A field added after the workdir was created counts as its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(RunSpec)}
+    was = {k: flags.get(k, defaults.get(k)) for k in now}
     diffs = [
-        f"{k} ({flags.get(k, '<unset>')!r} -> {now[k]!r})"
+        f"{k} ({was[k]!r} -> {now[k]!r})"
         for k in sorted(now)
-        if k not in MUTABLE_FIELDS and flags.get(k, None) != now[k]
+        if k not in MUTABLE_FIELDS and was[k] != now[k]
     ]
     if diffs:
         raise WorkdirMismatch(
@@ -268,6 +272,12 @@ class StopRequest:
 
 
 # ----------------------------------------------------------------------------- the run
+@functools.lru_cache(maxsize=8)
+def _cached_train_step(config: MetaNetConfig):
+    """One jitted train step per configuration, reused by later runs in the same process."""
+    return make_train_step(config, make_optimizer(config), validate=False)
+
+
 def _eval_batches(images, cfg: MetaNetConfig, n: int, spec: RunSpec, seed: int, permutations=None):
     from metanet_jax import data
 
@@ -376,7 +386,10 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
     train_images = jax.device_put(splits["train"])
     val_images = jax.device_put(splits["validation"])
     val_cfg = evaluation.eval_config(config, spec.ways, spec.shots, spec.eval_queries_per_class)
-    step_fn = step_factory(config, optimizer, validate=False)
+    if step_factory is make_train_step:
+        step_fn = _cached_train_step(config)
+    else:
+        step_fn = step_factory(config, optimizer, validate=False)
     start = int(state.step)
     total = spec.steps
     bar = logging_utils.ProgressBar(total)

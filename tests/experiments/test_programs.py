@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,12 +12,29 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.experiments.conftest import TINY_FLAGS
 
 ROOT = Path(__file__).resolve().parents[2]
 FLAGFILES = sorted((ROOT / "experiments" / "flags").glob("*.flags"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+    """The programs of this module share one persistent compilation cache (one compile each)."""
+    cache = tmp_path_factory.mktemp("jax_cache")
+    names = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _run(args, timeout=300, **kwargs):
@@ -33,7 +52,7 @@ def _run(args, timeout=300, **kwargs):
         ("--steps=0", "--steps must be an integer in [1, 100000000]"),
         ("--learning_rate=-1", "--learning_rate must be a number in (0, 1]"),
         ("--variant=metanet++", "--variant"),
-        ("--queries_per_class=19", "must be <= 20"),
+        ("--queries_per_class=20", "must be <= 20"),
         ("--max_ways=3", "--max_ways must be unset or >= --ways"),
         ("--datasets=/no/such/folder", "--datasets must name an existing folder"),
         ("--meta_batch=abc", "--meta_batch"),
@@ -143,12 +162,37 @@ def test_sigkill_then_rerun_resumes_from_the_last_complete_checkpoint(tmp_path):
     assert (workdir / "results.json").exists()
 
 
-def test_evaluate_program_prints_the_ci_line_and_writes_json(tmp_path):
+def _fake_lake_runs(folder, runs=2, ways=3, size=28):
+    """Lake's one-shot-runs layout with random stroke images (black on white PNGs)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for r in range(1, runs + 1):
+        run = folder / f"run{r:02d}"
+        (run / "training").mkdir(parents=True)
+        (run / "test").mkdir()
+        lines = []
+        for k in range(1, ways + 1):
+            for sub, name in (("training", f"class{k:02d}.png"), ("test", f"item{k:02d}.png")):
+                img = np.where(rng.random((size, size)) < 0.2, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(run / sub / name)
+            lines.append(f"run{r:02d}/test/item{k:02d}.png run{r:02d}/training/class{k:02d}.png")
+        (run / "class_labels.txt").write_text("\n".join(lines) + "\n")
+
+
+def test_evaluate_program_on_lake_runs_prints_the_ci_line_and_writes_json(tmp_path):
     workdir = tmp_path / "run"
     out = _run(["-m", "experiments.omniglot", f"--workdir={workdir}", *TINY_FLAGS, "--steps=2",
-                "--max_ways=4"])  # fmt: skip
+                "--synthetic_size=28"])  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout
-    # Training data was synthetic; evaluate on it via the library, the program on errors.
+    _fake_lake_runs(tmp_path / "lake")
+    out = _run(["-m", "experiments.evaluate", f"--workdir={workdir}", "--checkpoint=latest",
+                f"--lake_runs_dir={tmp_path / 'lake'}"])  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^accuracy \d\.\d{4} \+- \d\.\d{4} \(95% CI, 6 episodes\)$", out.stdout,
+                     re.M), out.stdout  # fmt: skip
+    saved = json.loads((workdir / "eval_lake_runs.json").read_text())
+    assert saved["episodes"] == 2 and saved["checkpoint_step"] == 2
     bad = _run(["-m", "experiments.evaluate", f"--workdir={tmp_path / 'none'}"])
     assert bad.returncode == 1 and "--workdir must name an existing run folder" in bad.stderr
