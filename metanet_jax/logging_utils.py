@@ -328,7 +328,8 @@ def plot_attention(
     for j in range(n_s):
         show(fig.add_subplot(grid[0, j + 1]), support_x[j], f"slot {j}\nlabel {support_y[j]}")
     heat = fig.add_subplot(grid[1:, 1 : n_s + 1])
-    im = heat.imshow(attention[rows], cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    vmax = float(attention[rows].max())  # softmax over cosines is flat: scale to the data
+    im = heat.imshow(attention[rows], cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
     for r, q in enumerate(rows):
         ax = fig.add_subplot(grid[r + 1, 0])
         pred = int(np.argmax(attention[q]))
@@ -336,7 +337,7 @@ def plot_attention(
         ax.set_ylabel(f"y={query_y[q]}\nmax:{support_y[pred]}", fontsize=6, rotation=0, labelpad=18)
         for j in range(n_s):
             heat.text(j, r, f"{attention[q, j]:.2f}", ha="center", va="center", fontsize=6,
-                      color="white" if attention[q, j] < 0.6 else "black")  # fmt: skip
+                      color="white" if attention[q, j] < 0.6 * vmax else "black")  # fmt: skip
     heat.set_xticks([])
     heat.set_yticks([])
     fig.colorbar(im, cax=fig.add_subplot(grid[1:, n_s + 1]), label="attention weight")
