@@ -108,6 +108,20 @@ def chunks(n, t):
     return out
 
 
+def task_level(gen, names, chunk_grads, p):
+    """Task-level fast weights: d applied leaf by leaf to each layer's chunk-gradient sequence."""
+    return {
+        k: {
+            "kernel": lstm_ref(
+                gen[kind(chunk_grads[0][k]["kernel"])],
+                jnp.stack([g[k]["kernel"] for g in chunk_grads]),
+                p,
+            )
+        }
+        for k in names
+    }
+
+
 def task_logits(params, config, xs, ys, xq):
     """Reference logits `[L, ways]` and attention `[L, N]` of one task (CE rep loss)."""
     p = config.grad_p
@@ -130,15 +144,7 @@ def task_logits(params, config, xs, ys, xq):
     chunk_grads = [jax.grad(chunk_loss)(q_aug, idx) for idx in chunks(n, config.rep_chunks)]
     q_star = None
     if config.variant != "metanet-":
-        gen = params["task_generator"]["representation"]
-        q_star = {
-            k: {
-                "kernel": lstm_ref(
-                    gen[kind(Q[k]["kernel"])], jnp.stack([g[k]["kernel"] for g in chunk_grads]), p
-                )
-            }
-            for k in u_names
-        }
+        q_star = task_level(params["task_generator"]["representation"], u_names, chunk_grads, p)
 
     # Example-level: per-example gradients, one jax.grad call each.
     def ex_loss(w_aug, x, y):
@@ -166,15 +172,7 @@ def task_logits(params, config, xs, ys, xq):
             return sum(ex_loss(wa, xs[i], ys[i]) for i in idx) / len(idx)
 
         bgrads = [jax.grad(b_chunk_loss)(w_aug, idx) for idx in chunks(n, config.rep_chunks)]
-        gen = params["task_generator"]["base"]
-        task_fast = {
-            k: {
-                "kernel": lstm_ref(
-                    gen[kind(W[k]["kernel"])], jnp.stack([g[k]["kernel"] for g in bgrads]), p
-                )
-            }
-            for k in b_names
-        }
+        task_fast = task_level(params["task_generator"]["base"], b_names, bgrads, p)
 
     keys = [forward_one(u_names, Q, xs[i], (q_star,)) for i in range(n)]
     logits_all, att_all = [], []
