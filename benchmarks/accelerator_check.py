@@ -9,7 +9,7 @@ class, `task_batching="vmap"`, synthetic episodes (no data set, no network): 5-w
 meta-batch 1, 16, 64 and 20-way at meta-batch 1, 16, each in float32 and bfloat16 compute.
 
 Per setting: compile time, train episodes/s (steps timed for `--seconds` after two warm-up
-steps), FLOPs per episode (XLA cost analysis of the compiled, vmapped per-device step),
+steps), FLOPs per episode (XLA cost analysis of the lowered, vmapped per-device step),
 achieved TFLOP/s and its fraction of the chip's peak for that dtype. Defaults are the H100
 SXM dense tensor-core peaks: 989 TFLOP/s bfloat16, 494 TFLOP/s TF32 (XLA runs float32
 convolutions and matmuls as TF32 on NVIDIA GPUs at JAX's default precision; the non-tensor
@@ -94,9 +94,11 @@ def run_setting(ways, batch, dtype, args, mesh):
         for i in range(4)
     ]
     t0 = time.perf_counter()
-    exe = step.lower(state, *batches[0]).compile()  # the executable the timed steps run
+    lowered = step.lower(state, *batches[0])
+    exe = lowered.compile()  # the executable the timed steps run
     compiled = time.perf_counter() - t0
-    flops = _flops(exe) / (batch / mesh.size) if _flops(exe) else None  # per-device program
+    total = _flops(lowered)
+    flops = total / (batch / mesh.size) if total else None  # per-device program
     t0 = time.perf_counter()
     for i in range(2):
         state, metrics = exe(state, *batches[i % 4])
@@ -131,9 +133,13 @@ def run_setting(ways, batch, dtype, args, mesh):
     }
 
 
-def _flops(compiled) -> float | None:
+def _flops(lowered) -> float | None:
+    """FLOPs of the lowered (not yet optimised) program: the same count on every backend
+    (benchmarks/episode_throughput.py counts the same way on CPU). The compiled GPU
+    executable's own analysis leaves out work XLA hands to library calls (cuDNN
+    convolutions), a third of the count here."""
     try:
-        cost = compiled.cost_analysis()
+        cost = lowered.cost_analysis()
     except Exception:  # noqa: BLE001 - best effort on some backends
         return None
     if isinstance(cost, (list, tuple)):

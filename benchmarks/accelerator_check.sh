@@ -41,6 +41,11 @@ import jax
 print("jax", jax.__version__, "| default backend:", jax.default_backend(), "|", jax.devices())
 PY
 ACCEL="$("$PY" -c 'import jax; print(jax.default_backend())' 2>/dev/null || echo cpu)"
+# JAX_PLATFORMS=gpu means "cuda,rocm" and fails on the missing one: name the real platform.
+PLATFORM="$ACCEL"
+if [ "$ACCEL" = "gpu" ]; then
+  if command -v nvidia-smi >/dev/null; then PLATFORM=cuda; else PLATFORM=rocm; fi
+fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
 
 if "$PY" -c "import pytest" 2>/dev/null; then
@@ -58,7 +63,7 @@ if "$PY" -c "import pytest" 2>/dev/null; then
     fi
     if [ "$ACCEL" != "cpu" ]; then
       echo "== in-process tests on the accelerator ($ACCEL)"
-      JAX_PLATFORMS="$ACCEL" timeout 150 "$PY" -m pytest -q -p no:cacheprovider \
+      JAX_PLATFORMS="$PLATFORM" timeout 150 "$PY" -m pytest -q -p no:cacheprovider \
         tests/test_parallel.py -k "bfloat16 or single_process or keys or sample" || status=1
     fi
   fi
