@@ -47,6 +47,67 @@ def define_folder(name, default, help_text, *, must_exist=True, flag_values=flag
         )
 
 
+def define_distributed_flags(flag_values=flags.FLAGS) -> None:
+    """`--coordinator_address`, `--num_processes`, `--process_id`: a run of several processes
+    (docs/SCALING.md), validated together at parse time.
+
+    None of them: one process, or JAX's auto-detection inside a multi-process cluster job (an
+    `srun` step of several tasks, Open MPI, a multi-host Cloud TPU slice, a Kubernetes
+    JobSet). All three: an explicit run of `--num_processes` processes.
+    `--num_processes=1` alone: one process, auto-detection off.
+    """
+    flags.DEFINE_string(
+        "coordinator_address", None,
+        "host:port of process 0's coordinator, for a run of several processes (with "
+        "--num_processes and --process_id; unset: one process or auto-detection).",
+        flag_values=flag_values,
+    )  # fmt: skip
+    define_int("num_processes", None, 1, 65536,
+               "Processes in the run (1: one process, auto-detection off).", allow_none=True,
+               flag_values=flag_values)  # fmt: skip
+    define_int("process_id", None, 0, 65535, "This process's index in [0, --num_processes).",
+               allow_none=True, flag_values=flag_values)  # fmt: skip
+
+    @flags.multi_flags_validator(
+        ["coordinator_address", "num_processes", "process_id"], flag_values=flag_values
+    )
+    def _together(v):
+        address, n, pid = v["coordinator_address"], v["num_processes"], v["process_id"]
+        if address is None and pid is None and n in (None, 1):
+            return True
+        if address is None or n is None or pid is None:
+            raise flags.ValidationError(
+                "--coordinator_address, --num_processes and --process_id must be set together "
+                "(or none of them: one process, or auto-detection by the cluster manager)"
+            )
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise flags.ValidationError(
+                f"--coordinator_address={address} must be host:port with a port in [1, 65535]"
+            )
+        if pid >= n:
+            raise flags.ValidationError(f"--process_id={pid} must be in [0, --num_processes={n})")
+        return True
+
+
+def start_distributed(flag_values=flags.FLAGS) -> None:
+    """Starts JAX's multi-process runtime from the distributed flags (or the cluster
+    environment). Call it first in `main`, before anything touches a JAX backend; exits with
+    one line on failure. Processes other than 0 then log warnings and errors only."""
+    from absl import logging
+
+    from metanet_jax import parallel
+
+    try:
+        parallel.initialize_distributed(
+            flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+        )
+    except (ValueError, RuntimeError) as e:
+        fail(f"cannot start the processes of a distributed run: {e}")
+    if not parallel.is_primary():
+        logging.set_verbosity(logging.WARNING)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """`app.run`'s `flags_parser`: one-line error and exit status 1 on any bad flag."""
     try:

@@ -10,6 +10,10 @@ existing workdir resumes from its latest checkpoint (`--steps` is the total to r
 whose model or data flags differ from the workdir's config.json is refused. SIGINT/SIGTERM
 save a checkpoint and exit (status 0); a NaN/infinite loss stops the run (status 1) keeping
 the last good checkpoint. See metanet_jax/experiment.py and WORKSPACE.md.
+
+The same command runs on one CPU, on every device of a host (the meta-batch is split over
+them) and on several hosts (`--coordinator_address`, `--num_processes`, `--process_id`, or a
+cluster manager JAX detects); see docs/SCALING.md.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from absl import app, flags, logging
 
 from experiments import common
 from metanet_jax import config as config_lib
-from metanet_jax import experiment, logging_utils
+from metanet_jax import experiment, logging_utils, parallel
 
 FLAGS = flags.FLAGS
 _D = experiment.RunSpec(workdir="")  # defaults
@@ -97,6 +101,8 @@ common.define_int("checkpoint_every", _D.checkpoint_every, 1, 10**8,
 common.define_int("keep_checkpoints", _D.keep_checkpoints, 1, 1000,
                   "Latest checkpoints kept (the best one is kept as well).")  # fmt: skip
 common.define_int("log_every", _D.log_every, 1, 10**8, "Progress line every this many steps.")
+# --- devices and processes (docs/SCALING.md)
+common.define_distributed_flags()
 
 
 @flags.multi_flags_validator(["ways", "max_ways"], message="--max_ways must be unset or >= --ways")
@@ -147,6 +153,7 @@ def spec_from_flags() -> experiment.RunSpec:
 def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    common.start_distributed()  # first: before anything starts a JAX backend
     common.quiet_libraries()
     spec = spec_from_flags()
     logging.info(experiment.environment_summary())
@@ -158,7 +165,7 @@ def main(argv):
         common.fail(str(e))
     if results["status"] == "nan":
         sys.exit(1)
-    if results["status"] == "completed":
+    if results["status"] == "completed" and parallel.is_primary():
         print(logging_utils.final_table(results), flush=True)
         print(f"results: {spec.workdir}/results.md", flush=True)
 

@@ -10,12 +10,21 @@ Workdir layout (`spec.workdir`):
 * `checkpoints/<step>/`: orbax checkpoints (`metanet_jax.checkpointing`).
 * `metrics.jsonl`, `tensorboard/`: scalars (`metanet_jax.logging_utils.MetricsWriter`).
 * `results.json`, `results.md`, `learning_curve.png`, `attention.png`: written at the end.
+
+Devices and processes (docs/SCALING.md): the meta-batch is split over a 1-D mesh of all
+devices of all processes (`metanet_jax.parallel`). With one device in one process the run is
+exactly the single-device program (`training.make_train_step`); otherwise the step is
+`parallel.make_sharded_train_step` and each process gathers only the episodes of its own
+tasks. The episodes are the same either way (`parallel.sample_process_episodes`). Only
+process 0 writes config.json, metrics, TensorBoard, results and plots; every process takes
+part in the orbax checkpoint saves and restores and evaluates on its own first device.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -30,7 +39,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from metanet_jax import checkpointing, evaluation, logging_utils
+from metanet_jax import checkpointing, evaluation, logging_utils, parallel
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.episode import init
 from metanet_jax.training import init_train_state, make_optimizer, make_train_step
@@ -278,6 +287,55 @@ def _cached_train_step(config: MetaNetConfig):
     return make_train_step(config, make_optimizer(config), validate=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _cached_sharded_step(config: MetaNetConfig, mesh):
+    """The data-parallel train step over `mesh` (several devices or processes)."""
+    return parallel.make_sharded_train_step(config, make_optimizer(config), mesh)
+
+
+def is_sharded(mesh) -> bool:
+    """Whether a run on `mesh` uses the data-parallel step (more than one device or process);
+    a single device in a single process runs the single-device program unchanged."""
+    return mesh.size > 1 or jax.process_count() > 1
+
+
+def _local(tree):
+    """This process's copy of replicated arrays (on its first device) for evaluation."""
+
+    def local(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree.map(local, tree)
+
+
+class _NullWriter:
+    """The metrics writer of the processes other than process 0 (they write nothing)."""
+
+    def write(self, step, values) -> None:
+        del step, values
+
+    def close(self) -> None:
+        pass
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _eval_batches(images, cfg: MetaNetConfig, n: int, spec: RunSpec, seed: int, permutations=None):
     from metanet_jax import data
 
@@ -299,13 +357,20 @@ def train(
     *,
     step_factory: Callable = make_train_step,
     splits: Mapping[str, np.ndarray] | None = None,
+    mesh=None,
 ) -> dict[str, Any]:
     """Trains (or resumes) a run, then tests its best checkpoint; writes the workdir.
 
+    In a multi-process run every process calls this with the same spec (after
+    `parallel.initialize_distributed`).
+
     Args:
       spec: the run.
-      step_factory: `(config, optimizer, validate=...) -> train_step` (tests inject faults).
+      step_factory: `(config, optimizer, validate=...) -> train_step` (tests inject faults;
+        used as given, also on several devices).
       splits: preloaded class arrays (default: `load_splits(spec)`).
+      mesh: the 1-D device mesh (default `parallel.make_mesh()`: all devices of all
+        processes); the meta-batch must be a multiple of its size.
 
     Returns:
       `{"status": "completed" | "interrupted" | "nan", ...}`; for "completed" the content of
@@ -313,14 +378,24 @@ def train(
 
     Raises:
       WorkdirMismatch, FileNotFoundError, checkpointing.CheckpointError: before training.
+      ValueError: bad sizes, e.g. a meta-batch that the devices do not divide (at once).
     """
     t_start = time.time()
-    splits = load_splits(spec) if splits is None else splits  # fails before any write
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    parallel.check_meta_batch(spec.meta_batch, mesh)  # before any work
+    primary = parallel.is_primary()
+    logging.info(parallel.device_summary(mesh, spec.meta_batch))
+    if splits is None:  # fails before any write; process 0 prepares data caches first
+        splits = load_splits(spec) if primary else None
+        _barrier("metanet_jax.experiment:data")
+        splits = load_splits(spec) if splits is None else splits
     image_shape = tuple(splits["train"].shape[2:])
     config = model_config(spec, image_shape)
     _check_pools(spec, splits)
     check_workdir(spec)  # refuses before writing anything
-    write_workdir_config(spec, config)
+    _barrier("metanet_jax.experiment:checked")  # every process read config.json before
+    if primary:
+        write_workdir_config(spec, config)
     workdir = Path(spec.workdir)
 
     optimizer = make_optimizer(config)
@@ -341,14 +416,14 @@ def train(
     else:
         logging.info("starting a new run in %s", workdir)
     start = int(state.step)
-    writer = logging_utils.MetricsWriter(workdir, resume_step=start)
+    writer = logging_utils.MetricsWriter(workdir, resume_step=start) if primary else _NullWriter()
     stop = StopRequest()
     try:
         outcome = _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop,
-                        step_factory, meta_base, wall_before, t_start)  # fmt: skip
+                        step_factory, meta_base, wall_before, t_start, mesh)  # fmt: skip
         if outcome["status"] != "completed":
             return outcome
-        return _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before)
+        return _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, mesh)
     finally:
         stop.close()
         writer.close()
@@ -380,19 +455,24 @@ def _check_pools(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> None:
 
 
 def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, step_factory,
-          meta_base, wall_before, t_start):  # fmt: skip
+          meta_base, wall_before, t_start, mesh):  # fmt: skip
     from metanet_jax import data
 
     train_images = jax.device_put(splits["train"])
     val_images = jax.device_put(splits["validation"])
     val_cfg = evaluation.eval_config(config, spec.ways, spec.shots, spec.eval_queries_per_class)
-    if step_factory is make_train_step:
-        step_fn = _cached_train_step(config)
-    else:
+    sharded = is_sharded(mesh)
+    if step_factory is not make_train_step:
         step_fn = step_factory(config, optimizer, validate=False)
+    elif sharded:
+        step_fn = _cached_sharded_step(config, mesh)
+    else:
+        step_fn = _cached_train_step(config)
+    if sharded:
+        state = parallel.replicate(state, mesh)
     start = int(state.step)
     total = spec.steps
-    bar = logging_utils.ProgressBar(total)
+    bar = logging_utils.ProgressBar(total, None if parallel.is_primary() else io.StringIO())
     window: dict[str, list[float]] = {}
     t_seg, t_window, steps_window = time.time(), time.time(), 0
     train_time, eval_time = 0.0, 0.0
@@ -401,9 +481,13 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
     def meta():
         return dict(meta_base, wall_time_s=wall_before + time.time() - t_start)
 
+    if sharded:
+        sample = functools.partial(parallel.sample_process_episodes, mesh=mesh)
+    else:
+        sample = data.sample_episodes
     for step in range(start, total):
         t0 = time.time()
-        support, query = data.sample_episodes(
+        support, query = sample(
             jax.random.fold_in(data_key, step),
             train_images,
             spec.ways,
@@ -452,7 +536,7 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
         if done % spec.eval_every == 0 or done == total:
             t0 = time.time()
             result = evaluation.evaluate(
-                state.params,
+                _local(state.params),
                 val_cfg,
                 _eval_batches(val_images, val_cfg, spec.eval_episodes, spec, VALIDATION_SEED),
             )
@@ -461,19 +545,23 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
             validated = result.mean
             writer.write(done, {"validation_accuracy": result.mean, "validation_ci95": result.ci95})
             logging.info("step %d validation %s", done, result.line())
-        if validated is not None or done % spec.checkpoint_every == 0 or stop.signal_name:
+        # Every process stops at the same step (one SIGTERM reaches processes at different
+        # times), so that all of them take part in the same checkpoint save.
+        stopping = _any_process(stop.signal_name is not None)
+        if validated is not None or done % spec.checkpoint_every == 0 or stopping:
             ckpt.save(state, meta(), validation_accuracy=validated)
             last_saved = done
-        if stop.signal_name and done < total:
+        if stopping and done < total:
             bar.close()
+            signal_name = stop.signal_name or "a signal (on another process)"
             logging.warning(
                 "%s received: saved the checkpoint of step %d in %s and stopped; run the same "
                 "command again to resume",
-                stop.signal_name,
+                signal_name,
                 done,
                 ckpt.step_path(done),
             )
-            return {"status": "interrupted", "step": done, "signal": stop.signal_name}
+            return {"status": "interrupted", "step": done, "signal": signal_name}
     bar.close()
     if start >= total:
         logging.info("step %d already reached (--steps=%d): evaluating only", start, total)
@@ -489,7 +577,7 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
     }
 
 
-def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before):
+def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, mesh):
     best = ckpt.best_step()
     step = best if best is not None else ckpt.latest_step()
     state, meta = ckpt.restore(step, evaluation.fresh_state(config))
@@ -509,6 +597,7 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before):
         if info_step == step:
             val = _validation_of(ckpt, step)
     workdir = Path(spec.workdir)
+    counts = parallel.device_counts(mesh)
     results: dict[str, Any] = {
         "config": spec.to_dict(),
         "model_config": checkpointing.config_to_dict(config),
@@ -518,9 +607,9 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before):
         "test_accuracy": test.mean,
         "test_ci95": test.ci95,
         "test_episodes": test.episodes,
-        "devices": jax.device_count(),
-        "processes": jax.process_count(),
-        "platform": jax.devices()[0].platform,
+        "devices": counts["devices"],
+        "processes": counts["processes"],
+        "platform": counts["platform"],
         "versions": logging_utils.library_versions(),
         "episodes_per_s": outcome.get("episodes_per_s"),
     }
@@ -528,6 +617,8 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before):
         results.update(_mnist_out_of_domain(spec, config, state.params))
     results["wall_time_s"] = wall_before + time.time() - t_start
     results["test_time_s"] = time.time() - t0
+    if not parallel.is_primary():
+        return dict(results, status="completed")
     logging_utils.write_results(workdir, results)
     records = logging_utils.read_metrics(workdir / "metrics.jsonl")
     logging_utils.plot_learning_curve(records, workdir / "learning_curve.png")

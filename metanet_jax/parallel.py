@@ -399,6 +399,71 @@ def sample_sharded_episodes(
     return shard_episodes(episodes, mesh, meta_batch)
 
 
+def sample_process_episodes(
+    key: PRNGKey,
+    images,
+    ways: int,
+    shots: int,
+    queries_per_class: int,
+    meta_batch: int,
+    mesh: Mesh,
+    *,
+    rotate: bool = True,
+    rotations_as_classes: bool = False,
+    permutations=None,
+) -> tuple[Episode, Episode]:
+    """`data.sample_episodes(key, ..., meta_batch)` as global arrays sharded over the tasks.
+
+    The training loop's own episode stream on any number of devices and processes: task `i`
+    is bitwise episode `i` of `data.sample_episodes(key, images, ..., meta_batch)`, so a run
+    on many devices sees the episodes of a run on one. Every process draws the (cheap)
+    class, example and rotation indices of the whole batch, then gathers the images of its
+    own tasks only (`process_task_indices`). `images` is this process's copy of the class
+    array.
+    """
+    from metanet_jax import data
+
+    rows = process_task_indices(meta_batch, mesh)
+    kwargs = dict(rotate=rotate, rotations_as_classes=rotations_as_classes)
+    if len(rows) == meta_batch:  # one process: the batch sampler itself
+        episodes = data.sample_episodes(
+            key, images, ways, shots, queries_per_class, meta_batch,
+            permutations=permutations, **kwargs,
+        )  # fmt: skip
+    else:
+        episodes = _sample_rows(
+            key, images, jnp.asarray(rows, jnp.int32), ways, shots, queries_per_class,
+            meta_batch, permutations=permutations, **kwargs,
+        )  # fmt: skip
+    return shard_episodes(episodes, mesh, meta_batch)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "ways", "shots", "queries_per_class", "meta_batch", "rotate", "rotations_as_classes"
+    ),
+)  # fmt: skip
+def _sample_rows(
+    key, images, rows, ways, shots, queries_per_class, meta_batch, *, rotate,
+    rotations_as_classes, permutations,
+):  # fmt: skip
+    """Rows `rows` of `data.sample_episodes(key, images, ..., meta_batch)` (same indices,
+    gathered for those rows only)."""
+    from metanet_jax.data import sampler
+
+    c, d = images.shape[:2]
+    num_perms = 1 if permutations is None else int(permutations.shape[0])
+    indices = sampler.sample_episode_indices(
+        key, c, d, ways, shots, queries_per_class, meta_batch, rotate=rotate,
+        rotations_as_classes=rotations_as_classes, num_permutations=num_perms,
+    )  # fmt: skip
+    indices = jax.tree.map(lambda a: a[rows], indices)
+    return sampler.gather_episodes(
+        images, indices, shots, permutations, rotate=rotate or rotations_as_classes
+    )
+
+
 def synthetic_task_episodes(
     keys: PRNGKey, config: MetaNetConfig, noise: float = 0.3
 ) -> tuple[Episode, Episode]:

@@ -151,6 +151,31 @@ def test_sample_task_episodes_from_a_class_array():
     np.testing.assert_array_equal(np.asarray(s2.x[:3]), np.asarray(support.x))
 
 
+@pytest.mark.parametrize("rotations_as_classes", [False, True])
+def test_process_episodes_are_the_rows_of_the_batch_sampler(rotations_as_classes):
+    """`sample_process_episodes` (the training loop's sampler on several devices or
+    processes) gives bitwise the episodes of `data.sample_episodes`: all of them in one
+    process, and the rows a process owns (`_sample_rows`) in several."""
+    from metanet_jax import data
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 6, 1), dtype=np.uint8)
+    key = jax.random.fold_in(jax.random.key(3), 11)
+    kw = dict(rotate=True, rotations_as_classes=rotations_as_classes)
+    batch = 4 * jax.device_count()
+    whole = data.sample_episodes(key, images, 3, 1, 2, batch, **kw)
+    mesh = parallel.make_mesh()
+    sharded = parallel.sample_process_episodes(key, images, 3, 1, 2, batch, mesh, **kw)
+    assert sharded[0].x.sharding == parallel.batch_sharding(mesh)
+    rows = np.array([1, 3])
+    part = parallel._sample_rows(key, images, jnp.asarray(rows), 3, 1, 2, batch,
+                                 permutations=None, **kw)  # fmt: skip
+    for w, s, p in zip(whole, sharded, part, strict=True):
+        for name in ("x", "y"):
+            np.testing.assert_array_equal(np.asarray(getattr(s, name)), getattr(w, name))
+            np.testing.assert_array_equal(np.asarray(getattr(p, name)), getattr(w, name)[rows])
+    assert not np.array_equal(np.asarray(whole[0].x[1]), np.asarray(whole[0].x[3]))
+
+
 def test_single_process_setup_is_a_no_op(monkeypatch):
     for name in ("SLURM_STEP_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JOBSET_NAME"):
         monkeypatch.delenv(name, raising=False)
