@@ -20,6 +20,7 @@ float32 peak is 67). An H200 has the same compute peaks. Settings stop being sta
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -99,6 +100,9 @@ def run_setting(ways, batch, dtype, args, mesh):
     compiled = time.perf_counter() - t0
     total = _flops(lowered)
     flops = total / (batch / mesh.size) if total else None  # per-device program
+    if flops is None:  # jax >= 0.11 gives no cost analysis before compiling
+        gflop = _cpu_gflop_per_episode(config)
+        flops = gflop * 1e9 if gflop else None
     t0 = time.perf_counter()
     for i in range(2):
         state, metrics = exe(state, *batches[i % 4])
@@ -133,18 +137,47 @@ def run_setting(ways, batch, dtype, args, mesh):
     }
 
 
-def _flops(lowered) -> float | None:
-    """FLOPs of the lowered (not yet optimised) program: the same count on every backend
-    (benchmarks/episode_throughput.py counts the same way on CPU). The compiled GPU
-    executable's own analysis leaves out work XLA hands to library calls (cuDNN
-    convolutions), a third of the count here."""
+def _flops(lowered_or_compiled) -> float | None:
+    """FLOPs XLA's cost analysis counts in `lowered_or_compiled` (None if it gives none).
+
+    The lowered (not yet optimised) program gives the same count on every backend, as
+    benchmarks/episode_throughput.py counts on CPU; a compiled GPU executable's count leaves
+    out the work handed to library calls (cuDNN convolutions)."""
     try:
-        cost = lowered.cost_analysis()
+        cost = lowered_or_compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - best effort on some backends
         return None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
     return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
+@functools.cache
+def _cpu_gflop_per_episode(config) -> float | None:
+    """GFLOPs per episode of the same vmapped train step compiled for the host CPU at
+    meta-batch 1, from shapes only (nothing runs). The fallback where the backend gives no
+    analysis before compiling (jax >= 0.11) and its compiled GPU executable would leave out
+    the work handed to library calls (cuDNN convolutions: three quarters of this model's)."""
+    import jax
+
+    import metanet_jax as mn
+
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    optimizer = mn.make_optimizer(config)
+    state = jax.eval_shape(
+        lambda: mn.init_train_state(mn.init(jax.random.key(0), config), optimizer,
+                                    jax.random.key(1))
+    )  # fmt: skip
+    support, query = jax.eval_shape(
+        lambda: mn.synthetic.synthetic_episodes(jax.random.key(2), config, 1)
+    )
+    shapes = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), (state, support, query)
+    )
+    fn = jax.jit(functools.partial(mn.train_step, config=config, optimizer=optimizer))
+    lowered = fn.lower(*shapes)
+    flops = _flops(lowered) or _flops(lowered.compile())
+    return flops / 1e9 if flops else None
 
 
 def _fmt(v, spec):
