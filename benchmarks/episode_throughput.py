@@ -191,7 +191,9 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline_only", action="store_true")
     parser.add_argument("--skip_baseline", action="store_true")
     parser.add_argument("--task_batching", default=None, choices=["auto", "loop", "scan", "vmap"])
-    parser.add_argument("--query_path", default=None, choices=["stacked", "per_query"])
+    parser.add_argument(
+        "--query_path", default=None, choices=["auto", "stacked", "patches", "per_query"]
+    )
     parser.add_argument("--json", default="", help="write all results to this file")
     parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -294,8 +294,10 @@ def base_learner_queries(
     """b(W, W*_j, x_j) for every query j, with W*_j = sum_i a_ji M_i (Alg. 1, l. 13-15).
 
     "stacked": each augmented layer runs one conv with the N memory kernels stacked along the
-    output channels and mixes the N outputs with a_j (linearity). "per_query": W*_j is built
-    explicitly and b is `vmap`ped over queries (grouped convolutions).
+    output channels and mixes the N outputs with a_j (linearity). "patches": each augmented
+    conv builds W*_j and runs it as a batched matmul over the query's 3x3 patches (dense
+    layers stack). "per_query": W*_j is built explicitly and b is `vmap`ped over queries
+    (grouped convolutions). "auto" resolves by backend (`MetaNetConfig.resolved_query_path`).
 
     Args:
       base_params: W.
@@ -309,10 +311,12 @@ def base_learner_queries(
       `[L, output_units]` logits.
     """
     specs = networks.base_specs(config)
-    if config.query_path == "stacked":
+    path = config.resolved_query_path()
+    if path in ("stacked", "patches"):
         return networks.apply_network(
-            specs, base_params, inputs, task_fast=task_fast, memory=values, mix=attention
-        )
+            specs, base_params, inputs, task_fast=task_fast, memory=values, mix=attention,
+            memory_mode=path,
+        )  # fmt: skip
     start = networks.first_augmented_index(specs, networks.augmented_names(config, "base"))
     h = networks.apply_network(specs, base_params, inputs, stop=start)
     per_query = memory.read(values, attention)

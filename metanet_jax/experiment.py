@@ -108,7 +108,7 @@ class RunSpec:
     rotate: bool = True
     rotations_as_classes: bool = False
     task_batching: str = "auto"
-    query_path: str = "stacked"
+    query_path: str = "auto"
     compute_dtype: str = "float32"
     seed: int = 0
     eval_every: int = 500

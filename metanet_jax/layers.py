@@ -41,6 +41,45 @@ def conv2d(h: Array, kernel: Array) -> Array:
     )
 
 
+def patches(h: Array, kh: int, kw: int) -> Array:
+    """The 'SAME', stride-1 patches of `h` (im2col) in the order of a flattened HWIO kernel.
+
+    Built from `kh * kw` shifted slices (pure data movement; its transpose adds them back),
+    not with `lax.conv_general_dilated_patches`, which is a convolution with a one-hot kernel
+    and would cost `kh * kw * C` times the FLOPs of the layer.
+
+    Args:
+      h: `[n, H, W, C]`.
+      kh, kw: kernel height and width.
+
+    Returns:
+      `[n, H*W, kh*kw*C]`: row `(y, x)` holds the window at `(y, x)`, flattened as
+      `kernel.reshape(kh*kw*C, F)` is.
+    """
+    n, height, width, channels = h.shape
+    padded = jnp.pad(h, ((0, 0), ((kh - 1) // 2, kh // 2), ((kw - 1) // 2, kw // 2), (0, 0)))
+    cols = [padded[:, i : i + height, j : j + width, :] for i in range(kh) for j in range(kw)]
+    return jnp.stack(cols, axis=3).reshape(n, height * width, kh * kw * channels)
+
+
+def per_example_conv2d(h: Array, memory: Array, mix: Array) -> Array:
+    """`conv(h_j, sum_s mix[j, s] memory[s])` for every example j, as one batched matmul.
+
+    Args:
+      h: `[n, H, W, C]`.
+      memory: `[S, kh, kw, C, F]` memory kernels.
+      mix: `[n, S]` mixing (attention) weights.
+
+    Returns:
+      `[n, H, W, F]`.
+    """
+    slots, kh, kw, _, features = memory.shape
+    flat = memory.astype(h.dtype).reshape(slots, -1, features)  # [S, kh*kw*C, F]
+    kernels = jnp.einsum("ns,skf->nkf", mix.astype(h.dtype), flat)  # W*_j, [n, kh*kw*C, F]
+    out = jnp.einsum("npk,nkf->npf", patches(h, kh, kw), kernels)
+    return out.reshape(h.shape[:3] + (features,))
+
+
 def max_pool(h: Array) -> Array:
     """2x2 max-pool, stride 2, 'SAME' padding (ceil mode: 28 -> 14 -> 7 -> 4 -> 2 -> 1)."""
     return lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
@@ -84,6 +123,7 @@ def augmented_layer(
     *,
     memory: Array | None = None,
     mix: Array | None = None,
+    memory_mode: str = "stacked",
     relu: bool = True,
     bn: tuple[Array, Array] | None = None,
     bn_axis_name: str | None = None,
@@ -103,6 +143,9 @@ def augmented_layer(
       memory: `[S, *kernel]` memory values; with `mix` `[n, S]`, example j's fast kernel is
         `sum_s mix[j, s] memory[s]` (computed by linearity; exclusive with `fast_kernel`).
       mix: `[n, S]` attention weights for `memory`.
+      memory_mode: how a conv layer reads `memory`: "stacked" (the S kernels stacked along
+        the output channels of the one conv, then mixed) or "patches"
+        (`per_example_conv2d`). Dense layers always stack (a matmul is cheap either way).
       relu: ReLU on each path (hidden layers) or linear paths (output / key layers).
       bn: `(scale, offset)` of a batch normalisation applied to the slow path, or `None`.
       bn_axis_name: see `batch_norm`.
@@ -114,6 +157,12 @@ def augmented_layer(
         raise ValueError("memory and mix go together")
     if memory is not None and fast_kernel is not None:
         raise ValueError("give either fast_kernel or memory, not both")
+    if memory_mode not in ("stacked", "patches"):
+        raise ValueError(f"memory_mode must be 'stacked' or 'patches', got {memory_mode!r}")
+    per_example = None
+    if memory is not None and kind == "conv" and memory_mode == "patches":
+        per_example = per_example_conv2d(h, memory, mix)
+        memory = mix = None
     features = slow_kernel.shape[-1]
     kernels = [slow_kernel]
     for extra in (fast_kernel, task_kernel):
@@ -132,6 +181,8 @@ def augmented_layer(
         stacked = stacked.reshape(stacked.shape[:-1] + (slots, features))
         mixed = jnp.einsum("n...sf,ns->n...f", stacked, mix.astype(stacked.dtype))
         paths.append(mixed)
+    if per_example is not None:
+        paths.append(per_example)
     if bn is not None:
         paths[0] = batch_norm(paths[0], *bn, axis_name=bn_axis_name)
     if relu:

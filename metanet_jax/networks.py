@@ -187,6 +187,7 @@ def apply_network(
     *,
     memory: FastWeights | None = None,
     mix: Array | None = None,
+    memory_mode: str = "stacked",
     start: int = 0,
     stop: int | None = None,
     bn_axis_name: str | None = None,
@@ -202,6 +203,8 @@ def apply_network(
       task_fast: task-level fast kernels (MetaNet+ for b), same form.
       memory: `{name: {"kernel": [S, *k]}}` memory values, read out per example by `mix`.
       mix: `[n, S]` attention weights.
+      memory_mode: how conv layers read `memory` ("stacked" or "patches", see
+        `layers.augmented_layer`).
       start, stop: the layer range (used to share non-augmented prefixes).
       bn_axis_name: vmap axis for batch statistics (see `layers.batch_norm`).
 
@@ -224,6 +227,7 @@ def apply_network(
             None if task_fast is None or name not in task_fast else task_fast[name]["kernel"],
             memory=None if memory is None or name not in memory else memory[name]["kernel"],
             mix=None if memory is None or name not in memory else mix,
+            memory_mode=memory_mode,
             relu=spec.relu,
             bn=bn,
             bn_axis_name=bn_axis_name,

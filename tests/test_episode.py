@@ -21,7 +21,7 @@ def _to64(tree):
 
 
 @pytest.mark.parametrize("variant", ["metanet", "metanet-", "metanet+"])
-@pytest.mark.parametrize("query_path", ["stacked", "per_query"])
+@pytest.mark.parametrize("query_path", ["stacked", "patches", "per_query"])
 def test_matches_loop_reference_float64(x64, variant, query_path):
     config = tiny_config(
         variant=variant, query_path=query_path, compute_dtype="float64", queries_per_class=1
@@ -77,13 +77,14 @@ def test_query_paths_agree_float32():
     params = mn.init(jax.random.key(1), config)
     support, query = tiny_batch(config, batch=2, seed=3)
     outs = {}
-    for path in ("stacked", "per_query"):
+    for path in ("stacked", "patches", "per_query"):
         c = config.replace(query_path=path)
         outs[path] = jax.jit(
             jax.value_and_grad(lambda p: mn.episode_loss(p, support, query, c)[0])
         )(params)
-    np.testing.assert_allclose(outs["stacked"][0], outs["per_query"][0], rtol=1e-5)
-    chex.assert_trees_all_close(outs["stacked"][1], outs["per_query"][1], rtol=2e-3, atol=1e-5)
+    for path in ("patches", "per_query"):
+        np.testing.assert_allclose(outs["stacked"][0], outs[path][0], rtol=1e-5)
+        chex.assert_trees_all_close(outs["stacked"][1], outs[path][1], rtol=2e-3, atol=1e-5)
 
 
 def test_task_batching_modes_agree():
@@ -198,10 +199,18 @@ def test_other_architectures(architecture):
         assert networks.augmented_names(config, "base") == ("conv_1", "conv_2", "fc_0", "out")
     support, query = tiny_batch(config)
     outs = {}
-    for path in ("stacked", "per_query"):
+    for path in ("stacked", "patches", "per_query"):
         outs[path] = episode_loss_fn(config.replace(query_path=path))(params, support, query)
     np.testing.assert_allclose(outs["stacked"][0], outs["per_query"][0], rtol=1e-4)
+    np.testing.assert_allclose(outs["stacked"][0], outs["patches"][0], rtol=1e-4)
     chex.assert_tree_all_finite(outs["stacked"])
+
+
+def test_auto_query_path_resolves_by_backend():
+    config = tiny_config(query_path="auto")
+    assert config.resolved_query_path("cpu") == "patches"
+    assert config.resolved_query_path("gpu") == "stacked"
+    assert config.replace(query_path="per_query").resolved_query_path("cpu") == "per_query"
 
 
 def test_init_depends_only_on_architecture():

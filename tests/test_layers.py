@@ -49,3 +49,56 @@ def test_batch_norm_uses_the_examples_passing_through():
     out = layers.batch_norm(h, jnp.ones(4), jnp.zeros(4))
     np.testing.assert_allclose(out.mean((0, 1, 2)), 0, atol=1e-5)
     np.testing.assert_allclose(out.std((0, 1, 2)), 1, atol=1e-3)
+
+
+def test_patches_order_matches_a_flattened_hwio_kernel():
+    # Odd and even kernel sizes: 'SAME' pads (k-1)//2 before and k//2 after, as lax does.
+    for kh, kw in ((3, 3), (2, 3), (1, 1)):
+        h = jax.random.normal(jax.random.key(5), (2, 5, 6, 3))
+        kernel = jax.random.normal(jax.random.key(6), (kh, kw, 3, 4))
+        cols = layers.patches(h, kh, kw)
+        assert cols.shape == (2, 30, kh * kw * 3)
+        via_patches = (cols @ kernel.reshape(-1, 4)).reshape(2, 5, 6, 4)
+        np.testing.assert_allclose(via_patches, layers.conv2d(h, kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_patches_memory_mode_equals_stacked_values_and_gradients():
+    ks = jax.random.split(jax.random.key(7), 5)
+    h = jax.random.normal(ks[0], (4, 6, 6, 3))
+    slow = jax.random.normal(ks[1], (3, 3, 3, 5))
+    memory = jax.random.normal(ks[2], (2, 3, 3, 3, 5))
+    mix = jax.nn.softmax(jax.random.normal(ks[3], (4, 2)))
+    task = jax.random.normal(ks[4], (3, 3, 3, 5))
+
+    def loss(mode, h, slow, memory, mix):
+        out = layers.augmented_layer(
+            "conv", h, slow, None, task, memory=memory, mix=mix, memory_mode=mode
+        )
+        return jnp.sum(out * out)
+
+    stacked = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))
+    value_s, grads_s = stacked("stacked", h, slow, memory, mix)
+    value_p, grads_p = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))(
+        "patches", h, slow, memory, mix
+    )
+    np.testing.assert_allclose(value_p, value_s, rtol=1e-5)
+    for gp, gs in zip(grads_p, grads_s, strict=True):
+        np.testing.assert_allclose(gp, gs, rtol=1e-4, atol=1e-4)
+    # Changing one example's mix changes only that example's output.
+    out = lambda m: layers.augmented_layer(  # noqa: E731
+        "conv", h, slow, memory=memory, mix=m, memory_mode="patches"
+    )
+    moved = out(mix.at[1].set(jnp.array([1.0, 0.0]))) - out(mix)
+    assert float(jnp.abs(moved[1]).max()) > 1e-3
+    np.testing.assert_allclose(np.asarray(moved)[[0, 2, 3]], 0.0, atol=1e-6)
+
+
+def test_unknown_memory_mode_raises():
+    h = jnp.ones((1, 4, 4, 1))
+    k = jnp.ones((3, 3, 1, 2))
+    try:
+        layers.augmented_layer("conv", h, k, memory=k[None], mix=jnp.ones((1, 1)), memory_mode="x")
+    except ValueError as e:
+        assert "memory_mode" in str(e)
+    else:
+        raise AssertionError("no ValueError")
