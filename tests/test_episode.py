@@ -119,7 +119,10 @@ def _grad_norms(config, params, support, query):
 @pytest.mark.parametrize("variant", ["metanet", "metanet-", "metanet+"])
 def test_outer_gradients_finite_and_nonzero(variant):
     config = tiny_config(variant=variant)
-    params = mn.init(jax.random.key(0), config)
+    # Seed 3: at seeds 0-2 the tiny network's fc_0 fast path starts dead (ReLU), and then m's
+    # dense output bias, a constant shift of every dense fast weight, gets no gradient (the
+    # output layer's share cancels in the softmax), up to float rounding.
+    params = mn.init(jax.random.key(3), config)
     support, query = tiny_batch(config)
     grads = _grad_norms(config, params, support, query)
     chex.assert_tree_all_finite(grads)
