@@ -24,8 +24,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
+# Two pytest workers (most tests wait on single-threaded XLA compiles); PYTEST_WORKERS=0 runs
+# them in this process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.omniglot --flagfile=experiments/flags/demo.flags
