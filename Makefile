@@ -24,12 +24,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	@touch $(STAMP)
 
-# Two pytest workers (most tests wait on single-threaded XLA compiles); PYTEST_WORKERS=0 runs
-# them in this process.
+# Two pytest workers (most tests wait on single-threaded XLA compiles), a test file's tests on
+# one worker (module fixtures and compiled-function caches stay shared; the data sets are
+# prepared under an inter-process lock). PYTEST_WORKERS=0 runs them in this process.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup tests
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.omniglot --flagfile=experiments/flags/demo.flags

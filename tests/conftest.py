@@ -17,20 +17,6 @@ import pytest  # noqa: E402
 
 import metanet_jax as mn  # noqa: E402
 
-# Under pytest-xdist (`make test` runs two workers, `--dist loadgroup`), tests that share one
-# expensive, session- or module-scoped set-up run on one worker: the data tests (one TFDS
-# preparation of Omniglot and MNIST into $METANET_DATA_DIR; two workers preparing the same
-# folder at once would collide) and the multi-process program runs of test_distributed.
-_GROUPS = {"tests/data/": "data", "tests/experiments/test_distributed.py": "distributed"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        for prefix, group in _GROUPS.items():
-            if item.nodeid.startswith(prefix):
-                item.add_marker(pytest.mark.xdist_group(group))
-
-
 TINY = dict(
     ways=3,
     shots=1,

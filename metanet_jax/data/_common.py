@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import uuid
@@ -129,6 +130,36 @@ def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def preparation_lock(root: Path) -> Iterator[None]:
+    """Holds an exclusive inter-process lock on preparing data into `root`.
+
+    Two processes preparing the same TFDS folder at once collide (TFDS moves its
+    `incomplete.*` folders into place and each extraction is shared): the second one waits
+    here, then finds the cache the first one wrote. The lock file sits beside `root`
+    (`.<root name>.lock`), so `root` itself is created only by the preparation and removed
+    by `cleanup_on_error` if it fails. No lock where `fcntl` is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).info(
+                "waiting for another process preparing data in %s", root
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

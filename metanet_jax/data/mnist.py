@@ -12,6 +12,7 @@ from metanet_jax.data._common import (
     ClassImages,
     cleanup_on_error,
     local_folder,
+    preparation_lock,
     require_files,
     sha256,
 )
@@ -97,6 +98,14 @@ def load_mnist(
                     f"MNIST: {folder / name} has sha256 {digest}, expected {expected} "
                     f"(corrupt file). {_HOW}"
                 )
+    with preparation_lock(root):
+        if all(p.is_file() for p in paths.values()):  # prepared by another process meanwhile
+            return {s: ClassImages.load(p) for s, p in paths.items()}
+        return _prepare(folder, root, paths)
+
+
+def _prepare(folder: Path | None, root: Path, paths: dict[str, Path]) -> dict[str, ClassImages]:
+    """Prepares MNIST with TFDS (needs TensorFlow) and writes the cache."""
     import tensorflow_datasets as tfds
 
     tfds_dir, downloads = root / "tfds", root / "downloads" / "mnist"

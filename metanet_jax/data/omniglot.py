@@ -13,6 +13,7 @@ from metanet_jax.data._common import (
     ClassImages,
     cleanup_on_error,
     local_folder,
+    preparation_lock,
     require_files,
     sha256,
     strokes_to_ink,
@@ -179,8 +180,13 @@ def load_omniglot_parts(
     if folder is not None:
         require_files(folder, [ZIP_NAMES[p] for p in todo], "Omniglot", _HOW)
     builders = {p: _builder_name(folder, p) for p in todo}  # all checked before any work
-    for p in todo:
-        out[p] = _prepare_part(p, folder, builders[p], root)
+    with preparation_lock(root):
+        for p in todo:
+            cached = _cache_path(root, p)
+            if cached.is_file():  # prepared by another process while this one waited
+                out[p] = ClassImages.load(cached)
+            else:
+                out[p] = _prepare_part(p, folder, builders[p], root)
     return {p: out[p] for p in parts}
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from metanet_jax import data
-from metanet_jax.data._common import cleanup_on_error
+from metanet_jax.data._common import cleanup_on_error, preparation_lock
 
 
 def _empty(path):
@@ -91,3 +94,27 @@ def test_cleanup_on_error_removes_only_new_entries(tmp_path):
         (fresh / "a").mkdir(parents=True)
         raise RuntimeError("boom")
     assert not fresh.exists()
+
+
+def test_preparation_lock_makes_a_second_process_wait(tmp_path):
+    root = tmp_path / "data"
+    code = (
+        "import sys, time; from pathlib import Path; "
+        "from metanet_jax.data._common import preparation_lock\n"
+        "with preparation_lock(Path(sys.argv[1])):\n"
+        "    print('acquired', time.time(), flush=True)"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+    with preparation_lock(root):
+        child = subprocess.Popen(
+            [sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        time.sleep(3.0)  # the child starts and blocks on the lock meanwhile
+        assert child.poll() is None, child.communicate()
+        released = time.time()
+    out, _ = child.communicate(timeout=60)
+    assert child.returncode == 0
+    assert float(out.split()[1]) >= released
+    assert not root.exists()  # the lock file sits beside the data folder, not in it
+    assert (tmp_path / ".data.lock").is_file()
