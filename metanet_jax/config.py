@@ -187,22 +187,24 @@ class MetaNetConfig:
         """The task batching the jitted entry points use ("auto" resolved by the backend)."""
         if self.task_batching != "auto":
             return self.task_batching
-        if backend is None:
-            import jax
-
-            backend = jax.default_backend()
-        return "loop" if backend == "cpu" else "vmap"
+        return "loop" if _backend(backend) == "cpu" else "vmap"
 
     def resolved_query_path(self, backend: str | None = None) -> str:
         """The query path b runs ("auto" resolved by the backend)."""
         if self.query_path != "auto":
             return self.query_path
-        if backend is None:
-            import jax
-
-            backend = jax.default_backend()
-        return "patches" if backend == "cpu" else "stacked"
+        return "patches" if _backend(backend) == "cpu" else "stacked"
 
     def replace(self, **changes) -> MetaNetConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _backend(backend: str | None) -> str:
+    """`backend`, or JAX's default backend when it is `None` (imported here: the config
+    module itself needs no JAX)."""
+    if backend is not None:
+        return backend
+    import jax
+
+    return jax.default_backend()
