@@ -85,8 +85,11 @@ flags.DEFINE_bool("second_order", _D.second_order, "Differentiate through meta i
 flags.DEFINE_bool("rep_loss_in_objective", _D.rep_loss_in_objective,
                   "Add the representation loss to the training objective.")  # fmt: skip
 flags.DEFINE_enum("task_batching", _D.task_batching, config_lib.TASK_BATCHING,
-                  "Tasks of a meta-batch: scan (sequential) or vmap.")  # fmt: skip
-flags.DEFINE_enum("query_path", _D.query_path, config_lib.QUERY_PATHS, "Fast-path layout.")
+                  "Tasks of a meta-batch: auto (loop on CPU, vmap on accelerators), loop (a "
+                  "host loop over one per-task program), scan or vmap.")  # fmt: skip
+flags.DEFINE_enum("query_path", _D.query_path, config_lib.QUERY_PATHS,
+                  "How queries read their own fast weights: auto (patches on CPU, stacked on "
+                  "accelerators), stacked, patches or per_query (README).")  # fmt: skip
 flags.DEFINE_enum("compute_dtype", _D.compute_dtype, config_lib.COMPUTE_DTYPES,
                   "Activation dtype.")  # fmt: skip
 # --- evaluation, checkpoints, logging
