@@ -162,13 +162,19 @@ def mlp_generator(params: Params, features: Array) -> Array:
     return jnp.concatenate(outs, axis=-1)
 
 
+def _sigmoid(x):
+    """sigmoid(x) = (1 + tanh(x / 2)) / 2: XLA's CPU backend evaluates it faster than
+    `jax.nn.sigmoid`'s exp and divide."""
+    return 0.5 * jnp.tanh(0.5 * x) + 0.5
+
+
 def _lstm_step(wx, wh, b, x, h, c):
     """One coordinate-major LSTM step: `x [2, P]`, `h, c [P, H]` or None (zero state)."""
     z = x[0][:, None] * wx[0] + x[1][:, None] * wx[1] + b  # [P, 4H]
     if h is not None:
         z = z + h @ wh
     i, f, g, o = jnp.split(z, 4, axis=1)
-    i, f, g, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    i, f, g, o = _sigmoid(i), _sigmoid(f), jnp.tanh(g), _sigmoid(o)
     c = i * g if c is None else f * c + i * g
     h = o * jnp.tanh(c)
     return (i, f, g, o), h, c

@@ -81,8 +81,21 @@ def per_example_conv2d(h: Array, memory: Array, mix: Array) -> Array:
 
 
 def max_pool(h: Array) -> Array:
-    """2x2 max-pool, stride 2, 'SAME' padding (ceil mode: 28 -> 14 -> 7 -> 4 -> 2 -> 1)."""
-    return lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+    """2x2 max-pool, stride 2, 'SAME' padding (ceil mode: 28 -> 14 -> 7 -> 4 -> 2 -> 1).
+
+    Written as a max over the axes of a `[n, H/2, 2, W/2, 2, C]` reshape (odd sizes padded
+    at the end with -inf, where 'SAME' pads), not as `lax.reduce_window`: the two agree on
+    values, but reduce-window's gradient lowers on XLA's CPU to a variadic reduce-window
+    with four materialised index arrays per pool (measured: ~13% of the train step), while
+    a reduction's gradient is one compare-and-select. Ties (equal maxima in a window) share
+    the gradient equally instead of going to one element.
+    """
+    n, height, width, channels = h.shape
+    pad_h, pad_w = height % 2, width % 2
+    if pad_h or pad_w:
+        h = jnp.pad(h, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), constant_values=-jnp.inf)
+    windows = h.reshape(n, (height + pad_h) // 2, 2, (width + pad_w) // 2, 2, channels)
+    return windows.max(axis=(2, 4))
 
 
 def batch_norm(
