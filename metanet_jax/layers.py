@@ -175,7 +175,7 @@ def augmented_layer(
     per_example = None
     if memory is not None and kind == "conv" and memory_mode == "patches":
         per_example = per_example_conv2d(h, memory, mix)
-        memory = mix = None
+        memory = mix = None  # read: the shared conv below carries the other kernels only
     features = slow_kernel.shape[-1]
     kernels = [slow_kernel]
     for extra in (fast_kernel, task_kernel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from metanet_jax import layers
 
@@ -76,11 +77,9 @@ def test_patches_memory_mode_equals_stacked_values_and_gradients():
         )
         return jnp.sum(out * out)
 
-    stacked = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))
-    value_s, grads_s = stacked("stacked", h, slow, memory, mix)
-    value_p, grads_p = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))(
-        "patches", h, slow, memory, mix
-    )
+    value_and_grads = jax.value_and_grad(loss, argnums=(1, 2, 3, 4))
+    value_s, grads_s = value_and_grads("stacked", h, slow, memory, mix)
+    value_p, grads_p = value_and_grads("patches", h, slow, memory, mix)
     np.testing.assert_allclose(value_p, value_s, rtol=1e-5)
     for gp, gs in zip(grads_p, grads_s, strict=True):
         np.testing.assert_allclose(gp, gs, rtol=1e-4, atol=1e-4)
@@ -96,9 +95,5 @@ def test_patches_memory_mode_equals_stacked_values_and_gradients():
 def test_unknown_memory_mode_raises():
     h = jnp.ones((1, 4, 4, 1))
     k = jnp.ones((3, 3, 1, 2))
-    try:
+    with pytest.raises(ValueError, match="memory_mode"):
         layers.augmented_layer("conv", h, k, memory=k[None], mix=jnp.ones((1, 1)), memory_mode="x")
-    except ValueError as e:
-        assert "memory_mode" in str(e)
-    else:
-        raise AssertionError("no ValueError")
