@@ -41,6 +41,10 @@ flags.DEFINE_enum(
 )  # fmt: skip
 common.define_int("validation_classes", _D.validation_classes, 1, 500,
                   "Omniglot background characters held out for validation.")  # fmt: skip
+common.define_int("validation_alphabets", _D.validation_alphabets, 0, 29,
+                  "Hold out this many whole background alphabets for validation instead of "
+                  "--validation_classes characters (standard and small splits; 0: off)."
+                  )  # fmt: skip
 common.define_int("split_seed", _D.split_seed, 0, common.MAX_INT, "Seed of the class split.")
 common.define_folder("datasets", _D.datasets,
                      "Offline data folder holding omniglot/ and mnist/ (default: "
@@ -68,6 +72,23 @@ common.define_int("meta_batch", _D.meta_batch, 1, 1024, "Tasks (episodes) per up
 common.define_int("steps", _D.steps, 1, 10**8, "Total updates to reach (resume included).")
 common.define_float("learning_rate", _D.learning_rate, 0.0, 1.0, "Adam learning rate.")
 common.define_float("clip_norm", _D.clip_norm, 0.0, 1e6, "Global-norm gradient clipping.")
+flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
+                  "Learning rate: constant (the authors') or cosine decay to 0 at "
+                  "--schedule_steps, both after --warmup_steps of linear warm-up.")  # fmt: skip
+common.define_int("warmup_steps", _D.warmup_steps, 0, 10**8, "Linear learning-rate warm-up.")
+common.define_int("schedule_steps", _D.schedule_steps, 0, 10**8,
+                  "Length of the cosine schedule (recorded; independent of --steps, so a "
+                  "finished run can be continued without changing its past schedule).")  # fmt: skip
+flags.DEFINE_enum("generator_init", _D.generator_init, config_lib.GENERATOR_INITS,
+                  "Initialisation of m and d: authors (Chainer v1 defaults, as the authors' "
+                  "code) or small (fast weights start as a small perturbation).")  # fmt: skip
+flags.DEFINE_enum("network_init", _D.network_init, config_lib.NETWORK_INITS,
+                  "Initialisation of b and u: authors (N(0, 1/fan_in), Chainer v1) or he."
+                  )  # fmt: skip
+flags.DEFINE_enum("label_units", _D.label_units, config_lib.LABEL_UNITS,
+                  "Training labels: first (0..ways-1, the first --ways output units) or any "
+                  "(a random --ways of the --max_ways units per episode: all are trained)."
+                  )  # fmt: skip
 common.define_int("seed", _D.seed, 0, common.MAX_INT, "Seed of init, training episodes, keys.")
 # --- model
 flags.DEFINE_enum("variant", _D.variant, config_lib.VARIANTS, "MetaNet variant.")
@@ -111,6 +132,23 @@ common.define_distributed_flags()
 @flags.multi_flags_validator(["ways", "max_ways"], message="--max_ways must be unset or >= --ways")
 def _max_ways(v):
     return v["max_ways"] is None or v["max_ways"] >= v["ways"]
+
+
+@flags.multi_flags_validator(
+    ["lr_schedule", "warmup_steps", "schedule_steps"],
+    message="--lr_schedule=cosine needs --schedule_steps > --warmup_steps",
+)
+def _schedule(v):
+    return v["lr_schedule"] != "cosine" or v["schedule_steps"] > v["warmup_steps"]
+
+
+@flags.multi_flags_validator(
+    ["split", "validation_alphabets", "dataset"],
+    message="--validation_alphabets needs an Omniglot split whose test set is whole alphabets "
+    "(standard, small1, small2, small); the previous split mixes alphabets",
+)
+def _validation_alphabets(v):
+    return v["validation_alphabets"] == 0 or v["dataset"] != "omniglot" or v["split"] != "previous"
 
 
 @flags.multi_flags_validator(

@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from metanet_jax.config import MetaNetConfig
+from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
 from metanet_jax.training import TrainState
 
 VALIDATION_METRIC = "validation_accuracy"
@@ -65,6 +65,8 @@ def config_from_dict(values: Mapping[str, Any]) -> MetaNetConfig:
     if unknown:
         raise ValueError(f"unknown MetaNetConfig fields in a saved config: {unknown}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    # A configuration saved before a field existed keeps the behaviour it had then.
+    kwargs = {**{k: v for k, v in LEGACY_VALUES.items() if k not in kwargs}, **kwargs}
     return MetaNetConfig(**kwargs)
 
 

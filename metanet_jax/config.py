@@ -16,6 +16,22 @@ QUERY_PATHS = ("auto", "stacked", "patches", "per_query")
 TASK_BATCHING = ("auto", "loop", "scan", "vmap")
 BASE_INPUTS = ("x", "r")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+GENERATOR_INITS = ("small", "authors")
+NETWORK_INITS = ("he", "authors")
+LR_SCHEDULES = ("constant", "cosine")
+LABEL_UNITS = ("first", "any")
+
+# Fields added after configurations were first saved, with the value that reproduces what a
+# configuration saved without them meant (`legacy_defaults`). A field's current default may
+# differ: a checkpoint written before the field existed must keep its behaviour.
+LEGACY_VALUES = {
+    "generator_init": "small",
+    "network_init": "he",
+    "lr_schedule": "constant",
+    "warmup_steps": 0,
+    "schedule_steps": 0,
+    "label_units": "first",
+}
 
 # Per-architecture defaults (METANET.md, "Architectures").
 _ARCH_DEFAULTS = {
@@ -69,6 +85,26 @@ class MetaNetConfig:
       learning_rate, clip_norm: the outer optimiser (Adam after global-norm clipping).
       compute_dtype: dtype of the networks' activations and convolutions ("float32" default;
         parameters and optimiser state stay float32).
+      generator_init: initialisation of m and d. "authors": Chainer v1's defaults, as in the
+        authors' code (every linear weight N(0, 1/fan_in), biases 0, LSTM forget-gate bias 0),
+        so the generated fast weights start of the order of the slow ones; "small": output
+        layers scaled by 0.01/sqrt(hidden) and forget bias 1, so fast weights start as a small
+        perturbation (this project's first choice; configurations saved without the field).
+      network_init: initialisation of b's and u's kernels. "authors": Chainer v1's default
+        N(0, 1/fan_in) for every layer; "he": He-normal (truncated, fan-in) before a ReLU and
+        LeCun-normal otherwise (configurations saved without the field).
+      lr_schedule: "constant" (the authors' Adam at `learning_rate`) or "cosine": linear
+        warm-up over `warmup_steps`, then cosine decay to 0 at `schedule_steps`.
+      warmup_steps: linear warm-up length of the learning rate (both schedules).
+      schedule_steps: the schedule's recorded length (steps at which cosine reaches 0; kept
+        at 0 afterwards). Its own field, so that raising a run's step count to continue it
+        does not change the schedule of the steps already taken.
+      label_units: which output units an episode uses. "first" (default): labels are
+        0..ways-1 and the losses and predictions use the first `ways` logits. "any": labels
+        may be any of the `output_units` units, and each loss or prediction uses the units
+        among the support set's labels (the others are masked out), so a model trained
+        5-way with 20 units trains all 20 (episodes with labels 0..ways-1 give the same
+        results as "first").
     """
 
     ways: int = 5
@@ -99,6 +135,12 @@ class MetaNetConfig:
     learning_rate: float = 1e-3
     clip_norm: float = 10.0
     compute_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    generator_init: Literal["small", "authors"] = "small"
+    network_init: Literal["he", "authors"] = "he"
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    schedule_steps: int = 0
+    label_units: Literal["first", "any"] = "first"
 
     def __post_init__(self):
         def positive(name):
@@ -117,6 +159,10 @@ class MetaNetConfig:
             ("task_batching", TASK_BATCHING),
             ("base_input", BASE_INPUTS),
             ("compute_dtype", COMPUTE_DTYPES),
+            ("generator_init", GENERATOR_INITS),
+            ("network_init", NETWORK_INITS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("label_units", LABEL_UNITS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -146,6 +192,15 @@ class MetaNetConfig:
             raise ValueError(f"architecture {self.architecture!r} needs conv_channels >= 1")
         if self.grad_p <= 0 or self.clip_norm <= 0 or self.learning_rate <= 0:
             raise ValueError("grad_p, clip_norm and learning_rate must be positive")
+        for name in ("warmup_steps", "schedule_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"MetaNetConfig.{name} must be a non-negative int, got {value!r}")
+        if self.lr_schedule == "cosine" and self.schedule_steps <= self.warmup_steps:
+            raise ValueError(
+                f"lr_schedule='cosine' needs schedule_steps > warmup_steps, got "
+                f"schedule_steps={self.schedule_steps}, warmup_steps={self.warmup_steps}"
+            )
         for name in ("augment_base", "augment_representation"):
             value = getattr(self, name)
             if value is not None:

@@ -58,22 +58,29 @@ def init(key: PRNGKey, config: MetaNetConfig) -> Params:
     b_aug = networks.augmented_names(config, "base")
     u_aug = networks.augmented_names(config, "representation")
     b_in = config.image_shape if config.base_input == "x" else (u_specs[-1].features,)
-    base = networks.init_network(kb, b_specs, b_in)
-    rep = networks.init_network(kq, u_specs, config.image_shape, extra_head=config.output_units)
+    net_init, gen_init = config.network_init, config.generator_init
+    base = networks.init_network(kb, b_specs, b_in, init=net_init)
+    rep = networks.init_network(
+        kq, u_specs, config.image_shape, extra_head=config.output_units, init=net_init
+    )
     hid = config.generator_hidden
     example_gen = {
-        kind: generators.init_mlp_generator(jax.random.fold_in(kz, i), hid)
+        kind: generators.init_mlp_generator(jax.random.fold_in(kz, i), hid, gen_init)
         for i, kind in enumerate(_kinds(b_specs, b_aug))
     }
     task_gen = {}
     if config.has_task_fast_weights:
         task_gen["representation"] = {
-            kind: generators.init_lstm_generator(jax.random.fold_in(kg, i), config.lstm_hidden)
+            kind: generators.init_lstm_generator(
+                jax.random.fold_in(kg, i), config.lstm_hidden, gen_init
+            )
             for i, kind in enumerate(_kinds(u_specs, u_aug))
         }
     if config.variant == "metanet+":
         task_gen["base"] = {
-            kind: generators.init_lstm_generator(jax.random.fold_in(kg, 10 + i), config.lstm_hidden)
+            kind: generators.init_lstm_generator(
+                jax.random.fold_in(kg, 10 + i), config.lstm_hidden, gen_init
+            )
             for i, kind in enumerate(_kinds(b_specs, b_aug))
         }
     return {
@@ -120,15 +127,39 @@ def check_shapes(support: Episode, query_x: Array, config: MetaNetConfig, query_
 
 
 def check_labels(config: MetaNetConfig, **labels) -> None:
-    """Raise `ValueError` when concrete labels fall outside `[0, ways)` (tracers are skipped)."""
+    """Raise `ValueError` when concrete labels fall outside `[0, ways)` (`[0, output_units)`
+    with `label_units="any"`; tracers are skipped)."""
+    units = config.ways if config.label_units == "first" else config.output_units
+    what = f"ways={config.ways}" if config.label_units == "first" else f"output units={units}"
     for name, y in labels.items():
         if y is None or isinstance(y, jax.core.Tracer):
             continue
         arr = np.asarray(y)
-        if arr.size and (arr.min() < 0 or arr.max() >= config.ways):
+        if arr.size and (arr.min() < 0 or arr.max() >= units):
             raise ValueError(
-                f"{name} has labels in [{arr.min()}, {arr.max()}], outside [0, ways={config.ways})"
+                f"{name} has labels in [{arr.min()}, {arr.max()}], outside [0, {what})"
             )
+
+
+def episode_logits(logits: Array, config: MetaNetConfig, support_y: Array) -> Array:
+    """The logits an episode's losses and predictions use.
+
+    `label_units="first"`: the first `ways` of the output units (METANET.md, output size).
+    `"any"`: all output units, those that no support label names masked to -1e9, so the
+    softmax runs over the episode's own classes wherever their units are.
+
+    Args:
+      logits: `[n, output_units]`.
+      config: the configuration.
+      support_y: `[N]` the task's support labels.
+
+    Returns:
+      `[n, ways]` ("first") or `[n, output_units]` ("any").
+    """
+    if config.label_units == "first":
+        return logits[:, : config.ways]
+    present = jnp.zeros((logits.shape[-1],), bool).at[support_y].set(True)
+    return jnp.where(present, logits, jnp.asarray(-1e9, logits.dtype))
 
 
 # ----------------------------------------------------------------------------- meta information
@@ -169,9 +200,9 @@ def pair_layout(n: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
     return pairs[index], mask
 
 
-def _ce_chunk_loss(specs, config, q_full, x, y, w):
+def _ce_chunk_loss(specs, config, q_full, x, y, w, support_y):
     key_slow = networks.apply_network(specs, q_full, x)
-    logits = networks.representation_head(q_full, key_slow)[:, : config.ways]
+    logits = episode_logits(networks.representation_head(q_full, key_slow), config, support_y)
     return jnp.sum(cross_entropy(logits, y) * w) / jnp.sum(w)
 
 
@@ -212,7 +243,7 @@ def representation_meta_info(
         index, mask = chunk_layout(x.shape[0], config.rep_chunks)
 
         def loss(qa, xi, yi, w):
-            return _ce_chunk_loss(specs, config, {**rep_params, **qa}, xi, yi, w)
+            return _ce_chunk_loss(specs, config, {**rep_params, **qa}, xi, yi, w, support.y)
 
         args = (x[index], support.y[index], jnp.asarray(mask))
     else:
@@ -260,7 +291,7 @@ def base_meta_info(
 
     def loss(wa, xi, yi):
         logits = networks.apply_network(specs, {**base_params, **wa}, xi[None])
-        return cross_entropy(logits[:, : config.ways], yi[None])[0]
+        return cross_entropy(episode_logits(logits, config, labels), yi[None])[0]
 
     return jax.vmap(jax.grad(loss), (None, 0, 0))(w_aug, inputs, labels)
 
@@ -274,8 +305,10 @@ def base_task_meta_info(
     index, mask = chunk_layout(inputs.shape[0], config.rep_chunks)
 
     def loss(wa, xi, yi, w):
-        logits = networks.apply_network(specs, {**base_params, **wa}, xi)
-        return jnp.sum(cross_entropy(logits[:, : config.ways], yi) * w) / jnp.sum(w)
+        logits = episode_logits(
+            networks.apply_network(specs, {**base_params, **wa}, xi), config, labels
+        )
+        return jnp.sum(cross_entropy(logits, yi) * w) / jnp.sum(w)
 
     return jax.vmap(jax.grad(loss), (None, 0, 0, 0))(
         w_aug, inputs[index], labels[index], jnp.asarray(mask)
@@ -356,7 +389,8 @@ def task_forward(
       key: optional typed key (sampled contrastive pairs).
 
     Returns:
-      `(logits [L, ways], aux)` with `attention [L, N]`, `rep_loss`, norms and entropy.
+      `(logits [L, ways], aux)` with `attention [L, N]`, `rep_loss`, norms and entropy
+      (`[L, output_units]` logits with `label_units="any"`, see `episode_logits`).
     """
     dtype = _DTYPES[config.compute_dtype]
     out_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 results
@@ -402,7 +436,7 @@ def task_forward(
 
     # 8. augmented forward of b on the queries.
     logits = base_learner_queries(base, values, attention, b_query, config, task_fast)
-    logits = logits[:, : config.ways].astype(out_dtype)
+    logits = episode_logits(logits, config, support.y).astype(out_dtype)
     entropy = -jnp.sum(attention * jnp.log(attention + 1e-12), axis=-1).mean()
     aux = {
         "attention": attention,

@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 
 from metanet_jax import checkpointing, evaluation, logging_utils, parallel
-from metanet_jax.config import MetaNetConfig
+from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
 from metanet_jax.episode import init
 from metanet_jax.training import init_train_state, make_optimizer, make_train_step
 
@@ -72,6 +72,14 @@ MUTABLE_FIELDS = frozenset(
 )
 
 
+# RunSpec fields added after workdirs were first written, with the value a config.json
+# without them meant (the model's fields as in `config.LEGACY_VALUES`).
+LEGACY_RUN_VALUES = {
+    **LEGACY_VALUES,
+    "validation_alphabets": 0,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """Everything that defines a training run (the flags of `experiments/omniglot.py`).
@@ -83,6 +91,7 @@ class RunSpec:
     dataset: str = "omniglot"
     split: str = "standard"
     validation_classes: int = 100
+    validation_alphabets: int = 0
     split_seed: int = 0
     datasets: str | None = None
     mini_imagenet_dir: str | None = None
@@ -96,6 +105,12 @@ class RunSpec:
     steps: int = 1000
     learning_rate: float = 1e-3
     clip_norm: float = 10.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    schedule_steps: int = 0
+    generator_init: str = "small"
+    network_init: str = "he"
+    label_units: str = "first"
     variant: str = "metanet"
     base_input: str = "x"
     architecture: str = "omniglot_cnn"
@@ -163,6 +178,7 @@ def load_splits(spec: RunSpec) -> Splits:
             spec.split,
             manual_dir=spec.datasets,
             validation_classes=spec.validation_classes,
+            validation_alphabets=spec.validation_alphabets,
             seed=spec.split_seed,
         )
         return Splits({k: v.images for k, v in parts.items()})
@@ -208,6 +224,12 @@ def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
         learning_rate=spec.learning_rate,
         clip_norm=spec.clip_norm,
         compute_dtype=spec.compute_dtype,
+        lr_schedule=spec.lr_schedule,
+        warmup_steps=spec.warmup_steps,
+        schedule_steps=spec.schedule_steps,
+        generator_init=spec.generator_init,
+        network_init=spec.network_init,
+        label_units=spec.label_units,
     )
 
 
@@ -227,8 +249,10 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     saved = json.loads(path.read_text())
     flags = saved.get("flags", {})
     now = spec.to_dict()
-    # A field added after the workdir was created counts as its default there.
+    # A field added after the workdir was created counts as what the run did before the field
+    # existed: its legacy value where it has one, else its default.
     defaults = {f.name: f.default for f in dataclasses.fields(RunSpec)}
+    defaults.update(LEGACY_RUN_VALUES)
     was = {k: flags.get(k, defaults.get(k)) for k in now}
     diffs = [
         f"{k} ({was[k]!r} -> {now[k]!r})"
@@ -487,8 +511,9 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
         sample = data.sample_episodes
     for step in range(start, total):
         t0 = time.time()
+        step_key = jax.random.fold_in(data_key, step)
         support, query = sample(
-            jax.random.fold_in(data_key, step),
+            step_key,
             train_images,
             spec.ways,
             spec.shots,
@@ -497,6 +522,10 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
             rotate=spec.rotate,
             rotations_as_classes=spec.rotations_as_classes,
         )
+        if config.label_units == "any":  # train every output unit, not only the first `ways`
+            support, query = data.spread_labels(
+                jax.random.fold_in(step_key, 1), support, query, spec.ways, config.output_units
+            )
         state, metrics = step_fn(state, support, query)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         train_time += time.time() - t0

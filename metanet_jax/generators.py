@@ -41,38 +41,65 @@ def preprocess_gradients(g: Array, p: float = 7.0) -> Array:
 
 
 # ----------------------------------------------------------------------------- init
-def init_mlp_generator(key: Array, hidden: int = 20) -> Params:
-    """m's weights for one kind of coordinate: a 2 -> hidden -> hidden -> 1 MLP (ReLU)."""
+def init_mlp_generator(key: Array, hidden: int = 20, init: str = "small") -> Params:
+    """m's weights for one kind of coordinate: a 2 -> hidden -> hidden -> 1 MLP (ReLU).
+
+    Args:
+      key: a PRNG key.
+      hidden: the hidden width (20 in the paper).
+      init: "small" (He-normal hidden layers, output layer scaled by 0.01/sqrt(hidden): fast
+        weights start as a small perturbation of the slow path) or "authors" (Chainer v1's
+        `L.Linear` default, as the authors' code: every weight N(0, 1/fan_in), biases 0).
+    """
     k1, k2, k3 = jax.random.split(key, 3)
+    if init == "authors":
+        scales = (np.sqrt(1.0 / 2), np.sqrt(1.0 / hidden), np.sqrt(1.0 / hidden))
+    elif init == "small":
+        scales = (np.sqrt(2.0 / 2), np.sqrt(2.0 / hidden), 0.01 / np.sqrt(hidden))
+    else:
+        raise ValueError(f"unknown generator init {init!r}; expected 'small' or 'authors'")
     return {
         "dense_0": {
-            "kernel": jax.random.normal(k1, (2, hidden)) * np.sqrt(2.0 / 2),
+            "kernel": jax.random.normal(k1, (2, hidden)) * scales[0],
             "bias": jnp.zeros((hidden,)),
         },
         "dense_1": {
-            "kernel": jax.random.normal(k2, (hidden, hidden)) * np.sqrt(2.0 / hidden),
+            "kernel": jax.random.normal(k2, (hidden, hidden)) * scales[1],
             "bias": jnp.zeros((hidden,)),
         },
-        # Small output: fast weights start as a small perturbation of the slow path.
         "dense_2": {
-            "kernel": jax.random.normal(k3, (hidden, 1)) * (0.01 / np.sqrt(hidden)),
+            "kernel": jax.random.normal(k3, (hidden, 1)) * scales[2],
             "bias": jnp.zeros((1,)),
         },
     }
 
 
-def init_lstm_generator(key: Array, hidden: int = 20) -> Params:
+def init_lstm_generator(key: Array, hidden: int = 20, init: str = "small") -> Params:
     """d's weights for one kind of coordinate: LSTM(2 -> hidden) and a linear map to 1.
 
-    Gate order (i, f, g, o); forget-gate bias 1.
+    Gate order (i, f, g, o).
+
+    Args:
+      key: a PRNG key.
+      hidden: the LSTM's hidden size (20 in the paper).
+      init: "small" (forget-gate bias 1, output map scaled by 0.01/sqrt(hidden)) or
+        "authors" (Chainer v1's `L.LSTM` and `L.Linear` defaults, as the authors' code: every
+        weight N(0, 1/fan_in), biases 0, forget-gate bias 0).
     """
     k1, k2, k3 = jax.random.split(key, 3)
-    bias = jnp.zeros((4 * hidden,)).at[hidden : 2 * hidden].set(1.0)
+    if init == "authors":
+        bias = jnp.zeros((4 * hidden,))
+        out_scale = np.sqrt(1.0 / hidden)
+    elif init == "small":
+        bias = jnp.zeros((4 * hidden,)).at[hidden : 2 * hidden].set(1.0)
+        out_scale = 0.01 / np.sqrt(hidden)
+    else:
+        raise ValueError(f"unknown generator init {init!r}; expected 'small' or 'authors'")
     return {
         "input_kernel": jax.random.normal(k1, (2, 4 * hidden)) * np.sqrt(1.0 / 2),
         "recurrent_kernel": jax.random.normal(k2, (hidden, 4 * hidden)) * np.sqrt(1.0 / hidden),
         "bias": bias,
-        "out_kernel": jax.random.normal(k3, (hidden, 1)) * (0.01 / np.sqrt(hidden)),
+        "out_kernel": jax.random.normal(k3, (hidden, 1)) * out_scale,
         "out_bias": jnp.zeros((1,)),
     }
 

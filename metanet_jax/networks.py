@@ -137,27 +137,36 @@ def _flat_dim(specs, in_shape) -> list[tuple[int, ...]]:
     return shapes
 
 
-def init_network(key: Array, specs, in_shape, extra_head: int | None = None) -> Params:
-    """He-normal kernels (fan-in), no biases; BatchNorm scale 1, offset 0.
+def init_network(
+    key: Array, specs, in_shape, extra_head: int | None = None, init: str = "he"
+) -> Params:
+    """Kernels by fan-in, no biases; BatchNorm scale 1, offset 0.
 
     Args:
       key: a typed PRNG key.
       specs: the layers.
       in_shape: shape of one input (no batch axis).
       extra_head: add u's representation head `[features_of_last, extra_head]`.
+      init: "he" (He-normal, truncated, before a ReLU; LeCun-normal otherwise) or "authors"
+        (Chainer v1's default for every layer, as the authors' code: N(0, 1/fan_in)).
     """
     params = {}
     shapes = _flat_dim(specs, in_shape)
-    he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-    lecun = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    if init == "he":
+        he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+        lecun = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+    elif init == "authors":
+        he = lecun = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    else:
+        raise ValueError(f"unknown network init {init!r}; expected 'he' or 'authors'")
     for spec, shape in zip(specs, shapes, strict=True):
         sub = jax.random.fold_in(key, _stable_id(spec.name))
-        init = he if spec.relu else lecun
+        layer_init = he if spec.relu else lecun
         if spec.kind == "conv":
             kshape = (3, 3, shape[-1], spec.features)
         else:
             kshape = (shape[0], spec.features)
-        layer = {"kernel": init(sub, kshape, jnp.float32)}
+        layer = {"kernel": layer_init(sub, kshape, jnp.float32)}
         params[spec.name] = layer
         if spec.batchnorm:
             params[f"bn_{spec.name}"] = {

@@ -31,11 +31,37 @@ class TrainState(NamedTuple):
     key: PRNGKey
 
 
-def make_optimizer(config: MetaNetConfig) -> optax.GradientTransformation:
-    """The authors' optimiser: global-norm clipping (10), then Adam (1e-3)."""
-    return optax.chain(
-        optax.clip_by_global_norm(config.clip_norm), optax.adam(config.learning_rate)
+def learning_rate_schedule(config: MetaNetConfig) -> optax.Schedule:
+    """The learning rate at each update (optax counts updates from 0).
+
+    "constant" (the authors'): `learning_rate` throughout, after a linear warm-up from 0 over
+    `warmup_steps` when that is > 0. "cosine": the same warm-up, then a cosine decay from
+    `learning_rate` to 0 at update `schedule_steps`, and 0 after it.
+    """
+    peak, warmup = config.learning_rate, config.warmup_steps
+    if config.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, peak, warmup, config.schedule_steps, end_value=0.0
+        )
+    if warmup == 0:
+        return optax.constant_schedule(peak)
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
     )
+
+
+def make_optimizer(config: MetaNetConfig) -> optax.GradientTransformation:
+    """The authors' optimiser: global-norm clipping (10), then Adam (1e-3).
+
+    `config.lr_schedule` and `warmup_steps` may replace the constant learning rate
+    (`learning_rate_schedule`). The constant schedule without warm-up passes the float, so
+    the optimiser state has the same tree as before schedules existed.
+    """
+    if config.lr_schedule == "constant" and config.warmup_steps == 0:
+        learning_rate = config.learning_rate
+    else:
+        learning_rate = learning_rate_schedule(config)
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(learning_rate))
 
 
 def _copy(tree):

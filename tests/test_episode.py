@@ -318,3 +318,86 @@ def test_chunk_layout_is_balanced_and_ordered():
     assert index[mask > 0].tolist() == list(range(7))
     index, mask = ep.chunk_layout(3, 5)  # min(T, N) chunks of one
     assert index.shape == (3, 1) and mask.all()
+
+
+def _permute_units(params, perm):
+    """b's output layer and u's head with their output units reordered: unit k -> perm[k]."""
+    out = jax.tree.map(lambda x: x, params)
+    for group, layer in (("base", networks.OUTPUT_LAYER), ("representation", networks.HEAD_LAYER)):
+        kernel = params[group][layer]["kernel"]
+        out[group][layer] = {"kernel": jnp.zeros_like(kernel).at[:, perm].set(kernel)}
+    return out
+
+
+def test_label_units_any_is_invariant_to_where_the_units_are(x64):
+    """With label_units="any", relabelling an episode's classes to other units and moving those
+    units' weights there gives the same loss, logits and gradients (a closed-form symmetry);
+    with labels 0..ways-1 the loss is "first"'s."""
+    first = tiny_config(max_ways=7, compute_dtype="float64")
+    anyu = first.replace(label_units="any")
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), mn.init(jax.random.key(0), first))
+    support, query = tiny_batch(first, batch=1, seed=3)
+    support = mn.Episode(support.x.astype(jnp.float64), support.y)
+    query = mn.Episode(query.x.astype(jnp.float64), query.y)
+    loss_first = jax.jit(lambda p, s, q: mn.episode_loss(p, s, q, first)[0])(params, support, query)
+
+    def loss_logits(p, s, q):
+        loss, aux = mn.episode_loss(p, s, q, anyu)
+        return loss, aux["logits"][0]
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss_logits, has_aux=True))
+    (loss_any, _), g_any = value_and_grad(params, support, query)
+    np.testing.assert_allclose(loss_any, loss_first, rtol=1e-12)
+
+    perm = np.array([4, 0, 6, 1, 2, 3, 5])  # label k -> unit perm[k]
+    moved = _permute_units(params, perm)
+    relabel = lambda e: mn.Episode(e.x, jnp.asarray(perm)[e.y])
+    (loss_moved, logits), g_moved = value_and_grad(moved, relabel(support), relabel(query))
+    np.testing.assert_allclose(loss_moved, loss_any, rtol=1e-10)
+    logits = np.asarray(logits)
+    assert logits.shape[-1] == 7
+    present = perm[: first.ways]
+    absent = np.setdiff1d(np.arange(7), present)
+    assert np.all(logits[:, absent] == -1e9)
+    back = _permute_units(g_any, perm)  # the gradients move with the units
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(g_moved), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+    # Units no support label names get no gradient from this episode.
+    out_grad = np.asarray(g_moved["base"][networks.OUTPUT_LAYER]["kernel"])
+    assert np.all(out_grad[:, absent] == 0) and np.any(out_grad[:, present] != 0)
+
+
+@pytest.mark.parametrize("which", ["generator", "network"])
+def test_authors_init_is_chainer_default(which):
+    """Chainer v1: every linear/conv weight N(0, 1/fan_in), biases and LSTM forget bias 0."""
+    small = tiny_config(conv_channels=8, hidden_units=16, lstm_hidden=32, generator_hidden=32)
+    authors = small.replace(**{f"{which}_init": "authors"})
+    p_small, p_auth = (mn.init(jax.random.key(0), c) for c in (small, authors))
+    if which == "generator":
+        groups = ("example_generator", "task_generator")
+        for g in ("base", "representation"):  # b and u unchanged
+            chex.assert_trees_all_equal(p_small[g], p_auth[g])
+        lstm = p_auth["task_generator"]["representation"]["conv"]
+        assert np.all(np.asarray(lstm["bias"]) == 0)  # forget gate included
+        assert np.all(
+            np.asarray(p_small["task_generator"]["representation"]["conv"]["bias"])[32:64] == 1
+        )
+    else:
+        groups = ("base", "representation")
+        for g in ("example_generator", "task_generator"):
+            chex.assert_trees_all_equal(p_small[g], p_auth[g])
+    flat = jax.tree_util.tree_leaves_with_path({g: p_auth[g] for g in groups})
+    pooled = []  # kernel * sqrt(fan_in) should be N(0, 1) over all kernels
+    for path, leaf in flat:
+        name = jax.tree_util.keystr(path)
+        leaf = np.asarray(leaf)
+        if "bias" in name:
+            assert np.all(leaf == 0), name
+            continue
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        pooled.append((leaf * np.sqrt(fan_in)).ravel())
+    z = np.concatenate(pooled)
+    assert z.size > 2000
+    np.testing.assert_allclose(z.std(), 1.0, atol=0.05)
+    np.testing.assert_allclose(z.mean(), 0.0, atol=0.05)
+    assert np.abs(z).max() > 2.5  # not truncated at 2 sigma (He's truncated normal is)

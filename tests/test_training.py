@@ -139,3 +139,45 @@ def test_init_train_state_copies_inputs():
     assert state.params["base"]["out"]["kernel"] is not params["base"]["out"]["kernel"]
     assert int(state.step) == 0
     assert jnp.issubdtype(state.key.dtype, jax.dtypes.prng_key)
+
+
+def test_learning_rate_schedules_closed_form():
+    cosine = tiny_config(lr_schedule="cosine", warmup_steps=10, schedule_steps=110)
+    lr = mn.training.learning_rate_schedule(cosine)
+    peak = cosine.learning_rate
+    for t, expected in [
+        (0, 0.0),
+        (5, peak * 5 / 10),
+        (10, peak),
+        (60, peak * 0.5 * (1 + np.cos(np.pi * 50 / 100))),
+        (110, 0.0),
+        (500, 0.0),
+    ]:
+        np.testing.assert_allclose(float(lr(t)), expected, rtol=1e-6, atol=1e-12)
+    warm = mn.training.learning_rate_schedule(tiny_config(warmup_steps=4))
+    np.testing.assert_allclose([float(warm(t)) for t in (0, 2, 4, 100)], [0, peak / 2, peak, peak])
+    with pytest.raises(ValueError, match="schedule_steps > warmup_steps"):
+        tiny_config(lr_schedule="cosine", warmup_steps=10, schedule_steps=10)
+
+
+def test_scheduled_adam_matches_hand_written_adam():
+    """Two updates of clip + Adam with the cosine schedule against Adam written by hand."""
+    config = tiny_config(lr_schedule="cosine", warmup_steps=1, schedule_steps=3, clip_norm=1e6)
+    params = {"w": jnp.array([1.0, -2.0])}
+    grads = [{"w": jnp.array([0.5, 0.1])}, {"w": jnp.array([-0.3, 0.2])}]
+    opt = mn.make_optimizer(config)
+    state = opt.init(params)
+    p = params
+    for g in grads:
+        updates, state = opt.update(g, state, p)
+        p = optax.apply_updates(p, updates)
+    m = v = np.zeros(2)
+    w = np.array([1.0, -2.0])
+    for t, g in enumerate(grads):
+        g = np.asarray(g["w"])
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        mh, vh = m / (1 - 0.9 ** (t + 1)), v / (1 - 0.999 ** (t + 1))
+        # lr at update t: warm-up 0 at t=0, then cosine from the peak at t=1 to 0 at t=3.
+        lr = 0.0 if t == 0 else config.learning_rate * 0.5 * (1 + np.cos(np.pi * (t - 1) / 2))
+        w = w - lr * mh / (np.sqrt(vh) + 1e-8)
+    np.testing.assert_allclose(np.asarray(p["w"]), w, rtol=1e-6)

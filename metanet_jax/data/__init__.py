@@ -30,6 +30,7 @@ from metanet_jax.data.sampler import (
     pixel_permutations,
     sample_episode_indices,
     sample_episodes,
+    spread_labels,
 )
 
 __all__ = [
@@ -52,5 +53,6 @@ __all__ = [
     "pixel_permutations",
     "sample_episode_indices",
     "sample_episodes",
+    "spread_labels",
     "strokes_to_ink",
 ]

@@ -208,12 +208,26 @@ def _carve(pool: ClassImages, n: int, rng: np.random.Generator) -> tuple[ClassIm
     return pool.select(np.sort(perm[n:])), pool.select(np.sort(perm[:n]))
 
 
+def _carve_alphabets(
+    pool: ClassImages, n: int, rng: np.random.Generator
+) -> tuple[ClassImages, ClassImages]:
+    """`(rest, carved)`: every character of `n` whole alphabets of `pool`, the alphabets drawn
+    by `rng.permutation` over the sorted alphabet names; both in id order."""
+    names = np.unique(pool.alphabets)
+    if not 0 < n < len(names):
+        raise ValueError(f"validation_alphabets={n} must be in [1, {len(names)}) for this scheme.")
+    chosen = names[rng.permutation(len(names))[:n]]
+    held = np.isin(pool.alphabets, chosen)
+    return pool.select(np.flatnonzero(~held)), pool.select(np.flatnonzero(held))
+
+
 def load_omniglot(
     split_scheme: str = "standard",
     *,
     manual_dir: str | os.PathLike | None = None,
     data_dir: str | os.PathLike | None = None,
     validation_classes: int = DEFAULT_VALIDATION_CLASSES,
+    validation_alphabets: int = 0,
     seed: int = DEFAULT_SPLIT_SEED,
 ) -> dict[str, ClassImages]:
     """Omniglot's characters split into train, validation and test classes.
@@ -231,11 +245,20 @@ def load_omniglot(
       validation = `V` characters of the *other* background characters (`rng.permutation` over
       them, ascending id); test = the 659 evaluation characters.
 
+    With `validation_alphabets = A > 0` (standard and small schemes), validation is instead
+    every character of `A` whole background alphabets (`rng.permutation` over the sorted
+    alphabet names, among those not in the training subset for the small schemes), as the
+    test set is whole alphabets never seen in training; `validation_classes` is then unused.
+    Validation characters carved from the training alphabets read higher than test
+    (characters of a known alphabet are easier); held-out alphabets predict test better.
+
     Args:
       split_scheme: one of `SPLIT_SCHEMES`.
       manual_dir: local zips (see `load_omniglot_parts`).
       data_dir: writable cache folder (see `load_omniglot_parts`).
       validation_classes: `V`, characters carved for validation (0 allowed).
+      validation_alphabets: `A`, whole background alphabets held out for validation instead
+        (0: carve `V` characters).
       seed: the split's seed (recorded default `DEFAULT_SPLIT_SEED = 0`).
 
     Returns:
@@ -247,13 +270,22 @@ def load_omniglot(
     v = int(validation_classes)
     if v < 0:
         raise ValueError(f"validation_classes must be >= 0, got {v}.")
+    a = int(validation_alphabets)
+    if a < 0:
+        raise ValueError(f"validation_alphabets must be >= 0, got {a}.")
+    if a and split_scheme == "previous":
+        raise ValueError(
+            "validation_alphabets needs a scheme whose test set is whole alphabets (standard, "
+            "small1, small2, small); the previous split mixes alphabets: use validation_classes"
+        )
     parts = load_omniglot_parts(
-        _parts_for(split_scheme, v), manual_dir=manual_dir, data_dir=data_dir
+        _parts_for(split_scheme, max(v, a)), manual_dir=manual_dir, data_dir=data_dir
     )
     rng = np.random.default_rng(seed)
     test = parts["evaluation"]
+    carve = (lambda pool: _carve_alphabets(pool, a, rng)) if a else (lambda p: _carve(p, v, rng))
     if split_scheme == "standard":
-        train, val = _carve(parts["background"], v, rng)
+        train, val = carve(parts["background"])
     elif split_scheme == "previous":
         every = _concat(parts["background"], test)
         every = every.select(np.argsort(every.class_ids, kind="stable"))
@@ -270,9 +302,9 @@ def load_omniglot(
         train = _concat(*smalls)
         _, unique = np.unique(train.class_ids, return_index=True)  # first copy, id order
         train = train.select(unique)
-        if v == 0:
+        if v == 0 and a == 0:
             val = _empty_like(train)
         else:
             bg = parts["background"]
-            _, val = _carve(bg.select(~np.isin(bg.class_ids, train.class_ids)), v, rng)
+            _, val = carve(bg.select(~np.isin(bg.class_ids, train.class_ids)))
     return {"train": train, "validation": val, "test": test}

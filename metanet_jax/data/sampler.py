@@ -343,3 +343,31 @@ def fixed_eval_episodes(
             rotations_as_classes=rotations_as_classes,
             permutations=permutations,
         )
+
+
+@functools.partial(jax.jit, static_argnames=("ways", "units"))
+def spread_labels(
+    key: jax.Array, support: Episode, query: Episode, ways: int, units: int
+) -> tuple[Episode, Episode]:
+    """Gives each episode's classes distinct labels drawn at random from `0..units-1`.
+
+    Label `i` of episode `b` becomes `labels[b, i]`, the `i`-th of `ways` distinct values of
+    `range(units)` in uniformly random order (top-k of i.i.d. uniforms), in support and query
+    alike. With `MetaNetConfig.label_units="any"` this trains every output unit of a model with
+    `max_ways = units`, not only the first `ways`.
+
+    Args:
+      key: a PRNG key.
+      support, query: a batch from `sample_episodes`, labels `[B, n]` in `0..ways-1`.
+      ways: classes per episode.
+      units: the labels' range (>= ways).
+
+    Returns:
+      `(support, query)` with the same images and relabelled `y`.
+    """
+    b = support.y.shape[0]
+    if units < ways:
+        raise ValueError(f"units={units} must be >= ways={ways}")
+    _, labels = jax.lax.top_k(jax.random.uniform(key, (b, units)), ways)
+    relabel = lambda y: jnp.take_along_axis(labels.astype(jnp.int32), y, axis=1)
+    return Episode(support.x, relabel(support.y)), Episode(query.x, relabel(query.y))

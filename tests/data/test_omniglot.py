@@ -151,3 +151,25 @@ def test_import_does_not_import_tensorflow():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("scheme", ["standard", "small1"])
+def test_validation_alphabets_are_whole_held_out_alphabets(scheme, datasets_root, cache_dir):
+    kw = dict(manual_dir=datasets_root, data_dir=cache_dir)
+    split = data.load_omniglot(scheme, validation_alphabets=3, **kw)
+    bg = data.load_omniglot_parts(("background",), **kw)["background"]
+    val_alphabets = set(split["validation"].alphabets)
+    assert len(val_alphabets) == 3
+    # Every background character of those alphabets, and no other character, is validation.
+    expected = {c for c, a in zip(bg.class_ids, bg.alphabets, strict=True) if a in val_alphabets}
+    assert set(split["validation"].class_ids) == expected
+    assert not val_alphabets & set(split["train"].alphabets)
+    assert not val_alphabets & set(split["test"].alphabets)
+    if scheme == "standard":  # the other 27 background alphabets are all training
+        assert split["train"].num_classes + len(expected) == 964
+    again = data.load_omniglot(scheme, validation_alphabets=3, **kw)
+    np.testing.assert_array_equal(again["validation"].class_ids, split["validation"].class_ids)
+    with pytest.raises(ValueError, match="previous split mixes alphabets"):
+        data.load_omniglot("previous", validation_alphabets=3, **kw)
+    with pytest.raises(ValueError, match="validation_alphabets=30"):
+        data.load_omniglot("standard", validation_alphabets=30, **kw)

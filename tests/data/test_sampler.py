@@ -150,3 +150,24 @@ def test_real_omniglot_episode(omniglot_parts):
         data.sample_episodes(jax.random.key(0), imgs, 5, 1, 20, 16)
     with pytest.raises(ValueError, match="ways"):
         data.sample_episodes(jax.random.key(0), imgs, 660, 1, 1, 1, rotate=False)
+
+
+def test_spread_labels_draws_distinct_units_and_keeps_classes(images):
+    ways, units, batch = 3, 7, 64
+    support, query = data.sample_episodes(jax.random.key(0), images, ways, 1, 2, batch)
+    s2, q2 = data.spread_labels(jax.random.key(1), support, query, ways, units)
+    np.testing.assert_array_equal(s2.x, support.x)
+    np.testing.assert_array_equal(q2.x, query.x)
+    sy, qy, s2y, q2y = (np.asarray(a) for a in (support.y, query.y, s2.y, q2.y))
+    seen = set()
+    for b in range(batch):
+        mapping = {}  # old label -> new label, from the support set
+        for old, new in zip(sy[b], s2y[b], strict=True):
+            assert mapping.setdefault(old, new) == new
+        assert len(set(mapping.values())) == ways  # distinct
+        assert all(0 <= v < units for v in mapping.values())
+        assert [mapping[o] for o in qy[b]] == list(q2y[b])  # queries follow their class
+        seen |= set(mapping.values())
+    assert seen == set(range(units))  # every unit is used somewhere in 64 episodes
+    with pytest.raises(ValueError, match="units=2 must be >= ways=3"):
+        data.spread_labels(jax.random.key(1), support, query, ways, 2)

@@ -129,3 +129,18 @@ def test_config_json_round_trip():
     assert again == config
     with pytest.raises(ValueError, match="unknown"):
         checkpointing.config_from_dict({"nonsense": 1})
+
+
+def test_saved_config_without_later_fields_keeps_its_old_behaviour():
+    """A configuration saved before generator_init, network_init, the schedule and label_units
+    existed loads with the values that reproduce what it did then."""
+    from metanet_jax import checkpointing
+    from metanet_jax.config import MetaNetConfig
+
+    saved = checkpointing.config_to_dict(MetaNetConfig(ways=5))
+    for name in ("generator_init", "network_init", "lr_schedule", "warmup_steps",
+                 "schedule_steps", "label_units"):  # fmt: skip
+        del saved[name]
+    config = checkpointing.config_from_dict(saved)
+    assert (config.generator_init, config.network_init) == ("small", "he")
+    assert (config.lr_schedule, config.warmup_steps, config.label_units) == ("constant", 0, "first")
