@@ -86,11 +86,16 @@ def register_workdir_validator(name: str = "workdir", flag_values=flags.FLAGS) -
 
 
 def handle_startup_signals(prog: str | None = None, detail: str = "nothing to save") -> None:
-    """SIGINT and SIGTERM print one line and exit with status 128 + the signal's number.
+    """SIGINT and SIGTERM print one line and exit at once with status 128 + their number.
 
     Call it first in a program, before the slow imports (JAX): without it a SIGTERM during
     start-up ends the process silently (status 143) and a SIGINT prints a traceback. The
     training loop installs its own handlers (save a checkpoint and stop) and restores these.
+    The exit is `os._exit`: an exception raised by a signal handler can land in code that
+    swallows it (a garbage-collection callback during JAX's start-up did). While these
+    handlers are in force the programs write only config.json and the data caches, each to a
+    temporary name then renamed, so nothing half-written is left under its real name (a
+    first-time data preparation stopped this way leaves what a SIGKILL would).
     """
     import signal
 
@@ -103,7 +108,7 @@ def handle_startup_signals(prog: str | None = None, detail: str = "nothing to sa
         sys.stderr.write(f"{prog}: {name} received outside the training loop ({detail}): "
                          f"exiting with status {code}\n")  # fmt: skip
         sys.stderr.flush()
-        raise SystemExit(code)
+        os._exit(code)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, handler)
