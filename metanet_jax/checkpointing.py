@@ -184,6 +184,7 @@ class Checkpointer:
         # Opened on the first save: orbax's manager reads every checkpoint's metrics when it
         # opens, so corrupt ones must have been set aside by then (see `_writer`).
         self._manager: ocp.CheckpointManager | None = None
+        self._unverified: set[int] = set()  # steps without digests already warned about
 
     # -- queries
     def steps(self) -> list[int]:
@@ -364,8 +365,8 @@ class Checkpointer:
           step: the checkpoint.
           like: a train state of the right structure, or a function of the checkpoint's
             (verified) metadata returning one.
-          warn: called once when the checkpoint has no digests (written by an earlier
-            version): it loads unverified.
+          warn: called when the checkpoint has no digests (written by an earlier version; once
+            per step and `Checkpointer`): it loads unverified.
 
         Returns:
           `(state, meta)`.
@@ -391,12 +392,13 @@ class Checkpointer:
             raise self._corrupt(step, "unreadable", cause) from e
         tree = restored["state"]
         integrity = meta.get(INTEGRITY)
-        if integrity is None:
+        if integrity is None and step not in self._unverified:
+            self._unverified.add(step)
             warn(
                 f"checkpoint {path} has no integrity digests (written by an earlier version): "
                 "loaded without verifying its contents"
             )
-        else:
+        elif integrity is not None:
             saved, now = integrity["arrays"], tree_digests(tree)
             bad = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
             if bad:
@@ -459,9 +461,11 @@ class Checkpointer:
             return state, meta
         if not corrupt:
             return None
+        refuse = "" if self.read_only else (
+            "; refusing to start again from scratch (move the folder away to do that)"
+        )  # fmt: skip
         raise CheckpointError(
-            f"none of the {len(corrupt)} checkpoints in {self.directory} is good; refusing to "
-            "start again from scratch (move the folder away to do that): "
+            f"none of the {len(corrupt)} checkpoints in {self.directory} is good{refuse}: "
             + " | ".join(str(e) for e in corrupt)
         )
 
