@@ -176,6 +176,35 @@ def test_garbage_metrics_name_their_path_and_the_previous_checkpoint_is_used(tmp
     assert _set_aside(directory, 2) == ["2.corrupt-metrics"]
 
 
+def _edit_json(path, key, value):
+    data = json.loads(path.read_text())
+    data[key] = value
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        # Valid JSON that is not what was saved: a better validation accuracy (would change
+        # which checkpoint is "best"), an edited wall time in meta.
+        (lambda d: _edit_json(d / "metrics" / "metrics", "validation_accuracy", 0.99), "metrics"),
+        (lambda d: _edit_json(d / "meta" / "metadata", "wall_time_s", 1.0), "meta"),
+    ],
+)
+def test_edited_but_valid_json_is_corrupt_too(tmp_path, edit, reason):
+    directory = tmp_path / "ck"
+    with checkpointing.Checkpointer(directory, keep=10) as ck:
+        ck.save(_state(step=1), dict(_meta(), wall_time_s=5.0), validation_accuracy=0.5)
+        ck.save(_state(step=2), dict(_meta(), wall_time_s=9.0), validation_accuracy=0.6)
+    edit(directory / "2")
+    with checkpointing.Checkpointer(directory, read_only=True) as ck:
+        with pytest.raises(checkpointing.CorruptCheckpoint) as e:
+            ck.restore(2, _state())
+        assert e.value.reason == reason
+        _, meta = ck.restore_best(_state(), warn=lambda m: None)
+    assert meta["step"] == 1
+
+
 def test_nothing_readable_is_one_error_and_nothing_is_renamed(tmp_path):
     directory = tmp_path / "ck"
     _save(directory, [_state(step=1), _state(step=2)], [0.5, None])
