@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from absl import flags
 
@@ -45,6 +46,72 @@ def define_folder(name, default, help_text, *, must_exist=True, flag_values=flag
             message=f"--{name} must name an existing folder",
             flag_values=flag_values,
         )
+
+
+def workdir_problem(path: str, name: str = "workdir") -> str | None:
+    """Why `path` cannot be a run folder, in one line, or `None` (creates nothing).
+
+    A run folder is an existing folder this user can write in, or a path whose nearest
+    existing ancestor is such a folder (it is created there).
+    """
+    p = Path(os.path.expanduser(path))
+    if p.exists() and not p.is_dir():
+        return f"--{name}={path} names a file, not a folder"
+    if p.is_symlink() and not p.exists():
+        return f"--{name}={path} is a broken symbolic link"
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"--{name}={path} cannot be created: {probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        where = "in it" if probe == p else f"in {probe}, so it cannot be created"
+        return f"--{name}={path}: this user cannot write {where} (permission denied)"
+    return None
+
+
+def register_workdir_validator(name: str = "workdir", flag_values=flags.FLAGS) -> None:
+    """`--<name>` must be set and name a folder that can be created or written
+    (`workdir_problem`); checked at parse time, before anything is created."""
+
+    def check(value):
+        if not value:
+            raise flags.ValidationError(f"--{name} must be set to a folder path")
+        problem = workdir_problem(value, name)
+        if problem:
+            raise flags.ValidationError(problem)
+        return True
+
+    flags.register_validator(name, check, flag_values=flag_values)
+
+
+def handle_startup_signals(prog: str | None = None, detail: str = "nothing to save") -> None:
+    """SIGINT and SIGTERM print one line and exit at once with status 128 + their number.
+
+    Call it first in a program, before the slow imports (JAX): without it a SIGTERM during
+    start-up ends the process silently (status 143) and a SIGINT prints a traceback. The
+    training loop installs its own handlers (save a checkpoint and stop) and restores these.
+    The exit is `os._exit`: an exception raised by a signal handler can land in code that
+    swallows it (a garbage-collection callback during JAX's start-up did). While these
+    handlers are in force the programs write only config.json and the data caches, each to a
+    temporary name then renamed, so nothing half-written is left under its real name (a
+    first-time data preparation stopped this way leaves what a SIGKILL would).
+    """
+    import signal
+
+    prog = prog or os.path.basename(sys.argv[0])
+
+    def handler(signum, frame):
+        del frame
+        code = 128 + signum
+        name = signal.Signals(signum).name
+        sys.stderr.write(f"{prog}: {name} received outside the training loop ({detail}): "
+                         f"exiting with status {code}\n")  # fmt: skip
+        sys.stderr.flush()
+        os._exit(code)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)
 
 
 def define_distributed_flags(flag_values=flags.FLAGS) -> None:

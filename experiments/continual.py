@@ -20,7 +20,7 @@ FLAGS = flags.FLAGS
 _D = continual.ContinualSpec(workdir="")
 
 flags.DEFINE_string("workdir", None, "Output folder.")
-flags.register_validator("workdir", lambda v: bool(v), message="--workdir must be set")
+common.register_workdir_validator("workdir")  # set, and a folder this user can write
 flags.DEFINE_enum("split", _D.split, ("standard", "previous", "small1", "small2", "small"),
                   "Omniglot split scheme.")  # fmt: skip
 common.define_folder("datasets", _D.datasets, "Offline data folder (default: $METANET_DATASETS).")

@@ -18,7 +18,11 @@ import os
 from absl import app, flags, logging
 
 from experiments import common
-from metanet_jax import evaluation, experiment, logging_utils
+
+if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
+    common.handle_startup_signals(detail="nothing written")
+
+from metanet_jax import evaluation, experiment, logging_utils  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -59,9 +63,12 @@ def main(argv):
     common.quiet_libraries()
     from metanet_jax import data
 
+    # A corrupt checkpoint is reported in one warning line and the next candidate used, as
+    # in training (the workdir is only read); no good one, or a configuration this version
+    # cannot read: one line, status 1.
     try:
         config, params, meta = evaluation.load_checkpoint_with_meta(FLAGS.workdir, FLAGS.checkpoint)
-    except (FileNotFoundError, evaluation.checkpointing.CheckpointError) as e:
+    except (FileNotFoundError, ValueError, evaluation.checkpointing.CheckpointError) as e:
         common.fail(str(e))
     run = meta.get("flags", {})
     step = meta.get("step")

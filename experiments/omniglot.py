@@ -8,8 +8,11 @@ Every flag is validated before any work: a bad value exits with status 1 and one
 the flag and its allowed range, and nothing (not even the workdir) is created. A run on an
 existing workdir resumes from its latest checkpoint (`--steps` is the total to reach); one
 whose model or data flags differ from the workdir's config.json is refused. SIGINT/SIGTERM
-save a checkpoint and exit (status 0); a NaN/infinite loss stops the run (status 1) keeping
-the last good checkpoint. See metanet_jax/experiment.py and WORKSPACE.md.
+during training save a checkpoint and exit (status 0), during the final test stop it (status
+0; rerun to test), before training starts exit at once (status 130/143), each with one line; a
+NaN/infinite loss stops the run (status 1) keeping the last good checkpoint; a corrupt
+checkpoint is set aside and the previous good one used (metanet_jax/checkpointing.py). See
+metanet_jax/experiment.py and WORKSPACE.md.
 
 The same command runs on one CPU, on every device of a host (the meta-batch is split over
 them) and on several hosts (`--coordinator_address`, `--num_processes`, `--process_id`, or a
@@ -23,17 +26,19 @@ import sys
 from absl import app, flags, logging
 
 from experiments import common
-from metanet_jax import config as config_lib
-from metanet_jax import experiment, logging_utils, parallel
+
+if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
+    common.handle_startup_signals()
+
+from metanet_jax import config as config_lib  # noqa: E402
+from metanet_jax import experiment, logging_utils, parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 _D = experiment.RunSpec(workdir="")  # defaults
 
 # --- where
 flags.DEFINE_string("workdir", None, "Run folder (config.json, checkpoints, metrics, results).")
-flags.register_validator(
-    "workdir", lambda v: bool(v), message="--workdir must be set to a folder path"
-)
+common.register_workdir_validator("workdir")  # set, and a folder this user can write
 flags.DEFINE_enum("dataset", _D.dataset, experiment.DATASETS, "Data set.")
 flags.DEFINE_enum(
     "split", _D.split, ("standard", "previous", "small1", "small2", "small"),

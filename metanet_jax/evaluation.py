@@ -5,6 +5,7 @@ loading a trained run's checkpoint (`load_checkpoint`).
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -141,17 +142,21 @@ def load_checkpoint(
 ) -> tuple[MetaNetConfig, Params]:
     """The model configuration and parameters saved by a training run.
 
+    Corruption is handled as in training (`checkpointing.Checkpointer.restore_best` /
+    `restore_latest`): a corrupt checkpoint is reported in one warning line (its path and
+    the cause) and the next candidate is used; the workdir is only read (nothing renamed).
+
     Args:
       workdir: the run's folder (the one passed as `--workdir`).
-      which: "best" (highest validation accuracy; the latest if none was validated) or
-        "latest" (the newest readable checkpoint, falling back over corrupted ones).
+      which: "best" (highest validation accuracy, falling back to the next best; the latest
+        if none was validated) or "latest" (the newest good checkpoint).
 
     Returns:
       `(config, params)`.
 
     Raises:
       FileNotFoundError: no checkpoint in `workdir`.
-      checkpointing.CheckpointError: the checkpoint(s) cannot be read.
+      checkpointing.CheckpointError: no good checkpoint (one line naming each and its cause).
     """
     config, params, _ = load_checkpoint_with_meta(workdir, which)
     return config, params
@@ -166,25 +171,27 @@ def load_checkpoint_with_meta(
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory})")
-    ckpt = checkpointing.Checkpointer(directory, read_only=True)
-    try:
-        steps = ckpt.steps()
-        if not steps:
-            raise FileNotFoundError(f"no complete checkpoint in {directory}")
-        step = ckpt.best_step() if which == "best" else None
-        step = steps[-1] if step is None else step
-        meta = ckpt.restore_meta(step)
-        config = checkpointing.config_from_dict(meta["model_config"])
-        like = fresh_state(config)
-        if which == "latest":
-            restored = ckpt.restore_latest(like)
-            assert restored is not None
-            state, meta = restored
+    states: dict[str, Any] = {}
+
+    def like(meta):  # one freshly initialised structure per saved configuration
+        if not isinstance(meta.get("model_config"), dict):
+            raise checkpointing.CheckpointError(
+                f"checkpoint {meta.get('step')} in {directory} has no model configuration"
+            )
+        key = json.dumps(meta["model_config"], sort_keys=True)
+        if key not in states:
+            states[key] = fresh_state(checkpointing.config_from_dict(meta["model_config"]))
+        return states[key]
+
+    with checkpointing.Checkpointer(directory, read_only=True) as ckpt:
+        if which == "best":
+            restored = ckpt.restore_best(like)
         else:
-            state, meta = ckpt.restore(step, like)
-    finally:
-        ckpt.close()
-    return config, state.params, meta
+            restored = ckpt.restore_latest(like)
+    if restored is None:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    state, meta = restored
+    return checkpointing.config_from_dict(meta["model_config"]), state.params, meta
 
 
 # ----------------------------------------------------------------------------- protocols

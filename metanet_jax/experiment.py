@@ -143,6 +143,10 @@ class WorkdirMismatch(ValueError):
     """The workdir was created by a run with different model or data flags."""
 
 
+class WorkdirError(ValueError):
+    """The workdir cannot be created or written (names the path and the system's reason)."""
+
+
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
@@ -271,16 +275,29 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
 
 
 def write_workdir_config(spec: RunSpec, config: MetaNetConfig) -> None:
+    """Creates the workdir and writes its config.json.
+
+    Raises:
+      WorkdirError: the folder cannot be created or written (e.g. a file of that name, or
+        no permission), with the path and the reason in one line.
+    """
     workdir = Path(spec.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    logging_utils.write_json_atomic(
-        workdir / "config.json",
-        {
-            "flags": spec.to_dict(),
-            "model_config": checkpointing.config_to_dict(config),
-            "versions": logging_utils.library_versions(),
-        },
-    )
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        logging_utils.write_json_atomic(
+            workdir / "config.json",
+            {
+                "flags": spec.to_dict(),
+                "model_config": checkpointing.config_to_dict(config),
+                "versions": logging_utils.library_versions(),
+            },
+        )
+    except OSError as e:
+        raise WorkdirError(
+            f"--workdir={spec.workdir}: cannot create or write it ({e.strerror or e}"
+            + (f": {e.filename}" if e.filename else "")
+            + ")"
+        ) from e
 
 
 # ----------------------------------------------------------------------------- signals
@@ -401,7 +418,8 @@ def train(
       `results.json`.
 
     Raises:
-      WorkdirMismatch, FileNotFoundError, checkpointing.CheckpointError: before training.
+      WorkdirMismatch, WorkdirError, FileNotFoundError, checkpointing.CheckpointError:
+        before training.
       ValueError: bad sizes, e.g. a meta-batch that the devices do not divide (at once).
     """
     t_start = time.time()
@@ -447,7 +465,15 @@ def train(
                         step_factory, meta_base, wall_before, t_start, mesh)  # fmt: skip
         if outcome["status"] != "completed":
             return outcome
-        return _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, mesh)
+        try:
+            results = _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before,
+                              mesh, stop)  # fmt: skip
+        except _Interrupted:
+            return _interrupted_test(stop, ckpt)
+        if stop.signal_name is not None:
+            logging.warning("%s received after the final test: the results were written in full",
+                            stop.signal_name)  # fmt: skip
+        return results
     finally:
         stop.close()
         writer.close()
@@ -553,13 +579,16 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
             avg = {k: float(np.mean(v)) for k, v in window.items()}
             eps = steps_window * spec.meta_batch / max(now - t_window, 1e-9)
             avg["episodes_per_s"] = eps
+            # The averages cover the steps of this window run by this process: after a resume
+            # in the middle of a window (or at the last step) fewer than --log_every.
+            avg["window_steps"] = steps_window
             writer.write(done, avg)
             rate = (done - start) / max(now - t_seg, 1e-9)
-            logging.info(
-                logging_utils.progress_line(
-                    done, total, eps, avg["loss"], avg["accuracy"], (total - done) / rate
-                )
+            line = logging_utils.progress_line(
+                done, total, eps, avg["loss"], avg["accuracy"], (total - done) / rate
             )
+            logging.info(line + logging_utils.window_note(steps_window, spec.log_every, done,
+                                                          start))  # fmt: skip
             window, t_window, steps_window = {}, now, 0
         validated = None
         if done % spec.eval_every == 0 or done == total:
@@ -606,25 +635,47 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
     }
 
 
-def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, mesh):
-    best = ckpt.best_step()
-    step = best if best is not None else ckpt.latest_step()
-    state, meta = ckpt.restore(step, evaluation.fresh_state(config))
+class _Interrupted(Exception):
+    """A signal arrived during the final test (raised between evaluation batches)."""
+
+
+def _interruptible(batches, stop: StopRequest):
+    """`batches`, stopping with `_Interrupted` before the next one once a signal arrived."""
+    for batch in batches:
+        if stop.signal_name is not None:
+            raise _Interrupted
+        yield batch
+    if stop.signal_name is not None:
+        raise _Interrupted
+
+
+def _interrupted_test(stop: StopRequest, ckpt: checkpointing.Checkpointer) -> dict[str, Any]:
+    step = ckpt.latest_step()
+    logging.warning(
+        "%s received during the final test: stopped it; training is complete (checkpoint of "
+        "step %d in %s); run the same command again to test",
+        stop.signal_name,
+        step,
+        ckpt.directory,
+    )
+    return {"status": "interrupted", "step": step, "signal": stop.signal_name, "phase": "test"}
+
+
+def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, mesh, stop):
+    # The best good checkpoint: a corrupt one is set aside and the next best used.
+    restored = ckpt.restore_best(evaluation.fresh_state(config))
+    assert restored is not None  # the loop saved the last step at least
+    state, _ = restored
+    step = int(state.step)
     test_cfg = evaluation.eval_config(config, spec.ways, spec.shots, spec.eval_queries_per_class)
     t0 = time.time()
+    images = jax.device_put(splits["test"])
+    batches = _eval_batches(images, test_cfg, spec.test_episodes, spec, TEST_SEED)
     test = evaluation.evaluate(
-        state.params,
-        test_cfg,
-        _eval_batches(
-            jax.device_put(splits["test"]), test_cfg, spec.test_episodes, spec, TEST_SEED
-        ),  # fmt: skip
-        keep_first=True,
+        state.params, test_cfg, _interruptible(batches, stop), keep_first=True
     )
     logging.info("test (checkpoint of step %d) %s", step, test.line())
-    val = None
-    for info_step in ckpt.steps():
-        if info_step == step:
-            val = _validation_of(ckpt, step)
+    val = ckpt.validation_accuracy(step)
     workdir = Path(spec.workdir)
     counts = parallel.device_counts(mesh)
     results: dict[str, Any] = {
@@ -643,7 +694,7 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, m
         "episodes_per_s": outcome.get("episodes_per_s"),
     }
     if spec.mnist_test_episodes:
-        results.update(_mnist_out_of_domain(spec, config, state.params))
+        results.update(_mnist_out_of_domain(spec, config, state.params, stop))
     results["wall_time_s"] = wall_before + time.time() - t_start
     results["test_time_s"] = time.time() - t0
     if not parallel.is_primary():
@@ -659,23 +710,14 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, m
     return dict(results, status="completed")
 
 
-def _validation_of(ckpt: checkpointing.Checkpointer, step: int) -> float | None:
-    path = ckpt.step_path(step) / "metrics" / "metrics"
-    try:
-        return float(json.loads(path.read_text())[checkpointing.VALIDATION_METRIC])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params) -> dict[str, Any]:
+def _mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params, stop) -> dict[str, Any]:
     from metanet_jax import data
 
     mnist = data.load_mnist(manual_dir=spec.datasets)
     cfg = evaluation.eval_config(config, 10, 1, spec.eval_queries_per_class)
     images = jax.device_put(mnist["test"].images)
-    result = evaluation.evaluate(
-        params, cfg, _eval_batches(images, cfg, spec.mnist_test_episodes, spec, MNIST_SEED)
-    )
+    batches = _eval_batches(images, cfg, spec.mnist_test_episodes, spec, MNIST_SEED)
+    result = evaluation.evaluate(params, cfg, _interruptible(batches, stop))
     logging.info("MNIST 10-way 1-shot (out of domain) %s", result.line())
     return {"mnist_accuracy": result.mean, "mnist_ci95": result.ci95,
             "mnist_episodes": result.episodes}  # fmt: skip

@@ -100,7 +100,8 @@ class _EventWriter:
 class MetricsWriter:
     """Scalars to TensorBoard (`<workdir>/tensorboard`) and to `<workdir>/metrics.jsonl`.
 
-    Each `write` appends one JSON line `{"step": s, "wall_time": t, **values}`. On resume,
+    Each `write` appends one JSON line `{"step": s, "wall_time": t, **values}` (a training
+    record's `window_steps` says how many steps its averages cover). On resume,
     lines with a step above the resumed step are dropped first, so the file never holds two
     records of one step from different runs.
     """
@@ -165,6 +166,27 @@ def progress_line(
         f"step {step}/{total}  episodes/s {episodes_per_s:.1f}  loss {loss:.3f}  "
         f"train acc {accuracy:.3f}  ETA {format_duration(eta_s)}"
     )
+
+
+def window_note(steps: int, log_every: int, step: int, resumed_at: int) -> str:
+    """What a progress line's averages cover when that is not the last `log_every` steps.
+
+    Args:
+      steps: the steps averaged (those of the window run by this process).
+      log_every: the window length.
+      step: the step of the line (the last of the window).
+      resumed_at: the step this process started from.
+
+    Returns:
+      `""` for a full window, else e.g. `"  (averages of the 3 steps since the resume at step
+      27)"` or `"  (averages of the last 2 steps)"`.
+    """
+    if steps >= log_every:
+        return ""
+    unit = "step" if steps == 1 else "steps"
+    if step - steps == resumed_at and resumed_at % log_every:
+        return f"  (averages of the {steps} {unit} since the resume at step {resumed_at})"
+    return f"  (averages of the last {steps} {unit})"
 
 
 class ProgressBar:

@@ -89,7 +89,9 @@ def test_corrupted_latest_falls_back_to_the_previous_with_a_message_naming_it(tm
     assert int(restored.step) == 1 and meta["step"] == 1
     assert len(messages) == 1
     assert str(directory / "2") in messages[0]
-    assert "corrupted or truncated" in messages[0] and "step 1" in messages[0]
+    assert "is corrupt" in messages[0] and "step 1" in messages[0]
+    assert "set aside as 2.corrupt-unreadable" in messages[0]
+    assert (directory / "2.corrupt-unreadable").is_dir()  # renamed, not deleted
 
 
 def test_no_readable_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
