@@ -49,6 +49,11 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- config <-> JSON
+# What a field missing from a saved configuration (config.json flags, checkpoint meta) means,
+# for fields whose default changed when they were added: the behaviour before they existed.
+LEGACY_DEFAULTS: Mapping[str, Any] = {"bn_statistics": "per_pass"}
+
+
 def config_to_dict(config: MetaNetConfig) -> dict[str, Any]:
     """A JSON-ready dict of every `MetaNetConfig` field (tuples become lists)."""
     out = {}
@@ -59,11 +64,13 @@ def config_to_dict(config: MetaNetConfig) -> dict[str, Any]:
 
 
 def config_from_dict(values: Mapping[str, Any]) -> MetaNetConfig:
-    """Inverse of `config_to_dict` (unknown keys are an error, lists become tuples)."""
+    """Inverse of `config_to_dict` (unknown keys are an error, lists become tuples; a missing
+    field takes its `LEGACY_DEFAULTS` value, else the default)."""
     names = {f.name for f in dataclasses.fields(MetaNetConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown MetaNetConfig fields in a saved config: {unknown}")
+    values = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in names}, **values}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return MetaNetConfig(**kwargs)
 

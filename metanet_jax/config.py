@@ -16,6 +16,7 @@ QUERY_PATHS = ("auto", "stacked", "patches", "per_query")
 TASK_BATCHING = ("auto", "loop", "scan", "vmap")
 BASE_INPUTS = ("x", "r")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+BN_STATISTICS = ("authors", "per_pass")
 
 # Per-architecture defaults (METANET.md, "Architectures").
 _ARCH_DEFAULTS = {
@@ -69,6 +70,16 @@ class MetaNetConfig:
       learning_rate, clip_norm: the outer optimiser (Adam after global-norm clipping).
       compute_dtype: dtype of the networks' activations and convolutions ("float32" default;
         parameters and optimiser state stay float32).
+      bn_statistics: which examples a BatchNorm layer's statistics span (no effect without
+        BatchNorm layers). "authors" (default; the authors' MetaNetPartial.py): b's
+        per-example meta-gradients, u's representation-loss chunks (and MetaNet+'s chunks of
+        b) use the statistics of the whole support set, u's keys normalise the support set
+        and the queries separately. "per_pass" (the behaviour before this field existed,
+        and what a saved configuration without it means): each pass through a network
+        normalises over the examples of that pass, i.e. one support example for its
+        meta-gradient (instance normalisation), one chunk for the representation loss, the
+        support set and the queries together for the keys. Either way b's queries use the
+        statistics of the query set. See `episode.task_forward`.
     """
 
     ways: int = 5
@@ -99,6 +110,7 @@ class MetaNetConfig:
     learning_rate: float = 1e-3
     clip_norm: float = 10.0
     compute_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
+    bn_statistics: Literal["authors", "per_pass"] = "authors"
 
     def __post_init__(self):
         def positive(name):
@@ -117,6 +129,7 @@ class MetaNetConfig:
             ("task_batching", TASK_BATCHING),
             ("base_input", BASE_INPUTS),
             ("compute_dtype", COMPUTE_DTYPES),
+            ("bn_statistics", BN_STATISTICS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
