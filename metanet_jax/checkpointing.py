@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from metanet_jax.config import MetaNetConfig
+from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
 from metanet_jax.training import TrainState
 
 VALIDATION_METRIC = "validation_accuracy"
@@ -49,11 +49,6 @@ class CheckpointError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- config <-> JSON
-# What a field missing from a saved configuration (config.json flags, checkpoint meta) means,
-# for fields whose default changed when they were added: the behaviour before they existed.
-LEGACY_DEFAULTS: Mapping[str, Any] = {"bn_statistics": "per_pass"}
-
-
 def config_to_dict(config: MetaNetConfig) -> dict[str, Any]:
     """A JSON-ready dict of every `MetaNetConfig` field (tuples become lists)."""
     out = {}
@@ -64,14 +59,14 @@ def config_to_dict(config: MetaNetConfig) -> dict[str, Any]:
 
 
 def config_from_dict(values: Mapping[str, Any]) -> MetaNetConfig:
-    """Inverse of `config_to_dict` (unknown keys are an error, lists become tuples; a missing
-    field takes its `LEGACY_DEFAULTS` value, else the default)."""
+    """Inverse of `config_to_dict` (unknown keys are an error, lists become tuples)."""
     names = {f.name for f in dataclasses.fields(MetaNetConfig)}
     unknown = sorted(set(values) - names)
     if unknown:
         raise ValueError(f"unknown MetaNetConfig fields in a saved config: {unknown}")
-    values = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k in names}, **values}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    # A configuration saved before a field existed keeps the behaviour it had then.
+    kwargs = {**{k: v for k, v in LEGACY_VALUES.items() if k not in kwargs}, **kwargs}
     return MetaNetConfig(**kwargs)
 
 

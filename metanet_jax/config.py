@@ -18,6 +18,13 @@ BASE_INPUTS = ("x", "r")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 BN_STATISTICS = ("authors", "per_pass")
 
+# Fields added after configurations were first saved, with the value that reproduces what a
+# configuration saved without them meant (`checkpointing.config_from_dict`). A field's current
+# default may differ: a checkpoint written before the field existed must keep its behaviour.
+LEGACY_VALUES = {
+    "bn_statistics": "per_pass",
+}
+
 # Per-architecture defaults (METANET.md, "Architectures").
 _ARCH_DEFAULTS = {
     "omniglot_cnn": dict(conv_channels=64, num_conv_layers=5, hidden_units=64, batchnorm_layers=0),

@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 
 from metanet_jax import checkpointing, evaluation, logging_utils, parallel
-from metanet_jax.config import MetaNetConfig
+from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
 from metanet_jax.episode import init
 from metanet_jax.training import init_train_state, make_optimizer, make_train_step
 
@@ -70,6 +70,13 @@ MUTABLE_FIELDS = frozenset(
         "log_every",
     }
 )
+
+
+# RunSpec fields added after workdirs were first written, with the value a config.json
+# without them meant (the model's fields as in `config.LEGACY_VALUES`).
+LEGACY_RUN_VALUES = {
+    **LEGACY_VALUES,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,10 +243,10 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     saved = json.loads(path.read_text())
     flags = saved.get("flags", {})
     now = spec.to_dict()
-    # A field added after the workdir was created counts as what the code did before it
-    # existed: its legacy value where the default changed, else its default.
+    # A field added after the workdir was created counts as what the run did before the field
+    # existed: its legacy value where it has one, else its default.
     defaults = {f.name: f.default for f in dataclasses.fields(RunSpec)}
-    defaults.update(checkpointing.LEGACY_DEFAULTS)
+    defaults.update(LEGACY_RUN_VALUES)
     was = {k: flags.get(k, defaults.get(k)) for k in now}
     ignored = set(MUTABLE_FIELDS)
     if not MetaNetConfig(architecture=spec.architecture).resolved("batchnorm_layers"):
