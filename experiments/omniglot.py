@@ -69,6 +69,10 @@ common.define_int("eval_queries_per_class", _D.eval_queries_per_class, 1, 100,
 common.define_int("max_ways", _D.max_ways, 2, 1000,
                   "Output units of b (>= ways), to test on more ways than trained.",
                   allow_none=True)  # fmt: skip
+common.define_int("eval_ways", _D.eval_ways, 2, 1000,
+                  "Classes per validation and test episode (unset: --ways); at most --max_ways "
+                  "(else --ways): they use b's first eval_ways output units.",
+                  allow_none=True)  # fmt: skip
 flags.DEFINE_bool("rotate", _D.rotate, "Rotate each training class by k*90 degrees.")
 flags.DEFINE_bool("rotations_as_classes", _D.rotations_as_classes,
                   "The 4 rotations of a training class are 4 classes.")  # fmt: skip
@@ -118,6 +122,11 @@ flags.DEFINE_enum("query_path", _D.query_path, config_lib.QUERY_PATHS,
                   "accelerators), stacked, patches or per_query (README).")  # fmt: skip
 flags.DEFINE_enum("compute_dtype", _D.compute_dtype, config_lib.COMPUTE_DTYPES,
                   "Activation dtype.")  # fmt: skip
+flags.DEFINE_enum("bn_statistics", _D.bn_statistics, config_lib.BN_STATISTICS,
+                  "BatchNorm statistics (Mini-ImageNet network): authors (the whole support "
+                  "set for the meta-gradients, support set and queries apart for the keys) or "
+                  "per_pass (the examples of each pass: what runs made before this flag "
+                  "used); see MetaNetConfig.bn_statistics.")  # fmt: skip
 # --- evaluation, checkpoints, logging
 common.define_int("eval_every", _D.eval_every, 1, 10**8, "Validate every this many steps.")
 common.define_int("eval_episodes", _D.eval_episodes, 1, 10**6, "Validation episodes.")
@@ -154,6 +163,15 @@ def _schedule(v):
 )
 def _validation_alphabets(v):
     return v["validation_alphabets"] == 0 or v["dataset"] != "omniglot" or v["split"] != "previous"
+
+
+@flags.multi_flags_validator(
+    ["ways", "max_ways", "eval_ways"],
+    message="--eval_ways must be unset or <= --max_ways (else --ways): the output units of b",
+)
+def _eval_ways(v):
+    units = v["ways"] if v["max_ways"] is None else v["max_ways"]
+    return v["eval_ways"] is None or v["eval_ways"] <= units
 
 
 @flags.multi_flags_validator(

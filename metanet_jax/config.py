@@ -20,10 +20,11 @@ GENERATOR_INITS = ("small", "authors")
 NETWORK_INITS = ("he", "authors")
 LR_SCHEDULES = ("constant", "cosine")
 LABEL_UNITS = ("first", "any")
+BN_STATISTICS = ("authors", "per_pass")
 
 # Fields added after configurations were first saved, with the value that reproduces what a
-# configuration saved without them meant (`legacy_defaults`). A field's current default may
-# differ: a checkpoint written before the field existed must keep its behaviour.
+# configuration saved without them meant (`checkpointing.config_from_dict`). A field's current
+# default may differ: a checkpoint written before the field existed must keep its behaviour.
 LEGACY_VALUES = {
     "generator_init": "small",
     "network_init": "he",
@@ -31,6 +32,7 @@ LEGACY_VALUES = {
     "warmup_steps": 0,
     "schedule_steps": 0,
     "label_units": "first",
+    "bn_statistics": "per_pass",
 }
 
 # Per-architecture defaults (METANET.md, "Architectures").
@@ -105,6 +107,16 @@ class MetaNetConfig:
         among the support set's labels (the others are masked out), so a model trained
         5-way with 20 units trains all 20 (episodes with labels 0..ways-1 give the same
         results as "first").
+      bn_statistics: which examples a BatchNorm layer's statistics span (no effect without
+        BatchNorm layers). "authors" (default; the authors' MetaNetPartial.py): b's
+        per-example meta-gradients, u's representation-loss chunks (and MetaNet+'s chunks of
+        b) use the statistics of the whole support set, u's keys normalise the support set
+        and the queries separately. "per_pass" (the behaviour before this field existed,
+        and what a saved configuration without it means): each pass through a network
+        normalises over the examples of that pass, i.e. one support example for its
+        meta-gradient (instance normalisation), one chunk for the representation loss, the
+        support set and the queries together for the keys. Either way b's queries use the
+        statistics of the query set. See `episode.task_forward`.
     """
 
     ways: int = 5
@@ -141,6 +153,7 @@ class MetaNetConfig:
     warmup_steps: int = 0
     schedule_steps: int = 0
     label_units: Literal["first", "any"] = "first"
+    bn_statistics: Literal["authors", "per_pass"] = "authors"
 
     def __post_init__(self):
         def positive(name):
@@ -163,6 +176,7 @@ class MetaNetConfig:
             ("network_init", NETWORK_INITS),
             ("lr_schedule", LR_SCHEDULES),
             ("label_units", LABEL_UNITS),
+            ("bn_statistics", BN_STATISTICS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(

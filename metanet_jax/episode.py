@@ -12,6 +12,16 @@ Per task (`task_forward`):
 8. logits_j = b(W, W*_j, x_j); loss = sum_j CE(logits_j, y_j).
 
 `episode_loss` maps that over the task batch (`vmap`, or a sequential `lax.map`).
+
+BatchNorm statistics (Mini-ImageNet network; `MetaNetConfig.bn_statistics`). "authors", as
+the authors' MetaNetPartial.py: steps 1 and 3 (and MetaNet+'s chunks of b) normalise with the
+statistics of the whole support set, each chunk's or example's loss taken on its own rows of
+that one pass; step 5 normalises the support set by itself and step 6 the queries by
+themselves. "per_pass" (before the field existed): every pass normalises over its own
+examples, one example in step 3 (instance normalisation), one chunk in step 1, the support
+set and the queries together in steps 5-6. In both, step 8 normalises over the query set, as
+the authors' code does while training (its `predict` switched Chainer's BatchNorm to running
+averages, which this implementation does not keep: tests normalise like training).
 """
 
 from __future__ import annotations
@@ -206,14 +216,71 @@ def _ce_chunk_loss(specs, config, q_full, x, y, w, support_y):
     return jnp.sum(cross_entropy(logits, y) * w) / jnp.sum(w)
 
 
-def _contrastive_chunk_loss(specs, config, q_full, xa, xb, same, w):
-    ea = networks.apply_network(specs, q_full, xa)
-    eb = networks.apply_network(specs, q_full, xb)
+def _contrastive(config, ea, eb, same, w):
     ea, eb = (e.astype(jnp.promote_types(e.dtype, jnp.float32)) for e in (ea, eb))
     d2 = jnp.sum(jnp.square(ea - eb), axis=-1)
     far = jax.nn.relu(config.contrastive_margin - jnp.sqrt(d2 + 1e-12))
     loss = same * d2 + (1.0 - same) * jnp.square(far)
     return jnp.sum(loss * w) / jnp.sum(w)
+
+
+def _contrastive_chunk_loss(specs, config, q_full, xa, xb, same, w):
+    ea = networks.apply_network(specs, q_full, xa)
+    eb = networks.apply_network(specs, q_full, xb)
+    return _contrastive(config, ea, eb, same, w)
+
+
+def support_statistics(config: MetaNetConfig, specs) -> bool:
+    """Whether the support-set passes through the network `specs` normalise with the whole
+    support set's statistics: `bn_statistics == "authors"` and a layer has BatchNorm (without
+    BatchNorm both settings run the same per-pass program)."""
+    return config.bn_statistics == "authors" and networks.has_batchnorm(specs)
+
+
+def _support_statistics_grads(specs, params, names, x, group_loss, *group_args):
+    """Per-group loss and gradient w.r.t. the subtree `names`, with whole-set statistics.
+
+    Each group's loss (one support example, or one chunk) sees the network's output rows as
+    computed in one pass over all of `x` (BatchNorm statistics of the whole set, themselves
+    functions of the weights and differentiated through, as Chainer's backward does). The
+    layers before the first layer of `names` do not depend on the subtree and run once on all
+    of `x`; after them, when no layer normalises, the rows are independent and a group runs
+    only its own rows, otherwise every group runs the whole set through the remaining layers.
+
+    Args:
+      specs: the network's layers.
+      params: its slow weights.
+      names: the subtree to differentiate (the augmented layers).
+      x: `[N, *input]` the support inputs.
+      group_loss: `(embed, *args) -> scalar`; `embed(index [S]) -> [S, F]` gives the
+        network's output on those rows.
+      *group_args: arrays with a leading group axis `[C, ...]`, mapped over.
+
+    Returns:
+      `(losses [C], grads {name: {"kernel": [C, *k]}})`.
+    """
+    start = networks.first_augmented_index(specs, names)
+    h = networks.apply_network(specs, params, x, stop=start)
+    independent = not networks.has_batchnorm(specs, start)
+
+    def loss(sub, *args):
+        full = {**params, **sub}
+        if independent:
+
+            def embed(index):
+                return networks.apply_network(specs, full, h[index], start=start)
+
+        else:
+            out = networks.apply_network(specs, full, h, start=start)
+
+            def embed(index):
+                return out[index]
+
+        return group_loss(embed, *args)
+
+    in_axes = (None,) + (0,) * len(group_args)
+    sub = networks.subtree(params, names)
+    return jax.vmap(jax.value_and_grad(loss), in_axes)(sub, *group_args)
 
 
 def representation_meta_info(
@@ -223,7 +290,9 @@ def representation_meta_info(
 
     Cross-entropy through u's head over min(T, N) support chunks (authors' code), or the
     contrastive loss over support pairs (paper, shots > 1): all pairs cut into min(T, pairs)
-    chunks, or T sampled pairs when a `key` is given.
+    chunks, or T sampled pairs when a `key` is given. BatchNorm statistics: of the whole
+    support set (`bn_statistics="authors"`) or of each chunk's examples (`"per_pass"`; the
+    contrastive path normalises a chunk's first and second pair members separately).
 
     Args:
       rep_params: Q.
@@ -239,8 +308,20 @@ def representation_meta_info(
     aug = networks.augmented_names(config, "representation")
     q_aug = networks.subtree(rep_params, aug)
     x = support.x
+    whole_set = support_statistics(config, specs)
     if not config.uses_contrastive:
         index, mask = chunk_layout(x.shape[0], config.rep_chunks)
+        if whole_set:
+
+            def ce_loss(embed, idx, w):
+                head = networks.representation_head(rep_params, embed(idx))
+                logits = episode_logits(head, config, support.y)
+                return jnp.sum(cross_entropy(logits, support.y[idx]) * w) / jnp.sum(w)
+
+            losses, grads = _support_statistics_grads(
+                specs, rep_params, aug, x, ce_loss, jnp.asarray(index), jnp.asarray(mask)
+            )
+            return grads, losses
 
         def loss(qa, xi, yi, w):
             return _ce_chunk_loss(specs, config, {**rep_params, **qa}, xi, yi, w, support.y)
@@ -259,6 +340,15 @@ def representation_meta_info(
             pairs = jnp.stack([i, j], -1)[:, None, :]
             mask = jnp.ones((config.rep_chunks, 1), jnp.float32)
         same = (support.y[pairs[..., 0]] == support.y[pairs[..., 1]]).astype(jnp.float32)
+        if whole_set:
+
+            def pair_loss(embed, p, s, w):
+                return _contrastive(config, embed(p[:, 0]), embed(p[:, 1]), s, w)
+
+            losses, grads = _support_statistics_grads(
+                specs, rep_params, aug, x, pair_loss, pairs, same, mask
+            )
+            return grads, losses
 
         def loss(qa, xa, xb, s, w):
             return _contrastive_chunk_loss(specs, config, {**rep_params, **qa}, xa, xb, s, w)
@@ -275,7 +365,9 @@ def base_meta_info(
     """Example-level meta information: per-example gradients of b's loss (Alg. 1, l. 7-8).
 
     `jax.vmap(jax.grad(...))` over the support set: one gradient per example, not one batch
-    gradient.
+    gradient. BatchNorm statistics: of the whole support set (`bn_statistics="authors"`,
+    example i's loss on its row of one pass over the set) or of example i alone
+    (`"per_pass"`: instance normalisation).
 
     Args:
       base_params: W.
@@ -287,7 +379,16 @@ def base_meta_info(
       `{name: {"kernel": [N, *k]}}` gradients w.r.t. the augmented subtree of W.
     """
     specs = networks.base_specs(config)
-    w_aug = networks.subtree(base_params, networks.augmented_names(config, "base"))
+    names = networks.augmented_names(config, "base")
+    if support_statistics(config, specs):
+
+        def example_loss(embed, idx):
+            logits = episode_logits(embed(idx), config, labels)
+            return cross_entropy(logits, labels[idx])[0]
+
+        index = jnp.arange(inputs.shape[0])[:, None]
+        return _support_statistics_grads(specs, base_params, names, inputs, example_loss, index)[1]
+    w_aug = networks.subtree(base_params, names)
 
     def loss(wa, xi, yi):
         logits = networks.apply_network(specs, {**base_params, **wa}, xi[None])
@@ -299,10 +400,24 @@ def base_meta_info(
 def base_task_meta_info(
     base_params: Params, inputs: Array, labels: Array, config: MetaNetConfig
 ) -> FastWeights:
-    """MetaNet+ (our reading): chunk gradients of b's task loss w.r.t. W, `[C, ...]`."""
+    """MetaNet+ (our reading): chunk gradients of b's task loss w.r.t. W, `[C, ...]`.
+
+    BatchNorm statistics as in `representation_meta_info`: the whole support set's or each
+    chunk's (`bn_statistics`).
+    """
     specs = networks.base_specs(config)
-    w_aug = networks.subtree(base_params, networks.augmented_names(config, "base"))
+    names = networks.augmented_names(config, "base")
+    w_aug = networks.subtree(base_params, names)
     index, mask = chunk_layout(inputs.shape[0], config.rep_chunks)
+    if support_statistics(config, specs):
+
+        def chunk_loss(embed, idx, w):
+            logits = episode_logits(embed(idx), config, labels)
+            return jnp.sum(cross_entropy(logits, labels[idx]) * w) / jnp.sum(w)
+
+        return _support_statistics_grads(
+            specs, base_params, names, inputs, chunk_loss, jnp.asarray(index), jnp.asarray(mask)
+        )[1]
 
     def loss(wa, xi, yi, w):
         logits = episode_logits(
@@ -381,6 +496,9 @@ def task_forward(
 ) -> tuple[Array, dict[str, Any]]:
     """Logits of one task's queries (Alg. 1 without the loss).
 
+    BatchNorm layers (if any) normalise over the examples `config.bn_statistics` names (module
+    docstring); b's queries always over the query set `query_x`.
+
     Args:
       params: theta.
       support: one task: `x [N, *image_shape]`, `y [N]`.
@@ -408,11 +526,16 @@ def task_forward(
             params["task_generator"]["representation"], stop(rep_grads), config.grad_p, out_dtype
         )  # fmt: skip
 
-    # 5-6. keys for the support set (memory) and the queries, in one pass through u.
+    # 5-6. keys for the support set (memory) and the queries: one pass through u, or (the
+    # authors' BatchNorm statistics) one pass for each set, each normalised by itself.
     u_specs = networks.representation_specs(config)
-    r_all = networks.apply_network(u_specs, rep, jnp.concatenate([xs, xq]), fast=q_star)
-    r_all = r_all.astype(out_dtype)
-    r_support, r_query = r_all[:n], r_all[n:]
+    if support_statistics(config, u_specs):
+        r_support = networks.apply_network(u_specs, rep, xs, fast=q_star).astype(out_dtype)
+        r_query = networks.apply_network(u_specs, rep, xq, fast=q_star).astype(out_dtype)
+    else:
+        r_all = networks.apply_network(u_specs, rep, jnp.concatenate([xs, xq]), fast=q_star)
+        r_all = r_all.astype(out_dtype)
+        r_support, r_query = r_all[:n], r_all[n:]
     if config.base_input == "x":
         b_support, b_query = xs, xq
     else:

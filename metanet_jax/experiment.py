@@ -84,7 +84,9 @@ LEGACY_RUN_VALUES = {
 class RunSpec:
     """Everything that defines a training run (the flags of `experiments/omniglot.py`).
 
-    Model sizes left at `None` take the architecture's defaults (METANET.md).
+    Model sizes left at `None` take the architecture's defaults (METANET.md). `eval_ways`
+    (`None`: `ways`) is the ways of the validation and test episodes, which use the first
+    `eval_ways` output units of b and of u's head (`evaluation.eval_config`).
     """
 
     workdir: str
@@ -100,6 +102,7 @@ class RunSpec:
     shots: int = 1
     queries_per_class: int = 10
     eval_queries_per_class: int = 10
+    eval_ways: int | None = None
     max_ways: int | None = None
     meta_batch: int = 1
     steps: int = 1000
@@ -125,6 +128,7 @@ class RunSpec:
     task_batching: str = "auto"
     query_path: str = "auto"
     compute_dtype: str = "float32"
+    bn_statistics: str = "authors"
     seed: int = 0
     eval_every: int = 500
     eval_episodes: int = 200
@@ -137,6 +141,10 @@ class RunSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def test_ways(self) -> int:
+        """The ways of validation and test episodes (`eval_ways`, else `ways`)."""
+        return self.ways if self.eval_ways is None else self.eval_ways
 
 
 class WorkdirMismatch(ValueError):
@@ -234,6 +242,7 @@ def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
         generator_init=spec.generator_init,
         network_init=spec.network_init,
         label_units=spec.label_units,
+        bn_statistics=spec.bn_statistics,
     )
 
 
@@ -258,10 +267,13 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     defaults = {f.name: f.default for f in dataclasses.fields(RunSpec)}
     defaults.update(LEGACY_RUN_VALUES)
     was = {k: flags.get(k, defaults.get(k)) for k in now}
+    ignored = set(MUTABLE_FIELDS)
+    if not MetaNetConfig(architecture=spec.architecture).resolved("batchnorm_layers"):
+        ignored.add("bn_statistics")  # no BatchNorm layer: the same model either way
     diffs = [
         f"{k} ({was[k]!r} -> {now[k]!r})"
         for k in sorted(now)
-        if k not in MUTABLE_FIELDS and was[k] != now[k]
+        if k not in ignored and was[k] != now[k]
     ]
     if diffs:
         raise WorkdirMismatch(
@@ -274,7 +286,47 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     return saved
 
 
-def write_workdir_config(spec: RunSpec, config: MetaNetConfig) -> None:
+def data_record(spec: RunSpec) -> dict[str, Any] | None:
+    """What identifies the run's data beyond its flags: for Mini-ImageNet the SHA-256 of the
+    split CSV files (`{"mini_imagenet_csv_sha256": {"train": ..., "val": ..., "test": ...}}`),
+    recorded in config.json; `None` for the other data sets."""
+    if spec.dataset != "mini_imagenet":
+        return None
+    from metanet_jax.data import mini_imagenet
+
+    sums = {
+        s: mini_imagenet.split_info(spec.mini_imagenet_dir, s)["sha256"]
+        for s in mini_imagenet.SPLIT_CLASSES
+    }
+    return {"mini_imagenet_csv_sha256": sums}
+
+
+def check_data_record(spec: RunSpec, saved: Mapping[str, Any] | None, record) -> None:
+    """Refuses to resume a workdir whose recorded data (`data_record`) differs from now.
+
+    Raises:
+      WorkdirMismatch: naming each file whose checksum changed.
+    """
+    was = (saved or {}).get("data") or {}
+    now = record or {}
+    changed = [
+        f"{group}/{name} ({old[:12]}... -> {now[group].get(name, 'missing')[:12]}...)"
+        for group, old_sums in was.items()
+        if group in now
+        for name, old in old_sums.items()
+        if now[group].get(name) != old
+    ]
+    if changed:
+        raise WorkdirMismatch(
+            f"workdir {spec.workdir} was trained on other data files: "
+            + ", ".join(changed)
+            + "; use a new --workdir"
+        )
+
+
+def write_workdir_config(
+    spec: RunSpec, config: MetaNetConfig, data: Mapping[str, Any] | None = None
+) -> None:
     """Creates the workdir and writes its config.json.
 
     Raises:
@@ -284,14 +336,14 @@ def write_workdir_config(spec: RunSpec, config: MetaNetConfig) -> None:
     workdir = Path(spec.workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        logging_utils.write_json_atomic(
-            workdir / "config.json",
-            {
-                "flags": spec.to_dict(),
-                "model_config": checkpointing.config_to_dict(config),
-                "versions": logging_utils.library_versions(),
-            },
-        )
+        record = {
+            "flags": spec.to_dict(),
+            "model_config": checkpointing.config_to_dict(config),
+            "versions": logging_utils.library_versions(),
+        }
+        if data:
+            record["data"] = dict(data)
+        logging_utils.write_json_atomic(workdir / "config.json", record)
     except OSError as e:
         raise WorkdirError(
             f"--workdir={spec.workdir}: cannot create or write it ({e.strerror or e}"
@@ -434,10 +486,12 @@ def train(
     image_shape = tuple(splits["train"].shape[2:])
     config = model_config(spec, image_shape)
     _check_pools(spec, splits)
-    check_workdir(spec)  # refuses before writing anything
+    saved = check_workdir(spec)  # refuses before writing anything
+    data_info = data_record(spec)
+    check_data_record(spec, saved, data_info)
     _barrier("metanet_jax.experiment:checked")  # every process read config.json before
     if primary:
-        write_workdir_config(spec, config)
+        write_workdir_config(spec, config, data_info)
     workdir = Path(spec.workdir)
 
     optimizer = make_optimizer(config)
@@ -481,15 +535,22 @@ def train(
 
 
 def _check_pools(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> None:
+    units = spec.ways if spec.max_ways is None else spec.max_ways
+    if spec.test_ways() > units:
+        raise ValueError(
+            f"--eval_ways={spec.eval_ways} is more than the model's {units} output units "
+            "(--max_ways, else --ways)"
+        )
+    flag = "--ways" if spec.eval_ways is None else "--eval_ways"
     for name, images in splits.items():
         if images.shape[0] == 0 and name != "validation":
             raise ValueError(f"the {name} split of {spec.dataset}/{spec.split} is empty")
         pool = images.shape[0] * (4 if spec.rotations_as_classes and name == "train" else 1)
         if name == "train" and spec.ways > pool:
             raise ValueError(f"--ways={spec.ways} is more than the {pool} training classes")
-        if name != "train" and images.shape[0] and spec.ways > images.shape[0]:
+        if name != "train" and images.shape[0] and spec.test_ways() > images.shape[0]:
             raise ValueError(
-                f"--ways={spec.ways} is more than the {images.shape[0]} {name} classes"
+                f"{flag}={spec.test_ways()} is more than the {images.shape[0]} {name} classes"
             )
         need = spec.shots + max(spec.queries_per_class, spec.eval_queries_per_class)
         if images.shape[0] and need > images.shape[1]:
@@ -510,7 +571,9 @@ def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, 
 
     train_images = jax.device_put(splits["train"])
     val_images = jax.device_put(splits["validation"])
-    val_cfg = evaluation.eval_config(config, spec.ways, spec.shots, spec.eval_queries_per_class)
+    val_cfg = evaluation.eval_config(
+        config, spec.test_ways(), spec.shots, spec.eval_queries_per_class
+    )
     sharded = is_sharded(mesh)
     if step_factory is not make_train_step:
         step_fn = step_factory(config, optimizer, validate=False)
@@ -667,7 +730,9 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, m
     assert restored is not None  # the loop saved the last step at least
     state, _ = restored
     step = int(state.step)
-    test_cfg = evaluation.eval_config(config, spec.ways, spec.shots, spec.eval_queries_per_class)
+    test_cfg = evaluation.eval_config(
+        config, spec.test_ways(), spec.shots, spec.eval_queries_per_class
+    )
     t0 = time.time()
     images = jax.device_put(splits["test"])
     batches = _eval_batches(images, test_cfg, spec.test_episodes, spec, TEST_SEED)
@@ -683,6 +748,7 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, m
         "model_config": checkpointing.config_to_dict(config),
         "steps": spec.steps,
         "evaluated_step": step,
+        "test_ways": test_cfg.ways,
         "best_validation_accuracy": val,
         "test_accuracy": test.mean,
         "test_ci95": test.ci95,

@@ -10,6 +10,10 @@ Architectures (METANET.md):
   FC 64 -> 64 (ReLU), FC 64 -> ways; u: key FC 64 -> 64 (linear), head FC 64 -> ways.
 * "mini_imagenet_cnn": 5 x conv 3x3 32 channels, per-episode BatchNorm in blocks 1-3, 84x84
   -> 288 features; b: FC 288 -> 288 (ReLU), FC -> ways; u: key FC 288 -> 288.
+
+BatchNorm normalises with the statistics of the examples in the array passed to
+`apply_network` (no running averages); which examples the episode passes together is
+`MetaNetConfig.bn_statistics` (`episode.task_forward`).
 * "mlp": b: FC 64 -> FC 64 -> ways (ReLU); u: FC 64 (ReLU) -> key FC 64 (linear) -> head.
 """
 
@@ -177,6 +181,12 @@ def init_network(
         sub = jax.random.fold_in(key, _stable_id(HEAD_LAYER))
         params[HEAD_LAYER] = {"kernel": lecun(sub, (specs[-1].features, extra_head), jnp.float32)}
     return params
+
+
+def has_batchnorm(specs, start: int = 0) -> bool:
+    """Whether any of the layers `start:` normalises with batch statistics (if none does, the
+    examples of a batch are independent from layer `start` on)."""
+    return any(spec.batchnorm for spec in specs[start:])
 
 
 def first_augmented_index(specs, augmented: tuple[str, ...]) -> int:

@@ -1,11 +1,19 @@
-"""Reader of mini-ImageNet (Ravi & Larochelle's split CSVs), resized to 84x84 RGB and cached."""
+"""Reader of mini-ImageNet (Ravi & Larochelle's split CSVs), resized to 84x84 RGB and cached.
+
+The split (Ravi & Larochelle, ICLR 2017; the CSV files of github.com/twitter/meta-learning-lstm,
+`data/miniImagenet/`): 64 training, 16 validation and 20 test classes of 600 images each.
+`split_info` reports a folder's CSV files (SHA-256, classes, images per class) and whether
+they have that shape; `load_mini_imagenet` logs it and warns when they do not.
+"""
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +21,18 @@ from metanet_jax.data._common import CACHE_VERSION, ClassImages
 from metanet_jax.data._common import data_dir as _data_dir
 
 _CSV = {"train": "train.csv", "val": "val.csv", "validation": "val.csv", "test": "test.csv"}
+
+# Ravi & Larochelle's split: classes per split file, images per class.
+SPLIT_CLASSES = {"train": 64, "val": 16, "test": 20}
+IMAGES_PER_CLASS = 600
+
+# SHA-256 of the CSV files as published, to recognise them. Deliberately empty: the published
+# files were not available where this was written (no network), and a checksum that was not
+# computed from them must not stand here. Fill in `sha256sum train.csv val.csv test.csv` of
+# the files from github.com/twitter/meta-learning-lstm; until then `split_info` reports the
+# checksum of whatever files are used (runs record it in config.json) and `published_sha256`
+# as None.
+PUBLISHED_SHA256: dict[str, str] = {}
 
 
 def _read_csv(path: Path) -> list[tuple[str, str]]:
@@ -24,6 +44,72 @@ def _read_csv(path: Path) -> list[tuple[str, str]]:
     if bad or not rows:
         raise ValueError(f"{path}: expected `filename,label` rows, got {bad[:1] or 'none'}.")
     return [(r[0], r[1]) for r in rows]
+
+
+def _split_name(split: str) -> str:
+    if split not in _CSV:
+        raise ValueError(f"Unknown mini-ImageNet split {split!r}; expected one of {tuple(_CSV)}.")
+    return "val" if split == "validation" else split
+
+
+def split_info(folder: str | os.PathLike, split: str) -> dict[str, Any]:
+    """What a folder's CSV file of one split holds, against Ravi & Larochelle's split.
+
+    Args:
+      folder: the data set's folder (`folder/{train,val,test}.csv`).
+      split: `"train"`, `"val"` (or `"validation"`) or `"test"`.
+
+    Returns:
+      `{"file", "sha256", "classes", "images", "min_per_class", "max_per_class",
+      "published_sha256", "standard"}`: `published_sha256` is the published file's checksum
+      (`None`: not known, see `PUBLISHED_SHA256`); `standard` is whether the classes and
+      images per class are Ravi & Larochelle's (64/16/20 classes of 600 images) and the
+      checksum matches the published one when that is known.
+
+    Raises:
+      FileNotFoundError: no such CSV file. ValueError: unknown split or a malformed CSV.
+    """
+    name = _split_name(split)
+    path = Path(folder).expanduser().resolve() / _CSV[name]
+    if not path.is_file():
+        raise FileNotFoundError(f"mini-ImageNet: {path} not found.")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    rows = _read_csv(path)
+    counts: dict[str, int] = {}
+    for _, label in rows:
+        counts[label] = counts.get(label, 0) + 1
+    published = PUBLISHED_SHA256.get(name)
+    shape_ok = len(counts) == SPLIT_CLASSES[name] and set(counts.values()) == {IMAGES_PER_CLASS}
+    return {
+        "file": _CSV[name],
+        "sha256": digest,
+        "classes": len(counts),
+        "images": len(rows),
+        "min_per_class": min(counts.values()),
+        "max_per_class": max(counts.values()),
+        "published_sha256": published,
+        "standard": shape_ok and (published is None or published == digest),
+    }
+
+
+def _log_split_info(info: dict[str, Any], name: str) -> None:
+    log = logging.getLogger(__name__)
+    log.info(
+        "mini-ImageNet %s: sha256 %s, %d classes, %d-%d images per class",
+        info["file"], info["sha256"], info["classes"], info["min_per_class"],
+        info["max_per_class"],
+    )  # fmt: skip
+    if info["published_sha256"] is not None and info["published_sha256"] != info["sha256"]:
+        log.warning(
+            "mini-ImageNet %s: sha256 %s differs from the published file's %s",
+            info["file"], info["sha256"], info["published_sha256"],
+        )  # fmt: skip
+    elif not info["standard"]:
+        log.warning(
+            "mini-ImageNet %s: %d classes of %d-%d images, not Ravi & Larochelle's %d classes "
+            "of %d images", info["file"], info["classes"], info["min_per_class"],
+            info["max_per_class"], SPLIT_CLASSES[name], IMAGES_PER_CLASS,
+        )  # fmt: skip
 
 
 def load_mini_imagenet(
@@ -39,7 +125,9 @@ def load_mini_imagenet(
     `folder/images/<filename>` (or `folder/<filename>`). Each image is converted to RGB and
     resized to `size` x `size` with PIL's BOX filter (area averaging, i.e. antialiased).
     The result is cached as `<data_dir>/cache/mini_imagenet_<split>_<key>.npz`, `key` a hash of
-    the folder's absolute path, the CSV's contents and `size`.
+    the folder's absolute path, the CSV's contents and `size`. On the first load (no cache
+    yet) the CSV's SHA-256 and class counts are logged, with a warning when they are not Ravi
+    & Larochelle's (`split_info`).
 
     Args:
       folder: the data set's folder.
@@ -57,8 +145,7 @@ def load_mini_imagenet(
       FileNotFoundError: no such folder, CSV or image (all checked before any decoding).
       ValueError: unknown split or a malformed CSV.
     """
-    if split not in _CSV:
-        raise ValueError(f"Unknown mini-ImageNet split {split!r}; expected one of {tuple(_CSV)}.")
+    split_name = _split_name(split)
     root = Path(folder).expanduser().resolve()
     csv_path = root / _CSV[split]
     if not csv_path.is_file():
@@ -74,6 +161,7 @@ def load_mini_imagenet(
     if cache.is_file():
         return ClassImages.load(cache)
     rows = _read_csv(csv_path)
+    _log_split_info(split_info(root, split_name), split_name)
     images_dir = root / "images" if (root / "images").is_dir() else root
     missing = [f for f, _ in rows if not (images_dir / f).is_file()]
     if missing:

@@ -101,3 +101,37 @@ def test_mini_imagenet_errors(tmp_path):
     with pytest.raises(ValueError, match="split"):
         data.load_mini_imagenet(folder, "dev", data_dir=out)
     assert not out.exists()
+
+
+def test_mini_imagenet_split_info_checksums_and_counts(tmp_path, monkeypatch, caplog):
+    import hashlib
+    import logging
+
+    from metanet_jax.data import mini_imagenet
+
+    folder = tmp_path / "mini"
+    _mini_folder(folder)
+    info = mini_imagenet.split_info(folder, "validation")
+    want = hashlib.sha256((folder / "val.csv").read_bytes()).hexdigest()
+    assert info["file"] == "val.csv" and info["sha256"] == want
+    assert (info["classes"], info["images"], info["min_per_class"], info["max_per_class"]) == (
+        3, 13, 4, 5,
+    )  # fmt: skip
+    assert info["published_sha256"] is None and info["standard"] is False
+    with caplog.at_level(logging.INFO, logger=mini_imagenet.__name__):
+        data.load_mini_imagenet(folder, "val", data_dir=tmp_path / "out")
+    assert f"val.csv: sha256 {want}, 3 classes" in caplog.text
+    assert "not Ravi & Larochelle's 16 classes of 600 images" in caplog.text
+
+    # Ravi & Larochelle's shape: 64 training classes of 600 images (the CSV alone is read).
+    rows = ["filename,label"] + [
+        f"n{c:08d}{i:08d}.jpg,n{c:08d}" for c in range(64) for i in range(600)
+    ]
+    (folder / "train.csv").write_text("\n".join(rows) + "\n")
+    info = mini_imagenet.split_info(folder, "train")
+    assert (info["classes"], info["images"], info["standard"]) == (64, 38400, True)
+    # A published checksum, once recorded, must match.
+    monkeypatch.setitem(mini_imagenet.PUBLISHED_SHA256, "train", "0" * 64)
+    assert mini_imagenet.split_info(folder, "train")["standard"] is False
+    monkeypatch.setitem(mini_imagenet.PUBLISHED_SHA256, "train", info["sha256"])
+    assert mini_imagenet.split_info(folder, "train")["standard"] is True
