@@ -65,9 +65,9 @@ def _args(argv=None):
                    help="run folders (checkpoints, metrics); a rerun resumes them")  # fmt: skip
     p.add_argument("--budget_s", type=float, default=540.0,
                    help="wall-clock budget of the whole script, compiles included")  # fmt: skip
-    p.add_argument("--share_5way", type=float, default=0.5,
+    p.add_argument("--share_5way", type=float, default=0.6,
                    help="at most this fraction of the budget for the 5-way model")  # fmt: skip
-    p.add_argument("--reserve_s", type=float, default=45.0,
+    p.add_argument("--reserve_s", type=float, default=30.0,
                    help="kept per model for its final test and export")  # fmt: skip
     p.add_argument("--episodes_5way", type=int, default=40_000)
     p.add_argument("--episodes_20way", type=int, default=40_000,
