@@ -59,9 +59,9 @@ SYNTHETIC_FLAGS = ["--dataset=synthetic", "--synthetic_size=8"]
 
 def _args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=os.environ.get("OUT") or "reproduce_gpu_out",
+    p.add_argument("--out", default=os.environ.get("OUT") or "/tmp/metanet_reproduce_gpu/out",
                    help="where the models go (default: $OUT)")  # fmt: skip
-    p.add_argument("--work", default="/tmp/metanet_reproduce_gpu",
+    p.add_argument("--work", default="/tmp/metanet_reproduce_gpu/work",
                    help="run folders (checkpoints, metrics); a rerun resumes them")  # fmt: skip
     p.add_argument("--budget_s", type=float, default=540.0,
                    help="wall-clock budget of the whole script, compiles included")  # fmt: skip

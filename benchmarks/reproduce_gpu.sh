@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED=1
 if [ -z "${METANET_DATA_DIR:-}" ] && [ -d .cache/data/cache ]; then
   export METANET_DATA_DIR="$PWD/.cache/data"
 fi
-OUTDIR="${OUT:-$PWD/reproduce_gpu_out}"
+OUTDIR="${OUT:-/tmp/metanet_reproduce_gpu/out}"
 mkdir -p "$OUTDIR"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The driver keeps its own budget (--budget_s, default 540 s); this only guards against a hang.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -156,8 +157,8 @@ def _recorded(meta, run, proto, is_pretrained) -> str | None:
         results = meta.get("results") or {}
         same = results.get("test_protocol") == proto
     else:
-        path = os.path.join(FLAGS.workdir, "results.json")
-        results = json.loads(open(path).read()) if os.path.isfile(path) else {}
+        path = Path(FLAGS.workdir) / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
         same = proto == pretrained.protocol(run)
         same = same and results.get("evaluated_step") == meta.get("step")
     if not same or results.get("test_accuracy") is None:

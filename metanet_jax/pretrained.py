@@ -433,9 +433,14 @@ def export(
         "validation_curve": run_results.get("validation_curve") or _validation_curve(source),
         "training_run": prior_run,
     }
-    for k in ("flagfile", "command", "script"):
-        if run_results.get(k) is not None:
-            results[k] = run_results[k]
+    # What the source recorded beside (flagfile, command, how the training stopped, ...); its
+    # measurements stay in `training_run` (only this export's own are top-level).
+    measured = {"test_accuracy", "test_ci95", "test_episodes", "test_protocol",
+                "test_platform", "test_time_s", "mnist_accuracy", "mnist_ci95",
+                "mnist_episodes", "versions", "params", "name"}  # fmt: skip
+    for k, v in run_results.items():
+        if k not in results and k not in measured and v is not None:
+            results[k] = v
     if evaluate:
         t0 = time.time()
         result, proto = evaluate_run(params, config, flags, datasets=datasets)
