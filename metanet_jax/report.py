@@ -18,16 +18,20 @@ and `eval_*.json` files under the given folders (run folders and pretrained mode
 Everything is a function of the files read (sorted, no dates, paths as given), so running the
 same command again writes the same bytes; `check=True` reports what would change instead.
 
-Ablation files (`docs/ablations/<name>.json`, written by a program with `write_ablation`):
+Ablation files (`docs/ablations/<name>.json`), in either of two formats:
 
-    {"title": "...", "description": "...", "command": "...", "hardware": "...",
-     "rows": [{"name": "...", "description": "...", "flags": "--generator_init=authors",
-               "steps": 3500, "wall_time_s": 300.0, "val_accuracy": 0.923, "val_ci95": 0.012,
-               "val_episodes": 400, "test_accuracy": null, "test_ci95": null,
-               "test_episodes": null}, ...]}
+* as `python -m experiments.ablation` writes them: `{"name", "description", "base_flagfile",
+  "common_flags", "command", "rows": [{"name", "description", "flags": [...], "steps",
+  "wall_time_s", "episodes_per_s", "best_validation_accuracy", "best_validation_ci95",
+  "best_validation_step", "final_validation_accuracy", "final_validation_ci95",
+  "validation_episodes", "test_accuracy_record_only", "test_episodes", ...}]}`;
+* a simple one (`write_ablation`): `{"title", "description", "command", "hardware",
+  "rows": [{"name", "description", "flags": "--x=1", "steps", "wall_time_s",
+  "val_accuracy", "val_ci95", "val_episodes", "test_accuracy", "test_ci95",
+  "test_episodes"}]}`.
 
-`title` and `rows` are required, and in each row `name`, `flags`, `steps`, `wall_time_s`,
-`val_accuracy`, `val_ci95`; the rest is optional (accuracies are fractions in [0, 1]).
+Each row needs `name`, `steps`, `wall_time_s` and a validation accuracy; accuracies are
+fractions in [0, 1]. Both render as one table under "Ablations".
 """
 
 from __future__ import annotations
@@ -459,24 +463,28 @@ def _models_table(sources: Sequence[Source]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- ablations
+_ACCURACIES = ("val_accuracy", "val_ci95", "best_validation_accuracy", "best_validation_ci95",
+               "final_validation_accuracy", "final_validation_ci95", "test_accuracy",
+               "test_ci95", "test_accuracy_record_only")  # fmt: skip
+
+
 def check_ablation(value: Mapping[str, Any], where: str = "ablation") -> None:
     """Raises ValueError (one line naming `where`, the row and the field) unless `value` is
-    an ablation in the format of the module docstring."""
-    if not isinstance(value, Mapping) or not isinstance(value.get("title"), str):
-        raise ValueError(f"{where}: needs a string 'title'")
+    an ablation table in one of the two formats of the module docstring."""
+    if not isinstance(value, Mapping) or not isinstance(value.get("title", value.get("name")), str):
+        raise ValueError(f"{where}: needs a string 'title' (or 'name')")
     rows = value.get("rows")
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{where}: needs a non-empty list 'rows'")
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             raise ValueError(f"{where}: row {i} is not an object")
-        missing = [k for k in _ABLATION_REQUIRED if row.get(k) is None]
+        missing = [k for k in ("name", "steps", "wall_time_s") if row.get(k) is None]
+        if row.get("val_accuracy") is None and row.get("best_validation_accuracy") is None:
+            missing.append("val_accuracy (or best_validation_accuracy)")
         if missing:
             raise ValueError(f"{where}: row {i} ({row.get('name')!r}) lacks {', '.join(missing)}")
-        unknown = sorted(set(row) - set(_ABLATION_REQUIRED) - set(_ABLATION_OPTIONAL))
-        if unknown:
-            raise ValueError(f"{where}: row {i} has unknown field(s) {', '.join(unknown)}")
-        for k in ("val_accuracy", "test_accuracy"):
+        for k in _ACCURACIES:
             v = row.get(k)
             if v is not None and not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
                 raise ValueError(f"{where}: row {i} {k}={v!r} is not a fraction in [0, 1]")
@@ -491,7 +499,7 @@ def write_ablation(
     command: str | None = None,
     hardware: str | None = None,
 ) -> Path:
-    """Writes an ablation file (checked with `check_ablation`) for the report to render."""
+    """Writes an ablation table in the simple format (checked with `check_ablation`)."""
     from metanet_jax.logging_utils import write_json_atomic
 
     value: dict[str, Any] = {"title": title, "rows": [dict(r) for r in rows]}
@@ -499,38 +507,56 @@ def write_ablation(
         if v is not None:
             value[k] = v
     check_ablation(value, str(path))
+    unknown = sorted({k for r in rows for k in r} - set(_ABLATION_REQUIRED) -
+                     set(_ABLATION_OPTIONAL))  # fmt: skip
+    if unknown:
+        raise ValueError(f"{path}: unknown row field(s) {', '.join(unknown)}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, value)
     return Path(path)
 
 
+def _flags_text(flags: Any) -> str:
+    if isinstance(flags, (list, tuple)):
+        flags = " ".join(str(f) for f in flags)
+    return _code(str(flags)) if flags else ""
+
+
 def _ablation_section(path: Path) -> list[str]:
     value = _read_json(path)
     check_ablation(value, str(path))
-    out = [f"### {value['title']}", ""]
+    out = [f"### {value.get('title') or value['name']}", ""]
     if value.get("description"):
         out += [str(value["description"]), ""]
     notes = []
+    if value.get("base_flagfile"):
+        common = " ".join(value.get("common_flags") or [])
+        notes.append(f"Every run: `{value['base_flagfile']}`" + (f" with `{common}`." if common
+                                                                  else "."))  # fmt: skip
     if value.get("command"):
         notes.append(f"Command: `{value['command']}`.")
     if value.get("hardware"):
         notes.append(f"Hardware: {value['hardware']}.")
     notes.append(f"Source: `{_display(path)}`.")
     out += [" ".join(notes), ""]
-    rows = value["rows"]
-    with_test = any(r.get("test_accuracy") is not None for r in rows)
-    header = ["candidate", "flags", "steps", "wall time", "validation (95% CI)", "val. episodes"]
-    header += ["test (95% CI)", "test episodes"] if with_test else []
-    header += ["what"]
+    header = ["candidate", "flags", "steps", "wall time", "episodes/s",
+              "validation (95% CI)", "best at step", "final validation", "val. episodes",
+              "test (record only)", "test episodes", "what"]  # fmt: skip
     lines = []
-    for r in rows:
-        line = [str(r["name"]), _code(r["flags"]) if r["flags"] else "", _int(r["steps"]),
-                _duration(r["wall_time_s"]), _pct(r["val_accuracy"], r["val_ci95"]),
-                _int(r.get("val_episodes"))]  # fmt: skip
-        if with_test:
-            line += [_pct(r.get("test_accuracy"), r.get("test_ci95")), _int(r.get("test_episodes"))]
-        line += [str(r.get("description") or "")]
-        lines.append(line)
+    for r in value["rows"]:
+        val = r.get("val_accuracy", r.get("best_validation_accuracy"))
+        val_ci = r.get("val_ci95", r.get("best_validation_ci95"))
+        test = r.get("test_accuracy", r.get("test_accuracy_record_only"))
+        eps = r.get("episodes_per_s")
+        lines.append([
+            str(r["name"]), _flags_text(r.get("flags")), _int(r["steps"]),
+            _duration(r["wall_time_s"]), "" if eps is None else f"{eps:.2f}", _pct(val, val_ci),
+            _int(r.get("best_validation_step")),
+            _pct(r.get("final_validation_accuracy"), r.get("final_validation_ci95")),
+            _int(r.get("val_episodes", r.get("validation_episodes"))),
+            _pct(test, r.get("test_ci95")), _int(r.get("test_episodes")),
+            str(r.get("description") or ""),
+        ])  # fmt: skip
     return out + _table(header, lines) + [""]
 
 
@@ -539,7 +565,7 @@ def _ablations(folder: Path | None) -> list[str]:
     out = ["## Ablations", ""]
     if not files:
         where = _display(folder) if folder is not None else "docs/ablations"
-        return out + [f"None yet (`{where}/*.json`, written with `report.write_ablation`).", ""]
+        return out + [f"None yet (`{where}/*.json`: `python -m experiments.ablation`).", ""]
     for f in files:
         out += _ablation_section(f)
     return out

@@ -88,6 +88,19 @@ def test_numbers_land_in_their_paper_cells(tmp_path, monkeypatch):
           "wall_time_s": 300.0, "val_accuracy": 0.9231, "val_ci95": 0.0123, "val_episodes": 400}],
         description="One lever at a time.",
     )  # fmt: skip
+    (ablations / "plan.json").write_text(json.dumps({  # as experiments/ablation.py writes it
+        "name": "demo_levers", "description": "The demo's levers.",
+        "base_flagfile": "experiments/flags/demo.flags", "common_flags": ["--steps=3500"],
+        "command": "python -m experiments.ablation --plan=p.json",
+        "rows": [{"name": "cosine", "description": "cosine decay",
+                  "flags": ["--lr_schedule=cosine", "--warmup_steps=100"], "steps": 3500,
+                  "wall_time_s": 442.0, "episodes_per_s": 9.45,
+                  "best_validation_accuracy": 0.8798, "best_validation_ci95": 0.0095,
+                  "best_validation_step": 2625, "final_validation_accuracy": 0.87,
+                  "final_validation_ci95": 0.01, "validation_curve": [[875, 0.75]],
+                  "validation_episodes": 400, "test_accuracy_record_only": 0.9095,
+                  "test_episodes": 200}],
+    }))  # fmt: skip
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nend\n")
     flags_dir = tmp_path / "flags"
@@ -120,9 +133,14 @@ def test_numbers_land_in_their_paper_cells(tmp_path, monkeypatch):
     assert _row(text, "MetaNet", "49.21 +- 0.96").startswith("| MetaNet | 49.21 +- 0.96 |  |")
     # The ablation table.
     assert "### Levers at equal CPU time" in text and "One lever at a time." in text
-    assert (
-        "| authors' init | `--generator_init=authors` | 3,500 | 5m00s | 92.31 +- 1.23 | 400 |"
-        in text
+    assert _row(text, "authors' init") == (
+        "| authors' init | `--generator_init=authors` | 3,500 | 5m00s |  | 92.31 +- 1.23 |  |  "
+        "| 400 |  |  |  |"
+    )
+    assert "### demo_levers" in text and "Every run: `experiments/flags/demo.flags` with " in text
+    assert _row(text, "cosine") == (
+        "| cosine | `--lr_schedule=cosine --warmup_steps=100` | 3,500 | 7m22s | 9.45 | 87.98 +- "
+        "0.95 | 2,625 | 87.00 +- 1.00 | 400 | 90.95 | 200 | cosine decay |"
     )
     # README block: the pretrained models (not the run folders), the rest of README kept.
     new = readme.read_text()
@@ -164,13 +182,16 @@ def test_a_model_recording_its_flagfile_adds_a_result_line(tmp_path, monkeypatch
 def test_bad_ablation_files_are_refused_with_one_line(tmp_path):
     row = {"name": "x", "flags": "", "steps": 1, "wall_time_s": 1.0, "val_accuracy": 0.5,
            "val_ci95": 0.1}  # fmt: skip
-    with pytest.raises(ValueError, match="row 0 .'x'. lacks val_ci95"):
-        report.write_ablation(tmp_path / "a.json", "t", [dict(row, val_ci95=None)])
+    with pytest.raises(ValueError, match="row 0 .'x'. lacks val_accuracy .or best_valid"):
+        report.write_ablation(tmp_path / "a.json", "t", [dict(row, val_accuracy=None)])
     with pytest.raises(ValueError, match="val_accuracy=92.3 is not a fraction"):
         report.write_ablation(tmp_path / "a.json", "t", [dict(row, val_accuracy=92.3)])
-    with pytest.raises(ValueError, match="unknown field.*accuracy"):
+    with pytest.raises(ValueError, match="unknown row field.*accuracy"):
         report.write_ablation(tmp_path / "a.json", "t", [dict(row, accuracy=0.5)])
     assert not (tmp_path / "a.json").exists()
+    (tmp_path / "b.json").write_text(json.dumps({"name": "b", "rows": [{"name": "y"}]}))
+    with pytest.raises(ValueError, match="b.json: row 0 .'y'. lacks steps, wall_time_s"):
+        report.results_markdown([], ["pretrained"], tmp_path)
 
 
 def test_report_program_check_fails_on_a_stale_readme(tmp_path):
