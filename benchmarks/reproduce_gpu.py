@@ -155,33 +155,48 @@ def check_data(synthetic: bool) -> list[str]:
 
 
 class Deadline:
-    """Sends this process SIGTERM at a wall-clock time (the training loop then saves a
-    checkpoint and stops, as on any SIGTERM); `hit` tells the two apart."""
+    """Sends this process SIGTERM at a wall-clock time, then again every 2 s until the block
+    ends (the training loop saves a checkpoint and stops on the first one it sees; one that
+    arrives while the run is still loading data is not lost). `hit` tells a deadline's
+    signals from a SIGTERM sent from outside."""
+
+    active: Deadline | None = None
 
     def __init__(self, at: float):
+        self.at = at
         self.hit = threading.Event()
-        self._timer = threading.Timer(max(at - time.time(), 0.0), self._fire)
-        self._timer.daemon = True
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _fire(self):
+    def _run(self):
+        if self._done.wait(max(self.at - time.time(), 0.0)):
+            return
         self.hit.set()
-        os.kill(os.getpid(), signal.SIGTERM)
+        while not self._done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            self._done.wait(2.0)
 
     def __enter__(self):
-        self._timer.start()
+        Deadline.active = self
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._timer.cancel()
+        self._done.set()
+        self._thread.join()
+        Deadline.active = None
 
 
 _EXTERNAL_STOP = threading.Event()
 
 
 def _on_sigterm(signum, frame):
-    """Outside training: a SIGTERM from outside ends the script after the current phase; a
-    late one from a `Deadline` that just missed the end of training is ignored."""
+    """SIGTERM outside the training loop: one from a `Deadline` is ignored (the loop will
+    see the next one, or training is over); one from outside ends the script after the
+    current phase."""
     del signum, frame
+    if Deadline.active is not None and Deadline.active.hit.is_set():
+        return
     _EXTERNAL_STOP.set()
 
 
@@ -213,6 +228,8 @@ def train_model(spec, deadline_at: float):
     if outcome["status"] != "interrupted":
         raise RuntimeError(f"training stopped: {outcome}")
     stopped = "time budget" if deadline.hit.is_set() else "signal"
+    if outcome.get("phase") == "test":  # training had finished; the final test was stopped
+        stopped = "completed"
     if stopped == "signal":
         _EXTERNAL_STOP.set()
     # Evaluate-only: steps = the step reached (a mutable field), so the loop does nothing and
