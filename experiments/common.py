@@ -193,19 +193,29 @@ def fail(message: str) -> None:
 
 
 class _DropLibraryInfo:
-    """A logging filter: drops orbax's INFO chatter (warnings and errors still pass)."""
+    """A logging filter: drops orbax's INFO chatter (warnings and errors still pass), its
+    warnings that a checkpoint folder opened for reading is read-only (by design), and JAX's
+    INFO records on backends it probed and did not find (e.g. "Unable to initialize backend
+    'tpu'" on every machine without a TPU)."""
 
     def filter(self, record) -> bool:
         import logging as std_logging
 
+        info = record.levelno < std_logging.WARNING
+        if record.name.startswith("jax._src.xla_bridge"):
+            return not info
         noisy = "/orbax/" in record.pathname or "/tensorstore/" in record.pathname
-        if noisy and "tracked_metric" in str(record.msg):
+        msg = str(record.msg)
+        if noisy and "tracked_metric" in msg:
             return False  # checkpoints saved without validation metrics: by design
-        return not noisy or record.levelno >= std_logging.WARNING
+        if noisy and ("read_only=True" in msg or "Given directory is read only" in msg):
+            return False  # evaluation opens checkpoints read-only: by design
+        return not noisy or not info
 
 
 def quiet_libraries() -> None:
-    """Keeps the log readable: progress lines, not orbax's per-save INFO records."""
+    """Keeps the log readable: progress lines, not orbax's per-save INFO records or JAX's
+    backend probing."""
     from absl import logging
 
     logging.get_absl_handler().addFilter(_DropLibraryInfo())

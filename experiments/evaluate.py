@@ -1,5 +1,8 @@
-r"""Evaluate a trained workdir's best or latest checkpoint on any N-way K-shot setting.
+r"""Evaluate a trained workdir's best or latest checkpoint, or a pretrained model, on any N-way
+K-shot setting.
 
+  python -m experiments.evaluate --workdir=/tmp/run                      # the run's own test
+  python -m experiments.evaluate --workdir=pretrained/demo               # a pretrained model
   python -m experiments.evaluate --workdir=/tmp/run --ways=20            # 20-way, its split
   python -m experiments.evaluate --workdir=/tmp/run --split=previous --ways=10
   python -m experiments.evaluate --workdir=/tmp/run --lake_runs_dir=~/one-shot-runs
@@ -8,12 +11,20 @@ r"""Evaluate a trained workdir's best or latest checkpoint on any N-way K-shot s
 Prints `accuracy 0.9712 +- 0.0031 (95% CI, 1000 episodes)` over a fixed, seeded set of episodes
 (Lake runs: all runs) and writes `<workdir>/eval_<name>.json`. A model can be tested on up
 to its output units (`--max_ways` at training) ways.
+
+Every episode flag left unset takes the run's own protocol (`pretrained.protocol`): its ways
+and shots, `--eval_queries_per_class`, `--test_episodes` (`--eval_episodes` with the
+validation seed for `--subset=validation`; `--mnist_test_episodes`, when set, for `--mnist`)
+and `--eval_batch` (the batch decides which episodes are drawn). So with `--workdir` alone
+it re-runs the run's final test, and on a pretrained folder (`params.npz`, `config.json`,
+`results.json`; `metanet_jax.pretrained`) it prints the recorded accuracy again.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from absl import app, flags, logging
 
@@ -32,18 +43,23 @@ flags.register_validator(
     lambda v: bool(v) and os.path.isdir(v),
     message="--workdir must name an existing run folder",
 )
-flags.DEFINE_enum("checkpoint", "best", ("best", "latest"), "Which checkpoint to evaluate.")
-common.define_int("ways", 5, 2, 1000, "Classes per episode.")
-common.define_int("shots", 1, 1, 100, "Support examples per class.")
-common.define_int("queries_per_class", 10, 1, 100, "Query examples per class.")
+flags.DEFINE_enum("checkpoint", "best", ("best", "latest"),
+                  "Which checkpoint to evaluate (a pretrained folder holds one).")  # fmt: skip
+common.define_int("ways", 5, 2, 1000, "Classes per episode (default: the run's).")
+common.define_int("shots", 1, 1, 100, "Support examples per class (default: the run's).")
+common.define_int("queries_per_class", 10, 1, 100,
+                  "Query examples per class (default: the run's eval queries).")  # fmt: skip
 flags.DEFINE_enum(
     "split", None, ("standard", "previous", "small1", "small2", "small"),
     "Omniglot split scheme (default: the one the run trained on).",
 )  # fmt: skip
 flags.DEFINE_enum("subset", "test", ("test", "validation"), "Which classes of the split.")
-common.define_int("episodes", 1000, 1, 10**6, "Episodes (fixed, seeded).")
-common.define_int("seed", experiment.TEST_SEED, 0, common.MAX_INT, "Seed of the episode set.")
-common.define_int("batch", 50, 1, 10**4, "Episodes per evaluation batch.")
+common.define_int("episodes", 1000, 1, 10**6,
+                  "Episodes, fixed and seeded (default: the run's --test_episodes).")  # fmt: skip
+common.define_int("seed", experiment.TEST_SEED, 0, common.MAX_INT,
+                  "Seed of the episode set (default: the run's test/validation seed).")  # fmt: skip
+common.define_int("batch", 50, 1, 10**4,
+                  "Episodes per evaluation batch (default: the run's --eval_batch).")  # fmt: skip
 common.define_folder("lake_runs_dir", None, "Folder of Lake's one-shot runs (runNN/...).")
 flags.DEFINE_bool("mnist", False, "MNIST 10-way one-shot, out of domain (--ways is ignored).")
 common.define_folder("datasets", None, "Offline data folder (default: $METANET_DATASETS).")
@@ -61,77 +77,103 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()
-    from metanet_jax import data
+    from metanet_jax import data, pretrained
 
     # A corrupt checkpoint is reported in one warning line and the next candidate used, as
     # in training (the workdir is only read); no good one, or a configuration this version
     # cannot read: one line, status 1.
     try:
-        config, params, meta = evaluation.load_checkpoint_with_meta(FLAGS.workdir, FLAGS.checkpoint)
+        config, params, meta = pretrained.load_model(FLAGS.workdir, FLAGS.checkpoint)
     except (FileNotFoundError, ValueError, evaluation.checkpointing.CheckpointError) as e:
         common.fail(str(e))
     run = meta.get("flags", {})
     step = meta.get("step")
-    logging.info("evaluating %s checkpoint of step %s in %s", FLAGS.checkpoint, step, FLAGS.workdir)
+    is_pretrained = pretrained.is_pretrained(FLAGS.workdir)
+    what = "the pretrained model" if is_pretrained else f"the {FLAGS.checkpoint} checkpoint"
+    logging.info("evaluating %s (step %s) in %s", what, step, FLAGS.workdir)
+    given = {k: FLAGS[k].value for k in _EPISODE_FLAGS if FLAGS[k].present}
+    proto = None
     try:
         if FLAGS.lake_runs_dir:
             runs = data.load_lake_runs(os.path.expanduser(FLAGS.lake_runs_dir))
             result = evaluation.evaluate_lake_runs(params, config, runs)
             name, setting = "lake_runs", {"lake_runs_dir": FLAGS.lake_runs_dir}
         elif FLAGS.mnist:
+            proto = pretrained.protocol(run)
+            proto.update(dataset="mnist", split=None, ways=10, seed=experiment.MNIST_SEED)
+            proto["episodes"] = run.get("mnist_test_episodes") or proto["episodes"]
+            proto.update({k: v for k, v in given.items() if k != "ways"})
             images = data.load_mnist(manual_dir=FLAGS.datasets)["test"].images
-            result = _classes(params, config, images, 10, experiment.MNIST_SEED)
-            name = f"mnist_10way{FLAGS.shots}shot"
+            result = evaluation.evaluate_classes(
+                params, config, images, ways=10, shots=proto["shots"],
+                queries_per_class=proto["queries_per_class"], episodes=proto["episodes"],
+                seed=proto["seed"], batch_size=proto["batch"],
+            )  # fmt: skip
+            name = f"mnist_10way{proto['shots']}shot"
             setting = {"data": "mnist/test", "ways": 10}
         else:
-            split = FLAGS.split or run.get("split", "standard")
-            if run.get("dataset", "omniglot") != "omniglot" and not FLAGS.split:
-                common.fail(f"the run trained on {run.get('dataset')!r}; pass --split for Omniglot")
-            parts = data.load_omniglot(
-                split,
-                manual_dir=FLAGS.datasets,
-                validation_classes=run.get("validation_classes", 100),
-                seed=run.get("split_seed", 0),
+            result, proto = pretrained.evaluate_run(
+                params, config, run, datasets=FLAGS.datasets, subset=FLAGS.subset,
+                split=FLAGS.split, **given,
+            )  # fmt: skip
+            where = proto["split"] if proto["dataset"] == "omniglot" else proto["dataset"]
+            name = f"{where}_{proto['subset']}_{proto['ways']}way{proto['shots']}shot"
+            data_name = "/".join(
+                [proto["dataset"]]
+                + ([proto["split"]] if proto["dataset"] == "omniglot" else [])
+                + [proto["subset"]]
             )
-            images = parts[FLAGS.subset].images
-            result = _classes(params, config, images, FLAGS.ways, FLAGS.seed)
-            name = f"{split}_{FLAGS.subset}_{FLAGS.ways}way{FLAGS.shots}shot"
-            setting = {"data": f"omniglot/{split}/{FLAGS.subset}", "ways": FLAGS.ways}
+            setting = {"data": data_name, "ways": proto["ways"]}
     except (ValueError, FileNotFoundError) as e:
         common.fail(str(e))
     name = FLAGS.name or name
+    proto = proto or {}
     out = {
         **setting,
-        "shots": FLAGS.shots,
-        "queries_per_class": FLAGS.queries_per_class,
-        "checkpoint": FLAGS.checkpoint,
+        "shots": proto.get("shots", FLAGS.shots),
+        "queries_per_class": proto.get("queries_per_class", FLAGS.queries_per_class),
+        "checkpoint": "pretrained" if is_pretrained else FLAGS.checkpoint,
         "checkpoint_step": step,
         "episodes": result.episodes,
-        "seed": FLAGS.seed,
+        "seed": proto.get("seed", FLAGS.seed),
+        "batch": proto.get("batch", FLAGS.batch),
         "accuracy": result.mean,
         "ci95": result.ci95,
+        "protocol": proto or None,
         "trained": {k: run.get(k) for k in ("ways", "shots", "split", "variant", "steps")},
         "versions": logging_utils.library_versions(),
     }
     path = os.path.join(FLAGS.workdir, f"eval_{name}.json")
     logging_utils.write_json_atomic(path, out)
     print(result.line(), flush=True)
+    recorded = _recorded(meta, run, proto, is_pretrained)
+    if recorded:
+        print(f"recorded: {recorded}", flush=True)
     print(f"written: {path}", flush=True)
     logging.info("%s", json.dumps({"accuracy": result.mean, "ci95": result.ci95}))
 
 
-def _classes(params, config, images, ways, seed):
-    return evaluation.evaluate_classes(
-        params,
-        config,
-        images,
-        ways=ways,
-        shots=FLAGS.shots,
-        queries_per_class=FLAGS.queries_per_class,
-        episodes=FLAGS.episodes,
-        seed=seed,
-        batch_size=FLAGS.batch,
+_EPISODE_FLAGS = ("ways", "shots", "queries_per_class", "episodes", "seed", "batch")
+
+
+def _recorded(meta, run, proto, is_pretrained) -> str | None:
+    """The accuracy results.json recorded for exactly this protocol (the run's test), if any."""
+    from metanet_jax import pretrained
+
+    if is_pretrained:
+        results = meta.get("results") or {}
+        same = results.get("test_protocol") == proto
+    else:
+        path = Path(FLAGS.workdir) / "results.json"
+        results = json.loads(path.read_text()) if path.is_file() else {}
+        same = proto == pretrained.protocol(run)
+        same = same and results.get("evaluated_step") == meta.get("step")
+    if not same or results.get("test_accuracy") is None:
+        return None
+    line = evaluation.format_accuracy(
+        results["test_accuracy"], results.get("test_ci95") or 0.0, results.get("test_episodes")
     )
+    return f"{line} in results.json (same protocol)"
 
 
 if __name__ == "__main__":

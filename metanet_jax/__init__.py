@@ -40,6 +40,7 @@ __all__ = [
     "init",
     "init_train_state",
     "load_checkpoint",
+    "load_pretrained",
     "layers",
     "make_episode_loss",
     "make_optimizer",
@@ -64,4 +65,12 @@ def __getattr__(name):
         from metanet_jax.evaluation import load_checkpoint
 
         return load_checkpoint
+    if name == "load_pretrained":
+        from metanet_jax.pretrained import load_pretrained
+
+        return load_pretrained
+    if name == "pretrained":
+        import importlib
+
+        return importlib.import_module("metanet_jax.pretrained")
     raise AttributeError(f"module 'metanet_jax' has no attribute {name!r}")

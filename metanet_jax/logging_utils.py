@@ -2,6 +2,9 @@
 
 Nothing here imports TensorFlow: TensorBoard event files are written with TensorBoard's own
 protos and record framing (`tensorboard.compat.proto`), and plots use matplotlib's Agg backend.
+Both are optional: without TensorBoard the metrics go to `metrics.jsonl` only, without
+matplotlib no plot is drawn; either says so once, in one line (e.g. on an accelerator machine
+that has only JAX and its libraries).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import logging
 
 LIBRARIES = (
     "metanet-jax",
@@ -59,6 +63,16 @@ def _json_default(x):
     if isinstance(x, tuple):
         return list(x)
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+_NOTICES: set[str] = set()
+
+
+def _notice_once(key: str, message: str) -> None:
+    """Logs `message` (a warning) the first time `key` is seen in this process."""
+    if key not in _NOTICES:
+        _NOTICES.add(key)
+        logging.warning(message)
 
 
 # ----------------------------------------------------------------------------- TensorBoard
@@ -113,18 +127,28 @@ class MetricsWriter:
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._jsonl = open(self.path, "a")  # noqa: SIM115 - closed in close()
-        self._tb = _EventWriter(workdir / "tensorboard")
+        try:
+            self._tb: _EventWriter | None = _EventWriter(workdir / "tensorboard")
+        except ImportError:
+            self._tb = None
+            _notice_once(
+                "tensorboard",
+                "TensorBoard is not installed: metrics go to metrics.jsonl only (pip install "
+                "tensorboard for event files)",
+            )
 
     def write(self, step: int, values: Mapping[str, float]) -> None:
         values = {k: float(v) for k, v in values.items()}
         record = {"step": int(step), "wall_time": time.time(), **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        self._tb.scalars(int(step), values)
+        if self._tb is not None:
+            self._tb.scalars(int(step), values)
 
     def close(self) -> None:
         self._jsonl.close()
-        self._tb.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -276,7 +300,12 @@ def _num(value):
 
 # ----------------------------------------------------------------------------- plots
 def _pyplot():
-    import matplotlib
+    """matplotlib.pyplot on the Agg backend, or None (with a one-line notice) without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        _notice_once("matplotlib", "matplotlib is not installed: no plots are drawn")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -284,9 +313,14 @@ def _pyplot():
     return plt
 
 
-def plot_learning_curve(records: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
-    """Training loss and train/validation accuracy against the step, as a PNG."""
+def plot_learning_curve(
+    records: Sequence[Mapping[str, Any]], path: str | os.PathLike
+) -> Path | None:
+    """Training loss and train/validation accuracy against the step, as a PNG (None and no
+    file without matplotlib)."""
     plt = _pyplot()
+    if plt is None:
+        return None
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
 
     def series(name):
@@ -322,7 +356,7 @@ def plot_attention(
     path: str | os.PathLike,
     *,
     max_queries: int = 10,
-) -> Path:
+) -> Path | None:
     """The memory read of one episode: softmax attention of queries over the support set.
 
     Args:
@@ -333,6 +367,8 @@ def plot_attention(
       max_queries: rows shown (spread over the query set).
     """
     plt = _pyplot()
+    if plt is None:
+        return None
     attention = np.asarray(attention, np.float32)
     n_q, n_s = attention.shape
     rows = np.unique(np.linspace(0, n_q - 1, min(max_queries, n_q)).round().astype(int))
@@ -378,9 +414,11 @@ def plot_curve(
     ylabel: str,
     title: str,
     baseline: float | None = None,
-) -> Path:
+) -> Path | None:
     """A single curve (e.g. continual learning), with an optional horizontal baseline."""
     plt = _pyplot()
+    if plt is None:
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, ys, marker="o")
     if baseline is not None:

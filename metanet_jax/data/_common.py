@@ -1,13 +1,16 @@
-"""Shared pieces of the data package: folders, the `ClassImages` container, preprocessing and
-the on-disk cache. Nothing here imports TensorFlow."""
+"""Shared pieces of the data package: folders, the `ClassImages` container, preprocessing,
+the on-disk cache, and a quiet TFDS preparation. Nothing here imports TensorFlow at import."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import shutil
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,3 +238,103 @@ def strokes_to_ink(grey: np.ndarray, size: int = 28) -> np.ndarray:
     ink = 255.0 - grey.astype(np.float32)
     small = area_resize(ink, size)
     return np.clip(np.rint(small), 0, 255).astype(np.uint8)[..., None]
+
+
+# ----------------------------------------------------------------------------- quiet TFDS
+def import_tfds():
+    """Imports TensorFlow Datasets for a preparation, with TensorFlow's C++ log at errors.
+
+    Before TensorFlow loads (only then do they count): `TF_CPP_MIN_LOG_LEVEL=2` (errors
+    still print) and `TF_ENABLE_ONEDNN_OPTS=0` (TensorFlow then prints no oneDNN notice;
+    the preparation only decodes PNGs, integer work that oneDNN does not change). Values
+    already in the environment are kept.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+class _DropInfo(logging.Filter):
+    """Drops INFO (and DEBUG) records logged from files under the given package folders."""
+
+    def __init__(self, folders: tuple[str, ...]):
+        super().__init__()
+        self.folders = folders
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return not any(f in record.pathname for f in self.folders)
+
+
+@contextlib.contextmanager
+def quiet_tfds(tfds) -> Iterator[None]:
+    """TFDS's work without its noise: no tqdm bars (tens of thousands of lines in a log
+    file), no INFO records, its stdout prints captured. Warnings and errors still pass; if
+    the body raises, the captured prints are written to stderr before the error propagates.
+    """
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    was_active = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    drop = _DropInfo(("/tensorflow_datasets/", "/tensorflow/"))
+    loggers = [logging.getLogger("absl"), logging.getLogger("tensorflow")]
+    for lg in loggers:
+        lg.addFilter(drop)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
+    finally:
+        for lg in loggers:
+            lg.removeFilter(drop)
+        tfds.display_progress_bar(was_active)
+
+
+class PreparationProgress:
+    """What a data preparation reports of itself, on stderr: one progress bar on a terminal,
+    otherwise one line per stage (a few lines in a log file).
+
+    Args:
+      what: e.g. "Omniglot 'background'".
+      stages: how many `stage` calls follow (the bar's length).
+      stream: default `sys.stderr`.
+    """
+
+    def __init__(self, what: str, stages: int, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.what, self.stages, self.done = what, max(stages, 1), 0
+        self.t0 = time.time()
+
+    def _bar(self, text: str) -> None:
+        width = 24
+        filled = int(width * min(self.done, self.stages) / self.stages)
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(f"\r[{bar}] {self.what}: {text}\x1b[K")
+        self.stream.flush()
+
+    def stage(self, text: str) -> None:
+        """A stage begins."""
+        if self.tty:
+            self._bar(text)
+        else:
+            self.stream.write(f"metanet_jax.data: {self.what}: {text}\n")
+            self.stream.flush()
+        self.done += 1
+
+    def finish(self, text: str) -> None:
+        """The preparation is done (`text` plus the elapsed time)."""
+        self.done = self.stages
+        line = f"{text} ({time.time() - self.t0:.0f} s)"
+        if self.tty:
+            self._bar(line)
+            self.stream.write("\n")
+        else:
+            self.stream.write(f"metanet_jax.data: {self.what}: {line}\n")
+        self.stream.flush()

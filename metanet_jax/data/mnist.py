@@ -10,9 +10,12 @@ import numpy as np
 from metanet_jax.data._common import (
     CACHE_VERSION,
     ClassImages,
+    PreparationProgress,
     cleanup_on_error,
+    import_tfds,
     local_folder,
     preparation_lock,
+    quiet_tfds,
     require_files,
     sha256,
 )
@@ -106,12 +109,17 @@ def load_mnist(
 
 def _prepare(folder: Path | None, root: Path, paths: dict[str, Path]) -> dict[str, ClassImages]:
     """Prepares MNIST with TFDS (needs TensorFlow) and writes the cache."""
-    import tensorflow_datasets as tfds
-
+    progress = PreparationProgress("MNIST", stages=1 + len(SPLITS))
+    source = "TFDS's download" if folder is None else folder
+    progress.stage(f"preparing from {source} with TFDS (once; later runs read the cache)")
+    tfds = import_tfds()
     tfds_dir, downloads = root / "tfds", root / "downloads" / "mnist"
     out = {}
-    with cleanup_on_error(
-        root, tfds_dir, tfds_dir / "mnist", downloads.parent, downloads, root / "cache"
+    with (
+        cleanup_on_error(
+            root, tfds_dir, tfds_dir / "mnist", downloads.parent, downloads, root / "cache"
+        ),
+        quiet_tfds(tfds),
     ):
         builder = tfds.builder("mnist", data_dir=os.fspath(tfds_dir))
         config = tfds.download.DownloadConfig(
@@ -119,8 +127,10 @@ def _prepare(folder: Path | None, root: Path, paths: dict[str, Path]) -> dict[st
         )
         builder.download_and_prepare(download_dir=os.fspath(downloads), download_config=config)
         for split in SPLITS:
+            progress.stage(f"grouping the {split} split by digit")
             ds = builder.as_dataset(split=split, shuffle_files=False, batch_size=-1)
             arrays = tfds.as_numpy(ds)
             out[split] = _group(arrays["image"], arrays["label"].astype(np.int64))
             out[split].save(paths[split])
+    progress.finish(f"cached in {', '.join(str(paths[s]) for s in SPLITS)}")
     return out

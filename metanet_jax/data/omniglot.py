@@ -11,9 +11,12 @@ import numpy as np
 from metanet_jax.data._common import (
     CACHE_VERSION,
     ClassImages,
+    PreparationProgress,
     cleanup_on_error,
+    import_tfds,
     local_folder,
     preparation_lock,
+    quiet_tfds,
     require_files,
     sha256,
     strokes_to_ink,
@@ -88,21 +91,24 @@ def _builder_name(folder: Path | None, part: str) -> str:
 
 def _prepare_part(part: str, folder: Path | None, builder_name: str, root: Path) -> ClassImages:
     """Prepares one zip with TFDS (needs TensorFlow), preprocesses it and writes the cache."""
-    import tensorflow_datasets as tfds
-
+    progress = PreparationProgress(f"Omniglot {part!r}", stages=3)
+    source = "TFDS's download" if folder is None else folder / ZIP_NAMES[part]
+    progress.stage(f"preparing from {source} with TFDS (once; later runs read the cache)")
+    tfds = import_tfds()
     from metanet_jax.data import _tfds_builders  # noqa: F401  (registers the builders)
 
     # One download/extract folder per builder: TFDS names extractions by file name, and the
     # original and rebuilt zips share file names.
     tfds_dir, downloads = root / "tfds", root / "downloads" / builder_name
     watched = (tfds_dir, tfds_dir / builder_name, downloads.parent, downloads, root / "cache")
-    with cleanup_on_error(root, *watched):
+    with cleanup_on_error(root, *watched), quiet_tfds(tfds):
         builder = tfds.builder(f"{builder_name}/{part}", data_dir=os.fspath(tfds_dir))
         config = tfds.download.DownloadConfig(
             manual_dir=None if folder is None else os.fspath(folder),
             try_download_gcs=False,
         )
         builder.download_and_prepare(download_dir=os.fspath(downloads), download_config=config)
+        progress.stage("reading the drawings, resizing them to 28x28")
         ds = builder.as_dataset(split=builder.builder_config.split, shuffle_files=False)
         grey, labels, alphabets, char_ids = [], [], [], []
         for ex in tfds.as_numpy(ds.batch(2048)):
@@ -136,6 +142,9 @@ def _prepare_part(part: str, folder: Path | None, builder_name: str, root: Path)
             counts=counts.astype(np.int64),
         )
         classes.save(_cache_path(root, part))
+    progress.finish(
+        f"{len(ids)} characters x {DRAWERS} drawings cached in {_cache_path(root, part)}"
+    )
     return classes
 
 

@@ -62,12 +62,32 @@ def test_corrupt_file_then_good_file(tmp_path, datasets_root, omniglot_parts):
     with pytest.raises(ValueError, match="sha256"):
         data.load_omniglot_parts(("small1",), manual_dir=archives, data_dir=out)
     assert _empty(out)
-    # Only this one zip is present: only its split is built.
+    # Only this one zip is present: only its split is built. The preparation runs as a program
+    # would (absl logging at INFO, TensorFlow's and JAX's log settings unset, output to a file):
+    # its log holds a few lines of its own, not TFDS's progress bars or TensorFlow's notices.
     (archives / name).unlink()
     os.symlink(datasets_root / "omniglot" / name, archives / name)
-    small1 = data.load_omniglot_parts(("small1",), manual_dir=archives, data_dir=out)["small1"]
+    code = (
+        "import sys; from absl import logging; logging.set_verbosity(logging.INFO)\n"
+        "from metanet_jax import data\n"
+        "data.load_omniglot_parts(('small1',), manual_dir=sys.argv[1], data_dir=sys.argv[2])\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_", "JAX_PLATFORMS"))}
+    env.update(PYTHONPATH=str(repo), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(archives), str(out)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    assert len(lines) <= 12, "\n".join(lines[:40])
+    assert any("Omniglot 'small1'" in line and "cached in" in line for line in lines), lines
+    assert not any("oneDNN" in line or "Dl Completed" in line for line in lines), lines
+    small1 = data.ClassImages.load(
+        out / "cache" / f"omniglot_small1_v{data._common.CACHE_VERSION}.npz"
+    )
     assert (small1.images == omniglot_parts["small1"].images).all()
-    assert (out / "cache" / f"omniglot_small1_v{data._common.CACHE_VERSION}.npz").is_file()
     assert not (out / "downloads" / "mnist").exists()
 
 

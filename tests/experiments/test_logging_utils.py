@@ -86,3 +86,27 @@ def test_progress_line_and_durations():
     assert line == "step 120/2000  episodes/s 14.2  loss 23.410  train acc 0.812  ETA 9m52s"
     assert logging_utils.format_duration(3 * 3600 + 4 * 60) == "3h04m"
     assert logging_utils.format_duration(42) == "42s"
+
+
+def test_without_tensorboard_and_matplotlib_metrics_still_go_to_jsonl(tmp_path, monkeypatch):
+    """As on an accelerator machine with only JAX's libraries: one notice each, no crash."""
+    import sys
+
+    for name in ("tensorboard", "tensorboard.compat", "tensorboard.compat.proto", "matplotlib"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import name` raises ImportError
+    monkeypatch.setattr(logging_utils, "_NOTICES", set())
+    notices = []
+    monkeypatch.setattr(logging_utils.logging, "warning", lambda msg, *a: notices.append(msg % a))
+    writer = logging_utils.MetricsWriter(tmp_path)
+    writer.write(1, {"loss": 2.5})
+    writer.close()
+    assert logging_utils.read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] == 2.5
+    assert not (tmp_path / "tensorboard").exists()
+    records = [{"step": 1, "loss": 3.0}]
+    assert logging_utils.plot_learning_curve(records, tmp_path / "curve.png") is None
+    assert logging_utils.plot_learning_curve(records, tmp_path / "curve.png") is None
+    assert not (tmp_path / "curve.png").exists()
+    (tmp_path / "again").mkdir()
+    logging_utils.MetricsWriter(tmp_path / "again").close()
+    assert len(notices) == 2, notices  # once per missing library and process
+    assert "TensorBoard is not installed" in notices[0] and "matplotlib" in notices[1]

@@ -1,0 +1,105 @@
+r"""Export a trained run's best checkpoint as a pretrained model: `pretrained/<name>/`.
+
+  python -m experiments.export_pretrained --workdir=workdirs/demo --name=demo
+  python -m experiments.export_pretrained --workdir=gpu_out/previous_5way_metanet \
+      --name=previous_5way_metanet --hardware="1 x NVIDIA H200"   # a folder written on a GPU
+
+Writes `params.npz` (the parameters only, no optimiser state, no pickle), the run's
+`config.json`, and `results.json` with the test accuracy measured here, now, by the same
+code and protocol as `python -m experiments.evaluate --workdir=pretrained/<name>` (the run's
+own test: its split, ways, shots, evaluation queries, test episodes and batch), beside the
+training run's steps, wall time, hardware and its own test numbers (`training_run`). The
+source is a run folder (`--checkpoint=best|latest`) or a pretrained-format folder (e.g. one
+written by `benchmarks/reproduce_gpu.sh`), which is then re-measured here.
+
+`--flagfile` and `--command` record how the model was trained; by default the flagfile whose
+`--workdir` is the run's workdir, with the flags the run changed. Then
+`python -m experiments.report pretrained` rebuilds docs/RESULTS.md and README's table.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("workdir", None, "The trained run's folder, or a pretrained-format folder.")
+flags.register_validator(
+    "workdir",
+    lambda v: bool(v) and os.path.isdir(v),
+    message="--workdir must name an existing run folder",
+)
+flags.DEFINE_string("name", None, "The model's name: the folder pretrained/<name>.")
+flags.register_validator(
+    "name",
+    lambda v: bool(v) and v[0].isalnum() and all(c.isalnum() or c in "_.-" for c in v),
+    message="--name must be letters, digits, '_', '.' or '-' (starting with a letter or digit)",
+)
+flags.DEFINE_string("pretrained_dir", "pretrained", "Folder of the pretrained models.")
+flags.DEFINE_enum("checkpoint", "best", ("best", "latest"), "Which checkpoint (run folders).")
+flags.DEFINE_string("hardware", None,
+                    "What the model trained on, e.g. '2-core CPU (AMD EPYC)' or '1 x NVIDIA "
+                    "H200' (default: what the run recorded).")  # fmt: skip
+flags.DEFINE_string("flagfile", None,
+                    "The flagfile it was trained with (default: the one whose --workdir is the "
+                    "run's).")  # fmt: skip
+flags.DEFINE_string("command", None, "The training command (default: from the flagfile).")
+common.define_folder("datasets", None, "Offline data folder (default: $METANET_DATASETS).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing pretrained/<name>.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    common.quiet_libraries()
+    from metanet_jax import evaluation, pretrained
+
+    dest = os.path.join(FLAGS.pretrained_dir, FLAGS.name)
+    if os.path.exists(dest) and not FLAGS.overwrite:
+        common.fail(f"{dest} exists; pass --overwrite to replace it")
+    if FLAGS.flagfile and not os.path.isfile(FLAGS.flagfile):
+        common.fail(f"--flagfile={FLAGS.flagfile}: no such file")
+    try:
+        _, _, meta = pretrained.load_model(FLAGS.workdir, FLAGS.checkpoint)
+        run = meta.get("flags") or {}
+        recorded = (meta.get("results") or {}) if pretrained.is_pretrained(FLAGS.workdir) else {}
+        flagfile = FLAGS.flagfile or recorded.get("flagfile") or pretrained.find_flagfile(run)
+        info = {"flagfile": None if flagfile is None else str(flagfile).replace(os.sep, "/")}
+        info["command"] = (
+            FLAGS.command or recorded.get("command") or pretrained.training_command(run, flagfile)
+        )
+        if FLAGS.hardware:
+            info["hardware"] = FLAGS.hardware
+        logging.info("exporting %s (%s) to %s; measuring its test accuracy here", FLAGS.workdir,
+                     FLAGS.checkpoint, dest)  # fmt: skip
+        results = pretrained.export(
+            FLAGS.workdir, dest, which=FLAGS.checkpoint, datasets=FLAGS.datasets, info=info,
+            overwrite=FLAGS.overwrite,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        common.fail(str(e))
+    except evaluation.checkpointing.CheckpointError as e:
+        common.fail(str(e))
+    print(
+        evaluation.format_accuracy(
+            results["test_accuracy"], results["test_ci95"], results["test_episodes"]
+        ),
+        flush=True,
+    )
+    size = pretrained.folder_size(dest)
+    total = pretrained.folder_size(FLAGS.pretrained_dir)
+    print(f"written: {dest} ({size / 1e6:.2f} MB; {FLAGS.pretrained_dir}/ holds "
+          f"{total / 1e6:.2f} MB)", flush=True)  # fmt: skip
+    if total > pretrained.MAX_TOTAL_BYTES:
+        limit = pretrained.MAX_TOTAL_BYTES / 1e6
+        logging.warning("%s/ holds %.2f MB, above the %.0f MB the repository allows",
+                        FLAGS.pretrained_dir, total / 1e6, limit)  # fmt: skip
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.INFO)
+    app.run(main, flags_parser=common.parse_flags)

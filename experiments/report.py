@@ -1,0 +1,67 @@
+r"""Write the results report: docs/RESULTS.md, README's results block, flagfile headers.
+
+  python -m experiments.report                      # = python -m experiments.report pretrained
+  python -m experiments.report pretrained workdirs  # also every run folder under workdirs/
+  python -m experiments.report pretrained --check   # exit 1 if a file would change
+
+Reads every `results.json` and `eval_*.json` under the given folders (run folders and
+pretrained models) and `docs/ablations/*.json`; writes one row per number of the paper's
+tables with ours beside it (`metanet_jax.report`). `python -m experiments.report pretrained`
+regenerates the committed docs/RESULTS.md exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app, flags, logging
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("output", "docs/RESULTS.md", "The report to write.")
+flags.DEFINE_string(
+    "readme", "README.md", "The README whose results block is rewritten ('' to skip)."
+)
+flags.DEFINE_string("flags_dir", "experiments/flags",
+                    "Flagfiles whose header lines are rewritten ('' to skip).")  # fmt: skip
+flags.DEFINE_string("ablations_dir", "docs/ablations", "Ablation tables (*.json) to render.")
+flags.DEFINE_bool("check", False, "Write nothing; exit 1 naming each file that would change.")
+
+
+def main(argv):
+    from metanet_jax import report
+
+    folders = argv[1:] or ["pretrained"]
+    for folder in folders:
+        if not os.path.isdir(folder):
+            common.fail(f"{folder}: no such folder")
+    try:
+        changed = report.build(
+            folders,
+            output=FLAGS.output,
+            readme=FLAGS.readme or None,
+            flags_dir=FLAGS.flags_dir or None,
+            ablations_dir=FLAGS.ablations_dir or None,
+            check=FLAGS.check,
+        )
+    except (FileNotFoundError, ValueError) as e:
+        common.fail(str(e))
+    if FLAGS.check:
+        if changed:
+            common.fail(
+                "out of date (run `python -m experiments.report "
+                f"{' '.join(folders)}`): {', '.join(changed)}"
+            )
+        print("up to date", flush=True)
+        return
+    for path in changed:
+        print(f"written: {path}", flush=True)
+    if not changed:
+        print("nothing changed", flush=True)
+
+
+if __name__ == "__main__":
+    logging.set_verbosity(logging.WARNING)
+    app.run(main, flags_parser=common.parse_flags)

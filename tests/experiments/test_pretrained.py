@@ -1,0 +1,157 @@
+"""Pretrained models: export, no-pickle files, loading, and the evaluation that reproduces them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import metanet_jax as mn
+from metanet_jax import evaluation, experiment, pretrained
+from tests.experiments.conftest import tiny_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny trained run (more output units than ways) and its export."""
+    base = tmp_path_factory.mktemp("pretrained")
+    spec = tiny_spec(base / "run", max_ways=4, steps=4, seed=3)
+    run_results = experiment.train(spec)
+    results = pretrained.export(spec.workdir, base / "pre" / "tiny", info={"hardware": "test"})
+    return spec, run_results, base / "pre" / "tiny", results
+
+
+def test_export_writes_params_config_results_without_pickle(trained):
+    spec, run_results, folder, results = trained
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "params.npz", "results.json"]
+    # Every array file reads without pickle; no member is an object array.
+    with np.load(folder / "params.npz", allow_pickle=False) as f:
+        assert all(f[k].dtype != object for k in f.files)
+        names = set(f.files)
+    with zipfile.ZipFile(folder / "params.npz") as z:
+        assert all(n.endswith(".npy") for n in z.namelist())
+    # The params only: the checkpoint's params and nothing of the optimiser state.
+    _, ckpt_params = evaluation.load_checkpoint(spec.workdir, "best")
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(ckpt_params)}
+    assert len(names) == len(flat)
+    saved = json.loads((folder / "results.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert config["flags"]["max_ways"] == 4 and config["model_config"]["max_ways"] == 4
+    for key in ("ways", "shots", "split", "eval_queries_per_class", "eval_batch"):
+        assert saved["config"][key] == getattr(spec, key)
+    assert saved["steps"] == spec.steps == run_results["steps"]
+    assert saved["wall_time_s"] == pytest.approx(run_results["wall_time_s"])
+    assert saved["evaluated_step"] == run_results["evaluated_step"]
+    assert saved["hardware"] == "test" and saved["test_platform"] == "cpu"
+    assert saved["test_episodes"] == spec.test_episodes
+    # Measured again here on the run's own protocol: the training loop's own final test.
+    assert saved["test_accuracy"] == pytest.approx(run_results["test_accuracy"], abs=1e-6)
+    assert saved["test_ci95"] == pytest.approx(run_results["test_ci95"], abs=1e-6)
+    assert saved["training_run"]["test_accuracy"] == run_results["test_accuracy"]
+    assert saved["test_protocol"] == {
+        "dataset": "synthetic", "split": "standard", "subset": "test", "ways": 3, "shots": 1,
+        "queries_per_class": 2, "episodes": 8, "seed": experiment.TEST_SEED, "batch": 4,
+    }  # fmt: skip
+
+
+def test_load_pretrained_gives_the_checkpoint_params(trained):
+    spec, _, folder, _ = trained
+    config, params = mn.load_pretrained(str(folder))
+    ckpt_config, ckpt_params = evaluation.load_checkpoint(spec.workdir, "best")
+    assert config == ckpt_config
+    assert jax.tree.structure(params) == jax.tree.structure(ckpt_params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ckpt_params), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_load_pretrained_errors(trained, tmp_path):
+    _, _, folder, _ = trained
+    with pytest.raises(FileNotFoundError, match="no pretrained model 'no-such-model'"):
+        mn.load_pretrained("no-such-model")
+    # A params file that does not fit its config: one line naming the leaf.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((folder / "config.json").read_text())
+    with np.load(folder / "params.npz", allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    dropped = sorted(arrays)[0]
+    del arrays[dropped]
+    arrays["base/out/kernel"] = np.zeros((1, 1), np.float32)
+    np.savez(bad / "params.npz", **arrays)
+    with pytest.raises(ValueError, match=f"missing {dropped}.*shape/dtype of base/out/kernel"):
+        mn.load_pretrained(bad)
+
+
+def test_flatten_refuses_ambiguous_keys():
+    assert pretrained.flatten_params({"a": {"b": np.ones(2)}}).keys() == {"a/b"}
+    with pytest.raises(ValueError, match="cannot be saved"):
+        pretrained.flatten_params({"a/b": np.ones(2)})
+
+
+def test_evaluate_program_reproduces_the_recorded_accuracy(trained, tmp_path):
+    """`python -m experiments.evaluate --workdir=<pretrained>` alone re-runs the recorded
+    protocol and prints the recorded accuracy (to 0.05 points)."""
+    _, _, folder, results = trained
+    # No JAX_PLATFORMS: JAX probes its backends as for a user, and the program keeps its
+    # "Unable to initialize backend 'tpu'" INFO record out of the log.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.evaluate", f"--workdir={folder}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    match = re.search(r"^accuracy (\d\.\d{4}) \+- (\d\.\d{4}) \(95% CI, (\d+) episodes\)$",
+                      out.stdout, re.M)  # fmt: skip
+    assert match, out.stdout
+    assert float(match[1]) == pytest.approx(results["test_accuracy"], abs=5e-4)
+    assert int(match[3]) == results["test_episodes"]
+    assert "recorded: accuracy" in out.stdout and "(same protocol)" in out.stdout
+    saved = json.loads((folder / "eval_synthetic_test_3way1shot.json").read_text())
+    assert saved["checkpoint"] == "pretrained" and saved["batch"] == 4
+    assert "tpu" not in out.stderr.lower()
+
+
+def test_flag_overrides_and_training_command(tmp_path):
+    flagfile = tmp_path / "x.flags"
+    flagfile.write_text("# a comment\n--ways=5\n--learning_rate=0.002\n--rotate\n"
+                        "--norotations_as_classes\n--workdir=workdirs/x\n")  # fmt: skip
+    run = experiment.RunSpec(workdir="elsewhere", ways=5, learning_rate=0.002, steps=7000)
+    assert pretrained.flag_overrides(flagfile, run.to_dict()) == ["--steps=7000"]
+    run = experiment.RunSpec(workdir="workdirs/x", ways=5, learning_rate=0.001, rotate=False)
+    assert pretrained.flag_overrides(flagfile, run.to_dict()) == ["--learning_rate=0.001",
+                                                                  "--norotate"]  # fmt: skip
+    assert pretrained.find_flagfile(run.to_dict(), tmp_path) == flagfile
+    assert pretrained.find_flagfile({"workdir": "workdirs/y"}, tmp_path) is None
+    command = pretrained.training_command(run.to_dict(), flagfile)
+    assert command == (f"python -m experiments.omniglot --flagfile={flagfile.as_posix()} "
+                       "--learning_rate=0.001 --norotate")  # fmt: skip
+
+
+def test_committed_pretrained_models_are_small_pickle_free_and_complete():
+    folder = ROOT / "pretrained"
+    assert pretrained.folder_size(folder) <= pretrained.MAX_TOTAL_BYTES
+    for model in sorted(p for p in folder.iterdir() if p.is_dir()):
+        assert pretrained.is_pretrained(model), model
+        for npz in model.glob("*.npz"):
+            with np.load(npz, allow_pickle=False) as f:
+                for k in f.files:
+                    assert f[k].dtype != object, (npz, k)
+        results = json.loads((model / "results.json").read_text())
+        for key in ("test_accuracy", "test_ci95", "test_episodes", "steps", "wall_time_s",
+                    "test_protocol"):  # fmt: skip
+            assert results.get(key) is not None, (model, key)
+        assert results["test_platform"] == "cpu", model
+        for key in ("ways", "shots", "split"):
+            assert key in results["config"], (model, key)
+        mn.load_pretrained(model.name)  # params fit the config
