@@ -106,7 +106,8 @@ class MetaNetConfig:
         may be any of the `output_units` units, and each loss or prediction uses the units
         among the support set's labels (the others are masked out), so a model trained
         5-way with 20 units trains all 20 (episodes with labels 0..ways-1 give the same
-        results as "first").
+        results as "first"). Experimental: a 16-channel model trained so predicted one unit
+        for every query of 19- and 20-way episodes (docs/RESULTS.md, demo_levers).
       bn_statistics: which examples a BatchNorm layer's statistics span (no effect without
         BatchNorm layers). "authors" (default; the authors' MetaNetPartial.py): b's
         per-example meta-gradients, u's representation-loss chunks (and MetaNet+'s chunks of
