@@ -91,8 +91,8 @@ def max_pool(h: Array) -> Array:
     wrong inside a network with BatchNorm (the Mini-ImageNet network: u's and d's gradients
     1-3% off at the default optimisation level, W's too at level 0; eager execution and
     the loop reference agree; tests/test_gradients.py). An elementwise max's gradient is a
-    compare-and-select, as fast as the reshape's (measured side by side). Ties (equal
-    maxima in a window) share the gradient.
+    compare-and-select: the train step within 2% of the reshape's (side by side). Ties
+    (equal maxima in a window) share the gradient.
     """
     _, height, width, _ = h.shape
     pad_h, pad_w = height % 2, width % 2
