@@ -210,6 +210,24 @@ def pair_layout(n: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
     return pairs[index], mask
 
 
+def _map_chunks(fn, shared, args, mask: np.ndarray, specs):
+    """`fn(shared, *chunk_args, weights)` for every chunk, outputs stacked on a new axis 0.
+
+    One `vmap` over the padded chunks (`args` `[C, S, ...]`, padding at the end, `mask`
+    `[C, S]` marks the real examples). A network with BatchNorm would take the padding into
+    its statistics, which must span the chunk's own examples only: then, when the chunks
+    differ in size, each chunk runs alone, without its padding.
+    """
+    if mask.all() or not any(s.batchnorm for s in specs):
+        in_axes = (None,) + (0,) * (len(args) + 1)
+        return jax.vmap(fn, in_axes)(shared, *args, jnp.asarray(mask))
+    outs = []
+    for c, row in enumerate(mask):
+        size = int(row.sum())
+        outs.append(fn(shared, *(a[c, :size] for a in args), jnp.ones((size,), jnp.float32)))
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
 def _ce_chunk_loss(specs, config, q_full, x, y, w, support_y):
     key_slow = networks.apply_network(specs, q_full, x)
     logits = episode_logits(networks.representation_head(q_full, key_slow), config, support_y)
@@ -326,11 +344,11 @@ def representation_meta_info(
         def loss(qa, xi, yi, w):
             return _ce_chunk_loss(specs, config, {**rep_params, **qa}, xi, yi, w, support.y)
 
-        args = (x[index], support.y[index], jnp.asarray(mask))
+        args = (x[index], support.y[index])
     else:
         if key is None:
             pairs, mask = pair_layout(x.shape[0], config.rep_chunks)
-            pairs, mask = jnp.asarray(pairs), jnp.asarray(mask)
+            pairs = jnp.asarray(pairs)
         else:  # T sampled pairs (i != j), one per chunk
             ki, kj = jax.random.split(key)
             n = x.shape[0]
@@ -338,7 +356,7 @@ def representation_meta_info(
             j = jax.random.randint(kj, (config.rep_chunks,), 0, n - 1)
             j = j + (j >= i)
             pairs = jnp.stack([i, j], -1)[:, None, :]
-            mask = jnp.ones((config.rep_chunks, 1), jnp.float32)
+            mask = np.ones((config.rep_chunks, 1), np.float32)
         same = (support.y[pairs[..., 0]] == support.y[pairs[..., 1]]).astype(jnp.float32)
         if whole_set:
 
@@ -353,9 +371,8 @@ def representation_meta_info(
         def loss(qa, xa, xb, s, w):
             return _contrastive_chunk_loss(specs, config, {**rep_params, **qa}, xa, xb, s, w)
 
-        args = (x[pairs[..., 0]], x[pairs[..., 1]], same, mask)
-    in_axes = (None,) + (0,) * len(args)
-    losses, grads = jax.vmap(jax.value_and_grad(loss), in_axes)(q_aug, *args)
+        args = (x[pairs[..., 0]], x[pairs[..., 1]], same)
+    losses, grads = _map_chunks(jax.value_and_grad(loss), q_aug, args, mask, specs)
     return grads, losses
 
 
@@ -425,9 +442,7 @@ def base_task_meta_info(
         )
         return jnp.sum(cross_entropy(logits, yi) * w) / jnp.sum(w)
 
-    return jax.vmap(jax.grad(loss), (None, 0, 0, 0))(
-        w_aug, inputs[index], labels[index], jnp.asarray(mask)
-    )
+    return _map_chunks(jax.grad(loss), w_aug, (inputs[index], labels[index]), mask, specs)
 
 
 # ----------------------------------------------------------------------------- query path

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from metanet_jax import layers
 
@@ -25,17 +26,42 @@ def test_augmented_conv_is_relu_slow_plus_relu_fast():
     np.testing.assert_allclose(linear, flat @ w_slow + flat @ w_fast, rtol=1e-4, atol=1e-5)
 
 
-def test_memory_mix_equals_explicit_per_example_kernels():
-    ks = jax.random.split(jax.random.key(1), 4)
-    h = jax.random.normal(ks[0], (4, 6, 6, 2))
-    slow = jax.random.normal(ks[1], (3, 3, 2, 3))
-    memory = jax.random.normal(ks[2], (5, 3, 3, 2, 3))  # 5 slots
-    mix = jax.nn.softmax(jax.random.normal(ks[3], (4, 5)))
-    out = layers.augmented_layer("conv", h, slow, memory=memory, mix=mix)
+def _np_conv(h, k):
+    """'SAME' 3x3 convolution, stride 1, in float64 loops over the kernel offsets."""
+    n, height, width, _ = h.shape
+    kh, kw, _, features = k.shape
+    pad = np.pad(h, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+    out = np.zeros((n, height, width, features))
+    for dy in range(kh):
+        for dx in range(kw):
+            out += np.einsum("nyxc,cf->nyxf", pad[:, dy : dy + height, dx : dx + width], k[dy, dx])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["stacked", "patches"])
+def test_memory_mix_equals_explicit_per_example_kernels(mode):
+    rng = np.random.default_rng(1)
+    h = rng.normal(size=(4, 6, 6, 2))
+    slow = rng.normal(size=(3, 3, 2, 3))
+    task = rng.normal(size=(3, 3, 2, 3))
+    memory = rng.normal(size=(5, 3, 3, 2, 3))  # 5 slots
+    mix = rng.dirichlet(np.ones(5), size=4)  # [4, 5], rows sum to 1
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    out = layers.augmented_layer("conv", f32(h), f32(slow), None, f32(task),
+                                 memory=f32(memory), mix=f32(mix), memory_mode=mode)  # fmt: skip
+    relu = lambda a: np.maximum(a, 0)  # noqa: E731
     for j in range(4):
-        kernel_j = jnp.tensordot(mix[j], memory, axes=1)
-        expected = layers.augmented_layer("conv", h[j : j + 1], slow, kernel_j)
-        np.testing.assert_allclose(out[j : j + 1], expected, rtol=1e-4, atol=1e-5)
+        kernel_j = np.tensordot(mix[j], memory, axes=1)  # W*_j = sum_s a_js M_s
+        expected = sum(relu(_np_conv(h[j : j + 1], k)) for k in (slow, kernel_j, task))
+        np.testing.assert_allclose(out[j : j + 1], expected, rtol=1e-4, atol=1e-4)
+    # Dense layers (always stacked), linear: h W + h W*_j for each example.
+    flat = rng.normal(size=(4, 7))
+    w_slow, w_memory = rng.normal(size=(7, 3)), rng.normal(size=(5, 7, 3))
+    dense = layers.augmented_layer("dense", f32(flat), f32(w_slow), memory=f32(w_memory),
+                                   mix=f32(mix), relu=False)  # fmt: skip
+    for j in range(4):
+        expected = flat[j] @ w_slow + flat[j] @ np.tensordot(mix[j], w_memory, axes=1)
+        np.testing.assert_allclose(dense[j], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_max_pool_rounds_up():
@@ -43,6 +69,32 @@ def test_max_pool_rounds_up():
     assert layers.max_pool(h).shape == (1, 4, 4, 1)
     for size, expected in ((28, 14), (14, 7), (7, 4), (4, 2), (2, 1)):
         assert layers.max_pool(jnp.ones((1, size, size, 1))).shape[1] == expected
+
+
+def _pool_stack(pool, x, k0, k1):
+    """Two conv-BatchNorm-ReLU-pool blocks (the Mini-ImageNet pattern)."""
+    one, zero = jnp.ones(3), jnp.zeros(3)
+    h = pool(jax.nn.relu(layers.batch_norm(layers.conv2d(x, k0), one, zero)))
+    h = pool(jax.nn.relu(layers.batch_norm(layers.conv2d(h, k1), one, zero)))
+    return jnp.sum(h**2)
+
+
+def test_max_pool_matches_reduce_window_in_value_and_jitted_gradient():
+    def reference(h):
+        return lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "SAME")
+
+    for shape in ((2, 7, 7, 3), (2, 6, 8, 1)):
+        h = jax.random.normal(jax.random.key(3), shape)
+        np.testing.assert_array_equal(layers.max_pool(h), reference(h))
+    # The gradient, compiled as a whole (XLA CPU miscompiled the gradient of a max over a
+    # reshape here: 10-100% off), against the eager gradient of the reduce-window pool.
+    ks = jax.random.split(jax.random.key(0), 3)
+    args = (jax.random.uniform(ks[0], (3, 7, 7, 3)), jax.random.normal(ks[1], (3, 3, 3, 3)),
+            jax.random.normal(ks[2], (3, 3, 3, 3)))  # fmt: skip
+    grads = jax.jit(jax.grad(_pool_stack, (1, 2, 3)), static_argnums=0)(layers.max_pool, *args)
+    expected = jax.grad(_pool_stack, (1, 2, 3))(reference, *args)
+    for g, e in zip(grads, expected, strict=True):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5 * float(jnp.abs(e).max()))
 
 
 def test_batch_norm_uses_the_examples_passing_through():

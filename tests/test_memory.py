@@ -26,12 +26,21 @@ def test_cosine_attention_formula_and_rows():
 
 
 def test_read_is_the_weighted_sum_of_values():
-    values = {"fc": {"kernel": jax.random.normal(jax.random.key(1), (3, 2, 5))}}
-    att = jax.nn.softmax(jax.random.normal(jax.random.key(2), (4, 3)))
-    out = memory.read(values, att)["fc"]["kernel"]
-    assert out.shape == (4, 2, 5)
-    for j in range(4):
-        expected = sum(att[j, i] * values["fc"]["kernel"][i] for i in range(3))
-        np.testing.assert_allclose(out[j], expected, rtol=1e-5, atol=1e-6)
-    keys = jnp.ones((3, 2))
-    assert memory.write(values, keys)[1] is keys
+    rng = np.random.default_rng(1)
+    values = {
+        "conv": {"kernel": rng.normal(size=(3, 2, 2, 1, 4)).astype(np.float32)},
+        "fc": {"kernel": rng.normal(size=(3, 2, 5)).astype(np.float32)},
+    }
+    logits = rng.normal(size=(4, 3))
+    att = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    out = memory.read(jax.tree.map(jnp.asarray, values), jnp.asarray(att, jnp.float32))
+    # W*_j = sum_i a_ji M_i, coordinate by coordinate, in float64.
+    for name, leaf in values.items():
+        m = leaf["kernel"].astype(np.float64)
+        expected = np.zeros((4,) + m.shape[1:])
+        for j in range(4):
+            for i in range(3):
+                for idx in np.ndindex(m.shape[1:]):
+                    expected[(j,) + idx] += att[j, i] * m[(i,) + idx]
+        assert out[name]["kernel"].shape == expected.shape
+        np.testing.assert_allclose(out[name]["kernel"], expected, rtol=1e-5, atol=1e-6)

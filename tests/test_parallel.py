@@ -96,7 +96,7 @@ class _Group:
 
 
 _SUBPROCESS_TESTS = ("test_four_devices_match_one_device", "test_two_processes_match_one_process")
-_DEVICE_TESTS = ("test_four_devices_match_one_device", "test_partitioner_grouped_conv_gradients")
+_DEVICE_TESTS = ("test_four_devices_match_one_device",)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -204,23 +204,67 @@ def test_single_process_setup_is_a_no_op(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- bfloat16
-# Stated tolerance: the bfloat16 loss of a fixed tiny episode batch (1 conv layer) is within
-# 2% (relative) of the float32 loss. bfloat16 has an 8-bit mantissa (0.4% per rounding);
-# measured over 3 seeds x 4 tasks the per-task difference was at most 0.21% (0.34% with 2
-# conv layers), the batch mean's at most 0.08%.
-BF16_RTOL = 0.02
+# What bfloat16 compute may change, one device, the same params and episodes (4 tasks, the
+# tiny network with 1 or 2 conv layers). Measured over 4 seeds x both depths, relative to
+# float32: the mean loss by at most 8e-4, a task's loss 1.7e-3, the logits 1.7e-2 (of their
+# largest magnitude); the fast weights themselves (norm of the difference over the norm),
+# example level M 0.25 and task level Q* 0.27: bfloat16's ~0.4% rounding of a near-zero
+# gradient coordinate moves its preprocessed features (log |g| / p, g e^p) a long way.
+# Bounds: the measured maxima plus half.
+BF16_BOUNDS = {"loss": 1.2e-3, "task_loss": 2.5e-3, "logits": 2.5e-2, "values": 0.4, "q_star": 0.4}
 
 
-def test_bfloat16_loss_close_to_float32():
+def _fast_weights(params, support, config):
+    """Steps 1-4 of `episode.task_forward`, per task: M and Q* (`[B, ...]` leaves)."""
+    dtype = jnp.bfloat16 if config.compute_dtype == "bfloat16" else jnp.float32
+
+    def one(x, y):
+        task = mn.Episode(x.astype(dtype), y)
+        grads_u, _ = mn.representation_meta_info(params["representation"], task, config)
+        gen_u, p = params["task_generator"]["representation"], config.grad_p
+        grads_b = mn.base_meta_info(params["base"], task.x, task.y, config)
+        return {
+            "values": mn.example_fast_weights(params["example_generator"], grads_b, p, jnp.float32),
+            "q_star": mn.task_fast_weights(gen_u, grads_u, p, jnp.float32),
+        }
+
+    return jax.vmap(one)(support.x, support.y)
+
+
+def _relative(a, b):
+    """Norm of `a - b` over the norm of `b` (all leaves) per task, the largest of the tasks."""
+    sq = lambda x: jnp.sum(jnp.square(x).reshape(x.shape[0], -1), 1)  # noqa: E731
+    diff = sum(sq(x - y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    ref = sum(sq(y) for y in jax.tree.leaves(b))
+    return float(jnp.max(jnp.sqrt(diff / ref)))
+
+
+def test_bfloat16_changes_loss_logits_and_fast_weights_within_the_measured_bounds():
     cfg32 = tiny_config(task_batching="vmap", num_conv_layers=1)
     cfg16 = cfg32.replace(compute_dtype="bfloat16")
     params = mn.init(jax.random.key(0), cfg32)
     support, query = mn.synthetic.synthetic_episodes(jax.random.key(1), cfg32, 4)
-    loss32, _ = jax.jit(lambda p, s, q: mn.episode_loss(p, s, q, cfg32))(params, support, query)
-    loss16, aux16 = jax.jit(lambda p, s, q: mn.episode_loss(p, s, q, cfg16))(params, support, query)
+    out = {}
+    for cfg in (cfg32, cfg16):
+
+        def run(p, s, q, cfg=cfg):
+            return mn.episode_loss(p, s, q, cfg), _fast_weights(p, s, cfg)
+
+        out[cfg.compute_dtype] = jax.jit(run)(params, support, query)
+    ((loss32, aux32), fast32), ((loss16, aux16), fast16) = out["float32"], out["bfloat16"]
     assert loss16.dtype == jnp.float32 and aux16["logits"].dtype == jnp.float32
-    assert np.isfinite(float(loss16))
-    np.testing.assert_allclose(float(loss16), float(loss32), rtol=BF16_RTOL)
+    logits16, logits32 = aux16["logits"], aux32["logits"]
+    changes = {
+        "loss": abs(float(loss16) / float(loss32) - 1),
+        "task_loss": float(jnp.max(jnp.abs(aux16["task_loss"] / aux32["task_loss"] - 1))),
+        "logits": float(jnp.abs(logits16 - logits32).max() / jnp.abs(logits32).max()),
+        "values": _relative(fast16["values"], fast32["values"]),
+        "q_star": _relative(fast16["q_star"], fast32["q_star"]),
+    }
+    print("\nbfloat16 vs float32:", {k: f"{v:.1e}" for k, v in changes.items()})
+    for name, bound in BF16_BOUNDS.items():
+        assert changes[name] <= bound, (name, changes)
+    assert changes["logits"] > 0 and changes["values"] > 0  # bfloat16 did run
 
 
 def test_bfloat16_training_learns():
@@ -265,11 +309,18 @@ def test_bfloat16_training_learns():
 # ----------------------------------------------------------------------------- subprocesses
 def test_four_devices_match_one_device(workers):
     group, out = workers["devices"]
+    # The reference, computed meanwhile in this process on one device with the library's
+    # plain (unsharded) train step, on the same episodes and initial state.
+    cfg = worker.config()
+    optimizer = worker.optimizer(cfg)
+    support, query = mn.synthetic.synthetic_episodes(jax.random.key(3), cfg, worker.META_BATCH)
+    step = mn.make_train_step(cfg, optimizer, validate=False)
+    state, metrics = step(worker.initial_state(cfg, optimizer), support, query)
+    reference = worker.flat_params(state.params)
     group.wait()
     r = json.loads(out.read_text())
-    four, one = r["mesh4"], r["mesh1"]
+    four = r["mesh4"]
     assert four["summary"] == "devices: 4 (cpu), processes: 1, mesh: (4,), per-device meta-batch: 1"
-    assert one["summary"] == "devices: 1 (cpu), processes: 1, mesh: (1,), per-device meta-batch: 4"
     # Inputs: the task axis split over the 4 devices, one task each.
     assert four["input_spec"] == "PartitionSpec('tasks',)" or four["input_spec"] == "P('tasks',)"
     assert four["input_shards"] == [[1, 0], [1, 1], [1, 2], [1, 3]]
@@ -279,17 +330,15 @@ def test_four_devices_match_one_device(workers):
     assert four["state_donated"]
     # Same loss, gradient norm and updated params (SGD with lr 0.5, see worker.optimizer) at
     # float32 tolerance: the gradient sums run in another order on 4 devices.
-    np.testing.assert_allclose(four["loss"], one["loss"], rtol=1e-5)
-    np.testing.assert_allclose(four["grad_norm"], one["grad_norm"], rtol=1e-4)
-    assert four["params"].keys() == one["params"].keys()
-    for name in one["params"]:
+    np.testing.assert_allclose(four["loss"], float(metrics["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(four["grad_norm"], float(metrics["grad_norm"]), rtol=1e-4)
+    initial = worker.flat_params(worker.initial_state(cfg, optimizer).params)
+    assert four["params"].keys() == reference.keys()
+    for name, value in reference.items():
         np.testing.assert_allclose(
-            np.array(four["params"][name]),
-            np.array(one["params"][name]),
-            rtol=1e-4,
-            atol=1e-5,
-            err_msg=name,
+            np.array(four["params"][name]), value, rtol=1e-4, atol=1e-5, err_msg=name
         )
+    assert max(np.abs(reference[n] - initial[n]).max() for n in reference) > 1e-2  # a real step
     assert "not divisible by the 4 devices" in r["error"] and "4 or 8" in r["error"]
 
 
@@ -322,14 +371,3 @@ def test_two_processes_match_one_process(workers):
     assert sorted(saved.files) == sorted(reference)
     for name, value in reference.items():
         np.testing.assert_allclose(saved[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
-
-
-def test_partitioner_grouped_conv_gradients(workers):
-    """Why the step uses shard_map (tests/parallel_helpers/spmd_grouped_conv_repro.py):
-    xfails while XLA's SPMD partitioner still miscompiles sharded per-example kernel
-    gradients; passes once it is fixed (then plain sharding propagation would do too)."""
-    group, out = workers["devices"]
-    group.wait()
-    diff = np.array(json.loads(out.read_text())["spmd_grouped_conv_diff"])
-    if diff.max() > 1e-4:
-        pytest.xfail(f"XLA SPMD partitioner bug still present: per-shard max diff {diff}")

@@ -49,16 +49,18 @@ def test_shapes_labels_and_layout(images):
         assert np.all(np.bincount(np.asarray(q.y[b]), minlength=4) == 3)
 
 
-@pytest.mark.parametrize("rotate", [True, False])
-def test_support_query_same_classes_disjoint_drawers_consistent_rotation(images, rotate):
-    s, q = data.sample_episodes(jax.random.key(1), jnp.asarray(images), 5, 2, 3, 4, rotate=rotate)
+def _check_episodes(s, q, images, ways):
+    """Each episode's images, identified in the class array: one class and one rotation per
+    label (support and queries alike), all different drawings, classes without replacement.
+    Returns the rotations seen."""
     sx, qx = _as_uint8(s.x), _as_uint8(q.x)
     rotations = set()
-    for b in range(4):
+    for b in range(sx.shape[0]):
         seen_classes = []
-        for label in range(5):
+        for label in range(ways):
             sup = [_identify(x, images) for x in sx[b][np.asarray(s.y[b]) == label]]
             qry = [_identify(x, images) for x in qx[b][np.asarray(q.y[b]) == label]]
+            assert sup and qry
             ids = {(c, k) for c, _, k, _ in sup + qry}
             assert len(ids) == 1  # one class, one rotation for its support and query images
             drawers = [d for _, d, _, _ in sup + qry]
@@ -66,7 +68,14 @@ def test_support_query_same_classes_disjoint_drawers_consistent_rotation(images,
             ((c, k),) = ids
             seen_classes.append(c)
             rotations.add(k)
-        assert len(set(seen_classes)) == 5  # classes without replacement
+        assert len(set(seen_classes)) == ways  # classes without replacement
+    return rotations
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_support_query_same_classes_disjoint_drawers_consistent_rotation(images, rotate):
+    s, q = data.sample_episodes(jax.random.key(1), jnp.asarray(images), 5, 2, 3, 4, rotate=rotate)
+    rotations = _check_episodes(s, q, images, 5)
     assert rotations == ({0, 1, 2, 3} if rotate else {0})
 
 
@@ -111,10 +120,16 @@ def test_determinism_and_label_permutation(images):
 
 
 def test_jit_with_traced_key_and_vmap_free(images):
+    # Jitted, the key a tracer: the episodes are still made of the class array's images
+    # with the sampler's invariants (identified image by image).
     imgs = jnp.asarray(images)
-    f = jax.jit(lambda k: data.sample_episodes(k, imgs, 2, 1, 1, 3))
+    f = jax.jit(lambda k: data.sample_episodes(k, imgs, 3, 2, 2, 6))
     s, q = f(jax.random.key(0))
-    assert s.x.shape == (3, 2, S, S, 1)
+    assert s.x.shape == (6, 6, S, S, 1) and q.x.shape == (6, 6, S, S, 1)
+    rotations = _check_episodes(s, q, images, 3)
+    assert len(rotations) > 1
+    s2, _ = f(jax.random.key(1))
+    assert not np.array_equal(s2.x, s.x)  # the traced key is used
 
 
 def test_bad_input(images):

@@ -6,11 +6,13 @@
   the checkpoint saves and in the restore of the best one for the test; only process 0
   writes the workdir's logs and results;
 * one process with 4 forced host devices (`--xla_force_host_platform_device_count=4`, set
-  before JAX starts, hence a subprocess), in bfloat16: the device-summary line, `devices: 4`
-  in results.json, losses within the bfloat16 tolerance of the float32 run, float32 params;
+  before JAX starts, hence a subprocess): the device-summary line, `devices: 4` in
+  results.json, the losses and parameters of the single-device run at float32 tolerance;
+* one device in bfloat16 against the same run in float32 (the dtype alone): losses and
+  fast-weight norms within the measured bound, float32 params;
 * start-up errors: a meta-batch the devices do not divide, inconsistent distributed flags.
 
-The three training runs (two processes, the single-device reference, 4 devices) start
+The training runs (two processes, the single-device reference, 4 devices, bfloat16) start
 together when the first test that needs them runs, bounded by one timeout; all are killed on
 a failure, on timeout and at the end of the module.
 """
@@ -52,8 +54,14 @@ FLAGS = [
     "--checkpoint_every=1000",
     "--log_every=1",
 ]
-# Stated tolerance (as tests/test_parallel.py): a bfloat16 loss is within 2% of float32.
-BF16_RTOL = 0.02
+# What bfloat16 compute changes in these runs (one device, the same flags), relative to
+# float32: the largest change of a logged value over the STEPS steps, measured with
+# --seed=0, 1, 2 (seed 0: 6.2e-4, 1.3e-3, 2.7e-3). Bounds: the maxima plus half.
+BF16_MEASURED = {
+    "loss": 1.2e-3,
+    "example_fast_weight_norm": 3.4e-2,
+    "task_fast_weight_norm": 2.7e-3,
+}
 
 
 def _env(devices: int = 1) -> dict[str, str]:
@@ -132,8 +140,9 @@ class _Runs:
         self.procs: list[_Proc] = []
         self.address = f"127.0.0.1:{_free_port()}"
         self.single = self._start("single", [tmp / "single", f"--steps={STEPS}"])
-        self.four_bf16 = self._start(
-            "four_bf16", [tmp / "four_bf16", f"--steps={STEPS}", "--compute_dtype=bfloat16"], 4
+        self.four = self._start("four", [tmp / "four", f"--steps={STEPS}"], 4)
+        self.single_bf16 = self._start(
+            "single_bf16", [tmp / "single_bf16", f"--steps={STEPS}", "--compute_dtype=bfloat16"]
         )
         self.two = [
             self._start(
@@ -232,19 +241,41 @@ def test_two_processes_match_one_process_and_only_process_0_writes(runs):
 
 
 # ----------------------------------------------------------------------------- devices
-def test_four_host_devices_in_bfloat16(runs):
-    _wait([runs.four_bf16, runs.single], runs.deadline())
-    four = runs.four_bf16
-    assert "devices: 4 (cpu), processes: 1, mesh: (4,), per-device meta-batch: 1" in four.stderr
-    results = _results(runs.tmp / "four_bf16")
+def _records(workdir, key) -> list[float]:
+    records = [json.loads(x) for x in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in records if key in r and "loss" in r]
+
+
+def test_four_host_devices_match_one_device(runs):
+    _wait([runs.four, runs.single], runs.deadline())
+    assert (
+        "devices: 4 (cpu), processes: 1, mesh: (4,), per-device meta-batch: 1" in runs.four.stderr
+    )
+    results = _results(runs.tmp / "four")
     assert results["devices"] == 4 and results["processes"] == 1
-    assert results["model_config"]["compute_dtype"] == "bfloat16"
-    reference = _losses(runs.tmp / "single")
-    losses = _losses(runs.tmp / "four_bf16")
-    assert len(losses) == STEPS and all(np.isfinite(losses)), losses
-    np.testing.assert_allclose(losses, reference, rtol=BF16_RTOL)
-    assert not np.array_equal(losses, reference)  # bfloat16 did run
-    params = _final_params(runs.tmp / "four_bf16")
+    # The same episodes and keys; float32 sums in another order (as two processes).
+    np.testing.assert_allclose(_losses(runs.tmp / "four"), _losses(runs.tmp / "single"), rtol=1e-5)
+    a, b = _final_params(runs.tmp / "four"), _final_params(runs.tmp / "single")
+    assert a.keys() == b.keys()
+    for name in b:
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_bfloat16_changes_a_run_within_the_measured_bound(runs):
+    _wait([runs.single_bf16, runs.single], runs.deadline())
+    bf16, f32 = runs.tmp / "single_bf16", runs.tmp / "single"
+    assert _results(bf16)["model_config"]["compute_dtype"] == "bfloat16"
+    losses, reference = np.array(_losses(bf16)), np.array(_losses(f32))
+    assert len(losses) == STEPS and np.all(np.isfinite(losses)), losses
+    changes = {"loss": float(np.max(np.abs(losses / reference - 1)))}
+    for key in ("example_fast_weight_norm", "task_fast_weight_norm"):
+        a, b = np.array(_records(bf16, key)), np.array(_records(f32, key))
+        changes[key] = float(np.max(np.abs(a / b - 1)))
+    print("\nbfloat16 run vs float32 run:", {k: f"{v:.1e}" for k, v in changes.items()})
+    for key, measured in BF16_MEASURED.items():
+        assert changes[key] <= 1.5 * measured, (key, changes)
+    assert changes["loss"] > 0  # bfloat16 did run
+    params = _final_params(bf16)
     assert all(v.dtype == np.float32 for v in params.values())
 
 

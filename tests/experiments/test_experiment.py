@@ -135,28 +135,3 @@ def test_corrupted_latest_checkpoint_resumes_from_the_previous_one(spec_factory,
     assert str(latest) in caplog.text and "falling back" in caplog.text
     assert "resumed from step 2" in caplog.text
     assert out["status"] == "completed"
-
-
-def test_continual_learning_keeps_z_and_g_and_writes_the_curve(tmp_path):
-    from metanet_jax import continual
-
-    classes = {
-        "omniglot_train": experiment.synthetic_classes(1, 12, 20, 28),
-        "omniglot_test": experiment.synthetic_classes(2, 8, 20, 28),
-        "mnist_train": experiment.synthetic_classes(3, 10, 20, 28),
-        "mnist_test": experiment.synthetic_classes(4, 10, 20, 28),
-    }
-    spec = continual.ContinualSpec(
-        workdir=str(tmp_path / "c"), ways=3, queries_per_class=2, hidden_units=8,
-        omniglot_steps=2, mnist_steps=4, measure_every=2, permutations=2, eval_episodes=4,
-        eval_batch=4, log_every=2,
-    )  # fmt: skip
-    result = continual.run(spec, classes)
-    assert [c["mnist_trials"] for c in result["curve"]] == [0, 2, 4]
-    assert (tmp_path / "c" / "continual.json").exists()
-    assert (tmp_path / "c" / "continual.png").exists()
-    a = {"base": 1, "representation": 2, "example_generator": 3, "task_generator": 4}
-    b = {"base": 5, "representation": 6, "example_generator": 7, "task_generator": 8}
-    assert continual.switch_task(a, b) == {
-        "base": 5, "representation": 6, "example_generator": 3, "task_generator": 4
-    }  # fmt: skip

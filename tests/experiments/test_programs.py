@@ -89,8 +89,29 @@ def test_every_flagfile_parses_into_a_valid_model_configuration(tmp_path):
             print("OK", path)
         """
     )
+    # experiments.continual defines flags of the same names: its flagfiles parse in a
+    # process of their own, into its own spec and model configuration.
+    continual_script = textwrap.dedent(
+        f"""
+        import dataclasses, sys
+        from absl import flags
+        from experiments import continual as program
+        from metanet_jax import continual
+        FLAGS = flags.FLAGS
+        for path in sys.argv[1:]:
+            FLAGS.unparse_flags()
+            FLAGS(["x", "--flagfile=" + path, "--workdir={tmp_path}/w"])
+            fields = dataclasses.fields(continual.ContinualSpec)
+            spec = continual.ContinualSpec(**{{f.name: FLAGS[f.name].value for f in fields}})
+            config = continual.model_config(spec)
+            assert config.architecture == "mlp", config
+            print("OK", path)
+        """
+    )
     files = [str(p) for p in FLAGFILES if not p.name.startswith("continual")]
-    assert any(p.endswith("demo.flags") for p in files)
+    continual_files = [str(p) for p in FLAGFILES if p.name.startswith("continual")]
+    assert any(p.endswith("demo.flags") for p in files) and continual_files
+    assert len(files) + len(continual_files) == len(FLAGFILES)
     out = _run(["-c", script, *files])
     assert out.returncode == 0, out.stderr
     for path in files:
@@ -98,6 +119,10 @@ def test_every_flagfile_parses_into_a_valid_model_configuration(tmp_path):
             assert f"FLAGERROR {path}" in out.stdout and "mini_imagenet_dir" in out.stdout
         else:
             assert f"OK {path}" in out.stdout, out.stdout + out.stderr
+    out = _run(["-c", continual_script, *continual_files])
+    assert out.returncode == 0, out.stderr
+    for path in continual_files:
+        assert f"OK {path}" in out.stdout, out.stdout + out.stderr
 
 
 def test_mini_imagenet_flagfile_fails_fast_on_the_missing_folder(tmp_path):
