@@ -1,0 +1,63 @@
+"""experiments.ablation: plan checks and the table row of a finished run (no training)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from experiments import ablation
+
+
+def _plan(tmp_path, **changes):
+    plan = {
+        "name": "p",
+        "base_flagfile": "experiments/flags/demo.flags",
+        "runs": [{"name": "a", "flags": ["--steps=2"]}, {"name": "b", "flags": []}],
+        **changes,
+    }
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def test_load_plan_refuses_bad_plans(tmp_path):
+    assert [r["name"] for r in ablation.load_plan(_plan(tmp_path))["runs"]] == ["a", "b"]
+    with pytest.raises(ValueError, match="run names repeat"):
+        ablation.load_plan(_plan(tmp_path, runs=[{"name": "a"}, {"name": "a"}]))
+    with pytest.raises(FileNotFoundError, match="no flagfile"):
+        ablation.load_plan(_plan(tmp_path, base_flagfile="nope.flags"))
+    bad = _plan(tmp_path)
+    bad.write_text(json.dumps({"name": "p", "runs": []}))
+    with pytest.raises(ValueError, match="base_flagfile"):
+        ablation.load_plan(bad)
+
+
+def test_command_puts_run_flags_after_the_flagfile(tmp_path):
+    plan = ablation.load_plan(_plan(tmp_path, common_flags=["--eval_episodes=4"]))
+    cmd = ablation.run_command(plan, plan["runs"][0], tmp_path / "w")
+    assert cmd[-4:] == [
+        "--flagfile=experiments/flags/demo.flags",
+        "--eval_episodes=4",
+        "--steps=2",
+        f"--workdir={tmp_path / 'w'}",
+    ]
+
+
+def test_summarise_picks_best_and_final_validation(tmp_path):
+    assert ablation.summarise(tmp_path) is None  # not finished
+    rows = [
+        {"step": 10, "loss": 3.0},
+        {"step": 10, "validation_accuracy": 0.5, "validation_ci95": 0.1},
+        {"step": 20, "validation_accuracy": 0.7, "validation_ci95": 0.05},
+        {"step": 30, "validation_accuracy": 0.6, "validation_ci95": 0.04},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = {"steps": 30, "wall_time_s": 12.34, "episodes_per_s": 2.5, "test_accuracy": 0.9,
+               "test_episodes": 7, "config": {"eval_episodes": 40}}  # fmt: skip
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    row = ablation.summarise(tmp_path)
+    assert (row["best_validation_accuracy"], row["best_validation_step"]) == (0.7, 20)
+    assert (row["final_validation_accuracy"], row["final_validation_ci95"]) == (0.6, 0.04)
+    assert row["validation_curve"] == [[10, 0.5], [20, 0.7], [30, 0.6]]
+    assert (row["steps"], row["wall_time_s"], row["validation_episodes"]) == (30, 12.3, 40)
