@@ -40,7 +40,8 @@ CASES = {
     "2shot_contrastive": dict(shots=2),
     "second_order": dict(second_order=True),
     "rep_loss_in_objective": dict(rep_loss_in_objective=True),
-    "mini_imagenet_batchnorm": MINI,
+    "mini_imagenet_batchnorm": dict(MINI, bn_statistics="per_pass"),
+    "mini_imagenet_batchnorm_authors": dict(MINI, bn_statistics="authors"),
 }
 
 
