@@ -29,6 +29,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from metanet_jax import logging_utils
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("plan", None, "The ablation plan (JSON).", required=True)
 flags.DEFINE_string("workdir_root", "workdirs/ablations", "Where the runs' workdirs go.")
@@ -68,12 +70,8 @@ def summarise(workdir: Path) -> dict | None:
     if not results_path.is_file():
         return None
     results = json.loads(results_path.read_text())
-    validations = []
-    with (workdir / "metrics.jsonl").open() as f:
-        for line in f:
-            row = json.loads(line)
-            if "validation_accuracy" in row:
-                validations.append(row)
+    records = logging_utils.read_metrics(workdir / "metrics.jsonl")
+    validations = [r for r in records if "validation_accuracy" in r]
     best = max(validations, key=lambda r: (r["validation_accuracy"], -r["step"]))
     final = max(validations, key=lambda r: r["step"])
     return {

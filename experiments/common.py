@@ -48,6 +48,18 @@ def define_folder(name, default, help_text, *, must_exist=True, flag_values=flag
         )
 
 
+def define_run_folder(help_text: str, *, flag_values=flags.FLAGS) -> None:
+    """The `--workdir` of a program that reads a finished run: it must name an existing
+    folder (a run folder, or a pretrained-format one)."""
+    flags.DEFINE_string("workdir", None, help_text, flag_values=flag_values)
+    flags.register_validator(
+        "workdir",
+        lambda v: bool(v) and os.path.isdir(v),
+        message="--workdir must name an existing run folder",
+        flag_values=flag_values,
+    )
+
+
 def workdir_problem(path: str, name: str = "workdir") -> str | None:
     """Why `path` cannot be a run folder, in one line, or `None` (creates nothing).
 

@@ -37,12 +37,7 @@ from metanet_jax import evaluation, experiment, logging_utils  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("workdir", None, "The trained run's folder.")
-flags.register_validator(
-    "workdir",
-    lambda v: bool(v) and os.path.isdir(v),
-    message="--workdir must name an existing run folder",
-)
+common.define_run_folder("The trained run's folder.")
 flags.DEFINE_enum("checkpoint", "best", ("best", "latest"),
                   "Which checkpoint to evaluate (a pretrained folder holds one).")  # fmt: skip
 common.define_int("ways", 5, 2, 1000, "Classes per episode (default: the run's).")

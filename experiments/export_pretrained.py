@@ -27,12 +27,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("workdir", None, "The trained run's folder, or a pretrained-format folder.")
-flags.register_validator(
-    "workdir",
-    lambda v: bool(v) and os.path.isdir(v),
-    message="--workdir must name an existing run folder",
-)
+common.define_run_folder("The trained run's folder, or a pretrained-format folder.")
 flags.DEFINE_string("name", None, "The model's name: the folder pretrained/<name>.")
 flags.register_validator(
     "name",

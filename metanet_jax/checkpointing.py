@@ -112,7 +112,7 @@ def config_from_dict(values: Mapping[str, Any]) -> MetaNetConfig:
         raise ValueError(f"unknown MetaNetConfig fields in a saved config: {unknown}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     # A configuration saved before a field existed keeps the behaviour it had then.
-    kwargs = {**{k: v for k, v in LEGACY_VALUES.items() if k not in kwargs}, **kwargs}
+    kwargs = {**LEGACY_VALUES, **kwargs}
     return MetaNetConfig(**kwargs)
 
 

@@ -218,7 +218,7 @@ def _map_chunks(fn, shared, args, mask: np.ndarray, specs):
     its statistics, which must span the chunk's own examples only: then, when the chunks
     differ in size, each chunk runs alone, without its padding.
     """
-    if mask.all() or not any(s.batchnorm for s in specs):
+    if mask.all() or not networks.has_batchnorm(specs):
         in_axes = (None,) + (0,) * (len(args) + 1)
         return jax.vmap(fn, in_axes)(shared, *args, jnp.asarray(mask))
     outs = []
@@ -228,10 +228,15 @@ def _map_chunks(fn, shared, args, mask: np.ndarray, specs):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
+def _weighted_cross_entropy(logits: Array, labels: Array, w: Array) -> Array:
+    """A chunk's loss: the mean cross-entropy over its real examples (`w`: 1, padding 0)."""
+    return jnp.sum(cross_entropy(logits, labels) * w) / jnp.sum(w)
+
+
 def _ce_chunk_loss(specs, config, q_full, x, y, w, support_y):
     key_slow = networks.apply_network(specs, q_full, x)
     logits = episode_logits(networks.representation_head(q_full, key_slow), config, support_y)
-    return jnp.sum(cross_entropy(logits, y) * w) / jnp.sum(w)
+    return _weighted_cross_entropy(logits, y, w)
 
 
 def _contrastive(config, ea, eb, same, w):
@@ -334,7 +339,7 @@ def representation_meta_info(
             def ce_loss(embed, idx, w):
                 head = networks.representation_head(rep_params, embed(idx))
                 logits = episode_logits(head, config, support.y)
-                return jnp.sum(cross_entropy(logits, support.y[idx]) * w) / jnp.sum(w)
+                return _weighted_cross_entropy(logits, support.y[idx], w)
 
             losses, grads = _support_statistics_grads(
                 specs, rep_params, aug, x, ce_loss, jnp.asarray(index), jnp.asarray(mask)
@@ -430,7 +435,7 @@ def base_task_meta_info(
 
         def chunk_loss(embed, idx, w):
             logits = episode_logits(embed(idx), config, labels)
-            return jnp.sum(cross_entropy(logits, labels[idx]) * w) / jnp.sum(w)
+            return _weighted_cross_entropy(logits, labels[idx], w)
 
         return _support_statistics_grads(
             specs, base_params, names, inputs, chunk_loss, jnp.asarray(index), jnp.asarray(mask)
@@ -440,7 +445,7 @@ def base_task_meta_info(
         logits = episode_logits(
             networks.apply_network(specs, {**base_params, **wa}, xi), config, labels
         )
-        return jnp.sum(cross_entropy(logits, yi) * w) / jnp.sum(w)
+        return _weighted_cross_entropy(logits, yi, w)
 
     return _map_chunks(jax.grad(loss), w_aug, (inputs[index], labels[index]), mask, specs)
 

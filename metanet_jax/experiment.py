@@ -247,6 +247,20 @@ def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
 
 
 # ----------------------------------------------------------------------------- workdir
+def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's saved flags (config.json's `"flags"`) as `RunSpec` fields.
+
+    A field added after the run was saved counts as what the run did before the field
+    existed: its `LEGACY_RUN_VALUES` entry where it has one, else its default. Fields this
+    version does not know are dropped.
+    """
+    fields = {f.name: f.default for f in dataclasses.fields(RunSpec)}
+    values = {k: v for k, v in fields.items() if v is not dataclasses.MISSING}
+    values.update(LEGACY_RUN_VALUES)
+    values.update({k: v for k, v in flags.items() if k in fields})
+    return values
+
+
 def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     """Compares `spec` with an existing workdir's `config.json` (reads only).
 
@@ -260,13 +274,8 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     if not path.exists():
         return None
     saved = json.loads(path.read_text())
-    flags = saved.get("flags", {})
+    was = saved_flags(saved.get("flags", {}))
     now = spec.to_dict()
-    # A field added after the workdir was created counts as what the run did before the field
-    # existed: its legacy value where it has one, else its default.
-    defaults = {f.name: f.default for f in dataclasses.fields(RunSpec)}
-    defaults.update(LEGACY_RUN_VALUES)
-    was = {k: flags.get(k, defaults.get(k)) for k in now}
     ignored = set(MUTABLE_FIELDS)
     if not MetaNetConfig(architecture=spec.architecture).resolved("batchnorm_layers"):
         ignored.add("bn_statistics")  # no BatchNorm layer: the same model either way
@@ -485,7 +494,7 @@ def train(
         splits = load_splits(spec) if splits is None else splits
     image_shape = tuple(splits["train"].shape[2:])
     config = model_config(spec, image_shape)
-    _check_pools(spec, splits)
+    _check_pools(spec, config, splits)
     saved = check_workdir(spec)  # refuses before writing anything
     data_info = data_record(spec)
     check_data_record(spec, saved, data_info)
@@ -534,8 +543,8 @@ def train(
         ckpt.close()
 
 
-def _check_pools(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> None:
-    units = spec.ways if spec.max_ways is None else spec.max_ways
+def _check_pools(spec: RunSpec, config: MetaNetConfig, splits: Mapping[str, np.ndarray]) -> None:
+    units = config.output_units
     if spec.test_ways() > units:
         raise ValueError(
             f"--eval_ways={spec.eval_ways} is more than the model's {units} output units "

@@ -10,11 +10,11 @@ Architectures (METANET.md):
   FC 64 -> 64 (ReLU), FC 64 -> ways; u: key FC 64 -> 64 (linear), head FC 64 -> ways.
 * "mini_imagenet_cnn": 5 x conv 3x3 32 channels, per-episode BatchNorm in blocks 1-3, 84x84
   -> 288 features; b: FC 288 -> 288 (ReLU), FC -> ways; u: key FC 288 -> 288.
+* "mlp": b: FC 64 -> FC 64 -> ways (ReLU); u: FC 64 (ReLU) -> key FC 64 (linear) -> head.
 
 BatchNorm normalises with the statistics of the examples in the array passed to
 `apply_network` (no running averages); which examples the episode passes together is
 `MetaNetConfig.bn_statistics` (`episode.task_forward`).
-* "mlp": b: FC 64 -> FC 64 -> ways (ReLU); u: FC 64 (ReLU) -> key FC 64 (linear) -> head.
 """
 
 from __future__ import annotations

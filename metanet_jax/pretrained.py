@@ -226,14 +226,11 @@ def load_model(
 
 # ----------------------------------------------------------------------------- protocol
 def run_spec(flags: Mapping[str, Any], **overrides):
-    """The `experiment.RunSpec` of a saved flags dict (a field saved before it existed: what
-    the run did then, `experiment.LEGACY_RUN_VALUES`, else today's default; fields this
-    version does not know are ignored)."""
+    """The `experiment.RunSpec` of a saved flags dict (`experiment.saved_flags`: fields saved
+    before they existed mean what the run did then), with `overrides`."""
     from metanet_jax import experiment
 
-    names = {f.name for f in dataclasses.fields(experiment.RunSpec)}
-    values = {k: v for k, v in experiment.LEGACY_RUN_VALUES.items() if k in names}
-    values.update({k: v for k, v in flags.items() if k in names})
+    values = experiment.saved_flags(flags)
     values.update(overrides)
     values.setdefault("workdir", "")
     return experiment.RunSpec(**values)
