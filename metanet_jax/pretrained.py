@@ -240,9 +240,10 @@ def protocol(flags: Mapping[str, Any], subset: str = "test") -> dict[str, Any]:
     """The evaluation protocol a run used for `subset` ("test" or "validation").
 
     Test: `test_episodes` episodes of `TEST_SEED`; validation: `eval_episodes` of
-    `VALIDATION_SEED`; both `ways`-way `shots`-shot with `eval_queries_per_class` queries per
-    class, `eval_batch` episodes per batch (the batch decides which episodes are drawn), on
-    the run's data set and split, without rotations.
+    `VALIDATION_SEED`; both `eval_ways`-way (else `ways`, as the training run tested)
+    `shots`-shot with `eval_queries_per_class` queries per class, `eval_batch` episodes per
+    batch (the batch decides which episodes are drawn), on the run's data set and split,
+    without rotations.
     """
     from metanet_jax import experiment
 
@@ -254,7 +255,7 @@ def protocol(flags: Mapping[str, Any], subset: str = "test") -> dict[str, Any]:
         "dataset": spec.dataset,
         "split": spec.split,
         "subset": subset,
-        "ways": spec.ways,
+        "ways": spec.test_ways(),
         "shots": spec.shots,
         "queries_per_class": spec.eval_queries_per_class,
         "episodes": spec.test_episodes if test else spec.eval_episodes,

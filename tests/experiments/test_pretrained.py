@@ -155,3 +155,14 @@ def test_committed_pretrained_models_are_small_pickle_free_and_complete():
         for key in ("ways", "shots", "split"):
             assert key in results["config"], (model, key)
         mn.load_pretrained(model.name)  # params fit the config
+
+
+def test_protocol_tests_eval_ways_as_the_training_run_did():
+    """A run trained 10-way and tested 5-way (`--eval_ways`, mini_imagenet_authors.flags) is
+    re-tested 5-way; without eval_ways, at its training ways."""
+    from metanet_jax import pretrained
+
+    run = {"ways": 10, "max_ways": 10, "eval_ways": 5, "test_episodes": 7}
+    assert pretrained.protocol(run)["ways"] == 5
+    assert pretrained.protocol(run, "validation")["ways"] == 5
+    assert pretrained.protocol({"ways": 10, "test_episodes": 7})["ways"] == 10
