@@ -4,21 +4,19 @@
 `metanet_jax.data` does, lazily, when a data set is prepared.
 """
 
-from metanet_jax import generators, layers, memory, networks, synthetic
+from metanet_jax import synthetic
+from metanet_jax.batching import episode_loss, make_episode_loss, make_predict, predict
 from metanet_jax.config import MetaNetConfig
-from metanet_jax.episode import (
+from metanet_jax.model import generators, layers, memory, networks
+from metanet_jax.model.episode import (
     base_learner_queries,
     base_meta_info,
-    episode_loss,
     init,
-    make_episode_loss,
-    make_predict,
-    predict,
     representation_meta_info,
     task_forward,
     task_loss,
 )
-from metanet_jax.generators import example_fast_weights, task_fast_weights
+from metanet_jax.model.generators import example_fast_weights, task_fast_weights
 from metanet_jax.training import (
     TrainState,
     init_train_state,

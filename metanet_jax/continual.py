@@ -22,7 +22,7 @@ from absl import logging
 
 from metanet_jax import evaluation, logging_utils
 from metanet_jax.config import MetaNetConfig
-from metanet_jax.episode import init
+from metanet_jax.model.episode import init
 from metanet_jax.training import init_train_state, make_optimizer, make_train_step
 
 SHARED = ("example_generator", "task_generator")

@@ -15,8 +15,9 @@ import jax
 import numpy as np
 
 from metanet_jax import checkpointing
+from metanet_jax.batching import make_episode_loss
 from metanet_jax.config import MetaNetConfig
-from metanet_jax.episode import init, make_episode_loss
+from metanet_jax.model.episode import init
 from metanet_jax.training import init_train_state, make_optimizer
 from metanet_jax.types import Episode, Params
 

@@ -41,7 +41,7 @@ from absl import logging
 
 from metanet_jax import checkpointing, evaluation, logging_utils, parallel
 from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
-from metanet_jax.episode import init
+from metanet_jax.model.episode import init
 from metanet_jax.training import init_train_state, make_optimizer, make_train_step
 
 # Seeds of the fixed evaluation episode sets: independent of the training seed, so runs with

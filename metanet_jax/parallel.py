@@ -42,8 +42,9 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from metanet_jax import episode as ep
+from metanet_jax import batching
 from metanet_jax.config import MetaNetConfig
+from metanet_jax.model import episode as ep
 from metanet_jax.training import TrainState, _group_norms
 from metanet_jax.types import Episode, PRNGKey
 
@@ -572,11 +573,11 @@ class ShardedTrainStep:
         )
 
     def _prepare(self, state, support, query):
-        ep.check_shapes(support, query.x, self.config, query.y)
+        batching.check_shapes(support, query.x, self.config, query.y)
         meta_batch = int(support.x.shape[0])
         check_meta_batch(meta_batch, self.mesh)
         if self.validate and jax.process_count() == 1:
-            ep.check_labels(self.config, **{"support.y": support.y, "query.y": query.y})
+            batching.check_labels(self.config, **{"support.y": support.y, "query.y": query.y})
         if jax.process_count() == 1:
             support, query = shard_episodes((support, query), self.mesh)
             state = replicate(state, self.mesh)

@@ -116,7 +116,7 @@ def load_params(path: str | os.PathLike) -> dict[str, Any]:
 def check_params(params: Params, config: MetaNetConfig, where: str = "params") -> None:
     """Raises ValueError (one line) unless `params` has the tree, shapes and dtypes that
     `init(config)` gives."""
-    from metanet_jax.episode import init
+    from metanet_jax.model.episode import init
 
     want = jax.eval_shape(lambda: init(jax.random.key(0), config))
     want_flat = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in _leaves(want)}

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from metanet_jax import episode as ep
+from metanet_jax import batching
 from metanet_jax.config import MetaNetConfig
+from metanet_jax.model import episode as ep
 from metanet_jax.types import Array, Episode, Metrics, Params, PRNGKey
 
 
@@ -101,13 +102,13 @@ def loss_and_grads(params: Params, support: Episode, query: Episode, config, key
     `vmap`ped loss.
     """
     if config.task_batching != "scan":
-        (loss, aux), grads = jax.value_and_grad(ep.episode_loss, has_aux=True)(
+        (loss, aux), grads = jax.value_and_grad(batching.episode_loss, has_aux=True)(
             params, support, query, config, key
         )
         return loss, aux, grads
-    ep.check_shapes(support, query.x, config, query.y)
+    batching.check_shapes(support, query.x, config, query.y)
     batch = support.x.shape[0]
-    keys = ep.task_keys(key, batch)
+    keys = batching.task_keys(key, batch)
     grad_fn = jax.value_and_grad(ep.task_loss, has_aux=True)
 
     def body(acc, task):
@@ -167,19 +168,19 @@ def apply_gradients(state: TrainState, grads, loss, aux, optimizer) -> tuple[Tra
 
 def make_train_step(
     config: MetaNetConfig, optimizer: optax.GradientTransformation, *, validate: bool = True
-) -> ep.ValidatedFunction:
+) -> batching.ValidatedFunction:
     """`train_step(state, support, query) -> (state, metrics)`, jitted once, donating state.
 
     With `task_batching` "loop" ("auto" on CPU) the step is a `LoopedTrainStep`: one
     compiled per-task gradient program dispatched per task, gradients summed on device, and
     one compiled update that donates the state. Same mathematics as the other modes.
     """
-    check = ep._episode_checker(config, 1, 2, True)
+    check = batching._episode_checker(config, 1, 2, True)
     if config.resolved_task_batching() == "loop":
-        return ep.ValidatedFunction(LoopedTrainStep(config, optimizer), check, validate)
+        return batching.ValidatedFunction(LoopedTrainStep(config, optimizer), check, validate)
     fn = functools.partial(train_step, config=config, optimizer=optimizer)
     jitted = jax.jit(fn, donate_argnums=0)
-    return ep.ValidatedFunction(jitted, check, validate)
+    return batching.ValidatedFunction(jitted, check, validate)
 
 
 class LoopedTrainStep:

@@ -10,9 +10,9 @@ import pytest
 from absl.testing import parameterized
 
 import metanet_jax as mn
-from metanet_jax import episode as ep
-from metanet_jax import networks
-from tests import reference
+from metanet_jax.model import episode as ep
+from metanet_jax.model import networks
+from tests.model import reference
 from tests.conftest import episode_loss_fn, tiny_batch, tiny_config
 
 

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 import metanet_jax as mn
-from metanet_jax import networks
+from metanet_jax.model import networks
 
 
 @pytest.mark.parametrize(

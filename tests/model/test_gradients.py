@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 import metanet_jax as mn
-from metanet_jax import episode as ep
-from tests import reference
+from metanet_jax.model import episode as ep
+from tests.model import reference
 from tests.conftest import tiny_batch, tiny_config
 
 GRAD_RTOL = 1e-8

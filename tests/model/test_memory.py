@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from metanet_jax import memory
+from metanet_jax.model import memory
 
 
 def test_cosine_attention_formula_and_rows():

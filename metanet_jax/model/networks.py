@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from metanet_jax import layers
 from metanet_jax.config import MetaNetConfig
+from metanet_jax.model import layers
 from metanet_jax.types import Array, FastWeights, Params
 
 KEY_LAYER = "key"

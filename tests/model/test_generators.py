@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from metanet_jax import generators as gen
+from metanet_jax.model import generators as gen
 
 
 # ----------------------------------------------------------------------------- references

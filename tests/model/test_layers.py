@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from metanet_jax import layers
+from metanet_jax.model import layers
 
 
 def test_augmented_conv_is_relu_slow_plus_relu_fast():
