@@ -42,12 +42,19 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.floa
 
 
 # ----------------------------------------------------------------------------- init
+def _builtin_only(networks) -> None:
+    # Transitional (issue 9, in progress): user networks arrive with the Flax layers.
+    if networks is not None:
+        raise ValueError("networks= is not supported yet; pass None for the built-in ones")
+
+
+
 def _kinds(specs, names) -> tuple[str, ...]:
     kinds = {s.kind for s in specs if s.name in names}
     return tuple(k for k in ("conv", "dense") if k in kinds)
 
 
-def init(key: PRNGKey, config: MetaNetConfig) -> Params:
+def init(key: PRNGKey, config: MetaNetConfig, *, networks=None) -> Params:
     """Slow weights theta = {W, Q, Z, G} as a Flax-style params dict.
 
     Depends only on the architecture (output units, image shape, architecture, variant,
@@ -60,6 +67,7 @@ def init(key: PRNGKey, config: MetaNetConfig) -> Params:
     Returns:
       `{"base": W, "representation": Q, "example_generator": Z, "task_generator": G}`.
     """
+    _builtin_only(networks)
     if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         raise ValueError("init expects a typed PRNG key from jax.random.key(seed)")
     kb, kq, kz, kg = (jax.random.fold_in(key, i) for i in range(4))
@@ -463,6 +471,8 @@ def task_forward(
     query_x: Array,
     config: MetaNetConfig,
     key: PRNGKey | None = None,
+    *,
+    networks=None,
 ) -> tuple[Array, dict[str, Any]]:
     """Logits of one task's queries (Alg. 1 without the loss).
 
@@ -480,6 +490,7 @@ def task_forward(
       `(logits [L, ways], aux)` with `attention [L, N]`, `rep_loss`, norms and entropy
       (`[L, output_units]` logits with `label_units="any"`, see `episode_logits`).
     """
+    _builtin_only(networks)
     dtype = _DTYPES[config.compute_dtype]
     out_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 results
     stop = (lambda t: t) if config.second_order else lax.stop_gradient
@@ -547,13 +558,15 @@ def task_loss(
     query: Episode,
     config: MetaNetConfig,
     key: PRNGKey | None = None,
+    *,
+    networks=None,
 ) -> tuple[Array, dict[str, Any]]:
     """One task's loss: the sum over queries of cross-entropy (authors' code sums).
 
     Returns:
       `(loss, aux)`; aux holds `logits [L, ways]`, `accuracy`, `attention [L, N]`, ...
     """
-    logits, aux = task_forward(params, support, query.x, config, key)
+    logits, aux = task_forward(params, support, query.x, config, key, networks=networks)
     ce = cross_entropy(logits, query.y)
     loss = jnp.sum(ce)
     if config.rep_loss_in_objective:
