@@ -34,7 +34,8 @@ import numpy as np
 from jax import lax
 
 from metanet_jax.config import MetaNetConfig
-from metanet_jax.model import generators, memory, networks
+from metanet_jax.model import generators, memory
+from metanet_jax.model import networks as net
 from metanet_jax.types import Array, Episode, FastWeights, Params, PRNGKey
 
 GROUPS = ("base", "representation", "example_generator", "task_generator")
@@ -46,7 +47,6 @@ def _builtin_only(networks) -> None:
     # Transitional (issue 9, in progress): user networks arrive with the Flax layers.
     if networks is not None:
         raise ValueError("networks= is not supported yet; pass None for the built-in ones")
-
 
 
 def _kinds(specs, names) -> tuple[str, ...]:
@@ -71,13 +71,13 @@ def init(key: PRNGKey, config: MetaNetConfig, *, networks=None) -> Params:
     if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         raise ValueError("init expects a typed PRNG key from jax.random.key(seed)")
     kb, kq, kz, kg = (jax.random.fold_in(key, i) for i in range(4))
-    b_specs, u_specs = networks.base_specs(config), networks.representation_specs(config)
-    b_aug = networks.augmented_names(config, "base")
-    u_aug = networks.augmented_names(config, "representation")
+    b_specs, u_specs = net.base_specs(config), net.representation_specs(config)
+    b_aug = net.augmented_names(config, "base")
+    u_aug = net.augmented_names(config, "representation")
     b_in = config.image_shape if config.base_input == "x" else (u_specs[-1].features,)
     net_init, gen_init = config.network_init, config.generator_init
-    base = networks.init_network(kb, b_specs, b_in, init=net_init)
-    rep = networks.init_network(
+    base = net.init_network(kb, b_specs, b_in, init=net_init)
+    rep = net.init_network(
         kq, u_specs, config.image_shape, extra_head=config.output_units, init=net_init
     )
     hid = config.generator_hidden
@@ -176,7 +176,7 @@ def _map_chunks(fn, shared, args, mask: np.ndarray, specs):
     its statistics, which must span the chunk's own examples only: then, when the chunks
     differ in size, each chunk runs alone, without its padding.
     """
-    if mask.all() or not networks.has_batchnorm(specs):
+    if mask.all() or not net.has_batchnorm(specs):
         in_axes = (None,) + (0,) * (len(args) + 1)
         return jax.vmap(fn, in_axes)(shared, *args, jnp.asarray(mask))
     outs = []
@@ -192,8 +192,8 @@ def _weighted_cross_entropy(logits: Array, labels: Array, w: Array) -> Array:
 
 
 def _ce_chunk_loss(specs, config, q_full, x, y, w, support_y):
-    key_slow = networks.apply_network(specs, q_full, x)
-    logits = episode_logits(networks.representation_head(q_full, key_slow), config, support_y)
+    key_slow = net.apply_network(specs, q_full, x)
+    logits = episode_logits(net.representation_head(q_full, key_slow), config, support_y)
     return _weighted_cross_entropy(logits, y, w)
 
 
@@ -206,8 +206,8 @@ def _contrastive(config, ea, eb, same, w):
 
 
 def _contrastive_chunk_loss(specs, config, q_full, xa, xb, same, w):
-    ea = networks.apply_network(specs, q_full, xa)
-    eb = networks.apply_network(specs, q_full, xb)
+    ea = net.apply_network(specs, q_full, xa)
+    eb = net.apply_network(specs, q_full, xb)
     return _contrastive(config, ea, eb, same, w)
 
 
@@ -215,7 +215,7 @@ def support_statistics(config: MetaNetConfig, specs) -> bool:
     """Whether the support-set passes through the network `specs` normalise with the whole
     support set's statistics: `bn_statistics == "authors"` and a layer has BatchNorm (without
     BatchNorm both settings run the same per-pass program)."""
-    return config.bn_statistics == "authors" and networks.has_batchnorm(specs)
+    return config.bn_statistics == "authors" and net.has_batchnorm(specs)
 
 
 def _support_statistics_grads(specs, params, names, x, group_loss, *group_args):
@@ -240,19 +240,19 @@ def _support_statistics_grads(specs, params, names, x, group_loss, *group_args):
     Returns:
       `(losses [C], grads {name: {"kernel": [C, *k]}})`.
     """
-    start = networks.first_augmented_index(specs, names)
-    h = networks.apply_network(specs, params, x, stop=start)
-    independent = not networks.has_batchnorm(specs, start)
+    start = net.first_augmented_index(specs, names)
+    h = net.apply_network(specs, params, x, stop=start)
+    independent = not net.has_batchnorm(specs, start)
 
     def loss(sub, *args):
         full = {**params, **sub}
         if independent:
 
             def embed(index):
-                return networks.apply_network(specs, full, h[index], start=start)
+                return net.apply_network(specs, full, h[index], start=start)
 
         else:
-            out = networks.apply_network(specs, full, h, start=start)
+            out = net.apply_network(specs, full, h, start=start)
 
             def embed(index):
                 return out[index]
@@ -260,7 +260,7 @@ def _support_statistics_grads(specs, params, names, x, group_loss, *group_args):
         return group_loss(embed, *args)
 
     in_axes = (None,) + (0,) * len(group_args)
-    sub = networks.subtree(params, names)
+    sub = net.subtree(params, names)
     return jax.vmap(jax.value_and_grad(loss), in_axes)(sub, *group_args)
 
 
@@ -285,9 +285,9 @@ def representation_meta_info(
       `(grads, losses)`: `{name: {"kernel": [C, *k]}}` per-chunk gradients w.r.t. the
       augmented subtree of Q, and the `[C]` chunk losses.
     """
-    specs = networks.representation_specs(config)
-    aug = networks.augmented_names(config, "representation")
-    q_aug = networks.subtree(rep_params, aug)
+    specs = net.representation_specs(config)
+    aug = net.augmented_names(config, "representation")
+    q_aug = net.subtree(rep_params, aug)
     x = support.x
     whole_set = support_statistics(config, specs)
     if not config.uses_contrastive:
@@ -295,7 +295,7 @@ def representation_meta_info(
         if whole_set:
 
             def ce_loss(embed, idx, w):
-                head = networks.representation_head(rep_params, embed(idx))
+                head = net.representation_head(rep_params, embed(idx))
                 logits = episode_logits(head, config, support.y)
                 return _weighted_cross_entropy(logits, support.y[idx], w)
 
@@ -358,8 +358,8 @@ def base_meta_info(
     Returns:
       `{name: {"kernel": [N, *k]}}` gradients w.r.t. the augmented subtree of W.
     """
-    specs = networks.base_specs(config)
-    names = networks.augmented_names(config, "base")
+    specs = net.base_specs(config)
+    names = net.augmented_names(config, "base")
     if support_statistics(config, specs):
 
         def example_loss(embed, idx):
@@ -368,10 +368,10 @@ def base_meta_info(
 
         index = jnp.arange(inputs.shape[0])[:, None]
         return _support_statistics_grads(specs, base_params, names, inputs, example_loss, index)[1]
-    w_aug = networks.subtree(base_params, names)
+    w_aug = net.subtree(base_params, names)
 
     def loss(wa, xi, yi):
-        logits = networks.apply_network(specs, {**base_params, **wa}, xi[None])
+        logits = net.apply_network(specs, {**base_params, **wa}, xi[None])
         return cross_entropy(episode_logits(logits, config, labels), yi[None])[0]
 
     return jax.vmap(jax.grad(loss), (None, 0, 0))(w_aug, inputs, labels)
@@ -385,9 +385,9 @@ def base_task_meta_info(
     BatchNorm statistics as in `representation_meta_info`: the whole support set's or each
     chunk's (`bn_statistics`).
     """
-    specs = networks.base_specs(config)
-    names = networks.augmented_names(config, "base")
-    w_aug = networks.subtree(base_params, names)
+    specs = net.base_specs(config)
+    names = net.augmented_names(config, "base")
+    w_aug = net.subtree(base_params, names)
     index, mask = chunk_layout(inputs.shape[0], config.rep_chunks)
     if support_statistics(config, specs):
 
@@ -400,9 +400,7 @@ def base_task_meta_info(
         )[1]
 
     def loss(wa, xi, yi, w):
-        logits = episode_logits(
-            networks.apply_network(specs, {**base_params, **wa}, xi), config, labels
-        )
+        logits = episode_logits(net.apply_network(specs, {**base_params, **wa}, xi), config, labels)
         return _weighted_cross_entropy(logits, yi, w)
 
     return _map_chunks(jax.grad(loss), w_aug, (inputs[index], labels[index]), mask, specs)
@@ -436,19 +434,19 @@ def base_learner_queries(
     Returns:
       `[L, output_units]` logits.
     """
-    specs = networks.base_specs(config)
+    specs = net.base_specs(config)
     path = config.resolved_query_path()
     if path in ("stacked", "patches"):
-        return networks.apply_network(
+        return net.apply_network(
             specs, base_params, inputs, task_fast=task_fast, memory=values, mix=attention,
             memory_mode=path,
         )  # fmt: skip
-    start = networks.first_augmented_index(specs, networks.augmented_names(config, "base"))
-    h = networks.apply_network(specs, base_params, inputs, stop=start)
+    start = net.first_augmented_index(specs, net.augmented_names(config, "base"))
+    h = net.apply_network(specs, base_params, inputs, stop=start)
     per_query = memory.read(values, attention)
 
     def one(hj, fast_j):
-        out = networks.apply_network(
+        out = net.apply_network(
             specs, base_params, hj[None], fast=fast_j, task_fast=task_fast,
             start=start, bn_axis_name="queries",
         )  # fmt: skip
@@ -509,12 +507,12 @@ def task_forward(
 
     # 5-6. keys for the support set (memory) and the queries: one pass through u, or (the
     # authors' BatchNorm statistics) one pass for each set, each normalised by itself.
-    u_specs = networks.representation_specs(config)
+    u_specs = net.representation_specs(config)
     if support_statistics(config, u_specs):
-        r_support = networks.apply_network(u_specs, rep, xs, fast=q_star).astype(out_dtype)
-        r_query = networks.apply_network(u_specs, rep, xq, fast=q_star).astype(out_dtype)
+        r_support = net.apply_network(u_specs, rep, xs, fast=q_star).astype(out_dtype)
+        r_query = net.apply_network(u_specs, rep, xq, fast=q_star).astype(out_dtype)
     else:
-        r_all = networks.apply_network(u_specs, rep, jnp.concatenate([xs, xq]), fast=q_star)
+        r_all = net.apply_network(u_specs, rep, jnp.concatenate([xs, xq]), fast=q_star)
         r_all = r_all.astype(out_dtype)
         r_support, r_query = r_all[:n], r_all[n:]
     if config.base_input == "x":
