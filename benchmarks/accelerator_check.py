@@ -20,13 +20,13 @@ float32 peak is 67). An H200 has the same compute peaks. Settings stop being sta
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import flop_count  # noqa: E402 - this folder (first on sys.path when run as a script)
 
 SETTINGS = [(5, 1), (5, 16), (5, 64), (20, 1), (20, 16)]  # (ways, meta-batch)
 SMOKE_SETTINGS = [(3, 1), (3, 2)]
@@ -83,7 +83,7 @@ def run_setting(ways, batch, dtype, args, mesh):
 
     config = _config(ways, dtype, args.smoke)
     optimizer = mn.make_optimizer(config)
-    step = parallel.make_sharded_train_step(config, optimizer, mesh, task_batching="vmap")
+    step = parallel.make_sharded_train_step(config, optimizer, mesh)
     state = parallel.replicate(
         mn.init_train_state(mn.init(jax.random.key(0), config), optimizer, jax.random.key(1)),
         mesh,
@@ -98,10 +98,10 @@ def run_setting(ways, batch, dtype, args, mesh):
     lowered = step.lower(state, *batches[0])
     exe = lowered.compile()  # the executable the timed steps run
     compiled = time.perf_counter() - t0
-    total = _flops(lowered)
+    total = flop_count.flops(lowered)
     flops = total / (batch / mesh.size) if total else None  # per-device program
     if flops is None:  # jax >= 0.11 gives no cost analysis before compiling
-        gflop = _cpu_gflop_per_episode(config)
+        gflop = flop_count.train_gflop_per_episode(config)
         flops = gflop * 1e9 if gflop else None
     t0 = time.perf_counter()
     for i in range(2):
@@ -135,49 +135,6 @@ def run_setting(ways, batch, dtype, args, mesh):
         "fraction_of_peak": achieved / peak if achieved else None,
         "loss": float(metrics["loss"]),
     }
-
-
-def _flops(lowered_or_compiled) -> float | None:
-    """FLOPs XLA's cost analysis counts in `lowered_or_compiled` (None if it gives none).
-
-    The lowered (not yet optimised) program gives the same count on every backend, as
-    benchmarks/episode_throughput.py counts on CPU; a compiled GPU executable's count leaves
-    out the work handed to library calls (cuDNN convolutions)."""
-    try:
-        cost = lowered_or_compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - best effort on some backends
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and cost.get("flops") else None
-
-
-@functools.cache
-def _cpu_gflop_per_episode(config) -> float | None:
-    """GFLOPs per episode of the same vmapped train step compiled for the host CPU at
-    meta-batch 1, from shapes only (nothing runs). The fallback where the backend gives no
-    analysis before compiling (jax >= 0.11) and its compiled GPU executable would leave out
-    the work handed to library calls (cuDNN convolutions: three quarters of this model's)."""
-    import jax
-
-    import metanet_jax as mn
-
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    optimizer = mn.make_optimizer(config)
-    state = jax.eval_shape(
-        lambda: mn.init_train_state(mn.init(jax.random.key(0), config), optimizer,
-                                    jax.random.key(1))
-    )  # fmt: skip
-    support, query = jax.eval_shape(
-        lambda: mn.synthetic.synthetic_episodes(jax.random.key(2), config, 1)
-    )
-    shapes = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cpu), (state, support, query)
-    )
-    fn = jax.jit(functools.partial(mn.train_step, config=config, optimizer=optimizer))
-    lowered = fn.lower(*shapes)
-    flops = _flops(lowered) or _flops(lowered.compile())
-    return flops / 1e9 if flops else None
 
 
 def _fmt(v, spec):

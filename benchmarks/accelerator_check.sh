@@ -10,7 +10,7 @@
 # 1. tests/test_parallel.py on the CPU (4 forced host devices, 2 gloo processes, bfloat16),
 #    only where there is no accelerator or with --cpu_tests (CI runs it anyway);
 # 2. the in-process tests of tests/test_parallel.py again on the accelerator (bfloat16 loss
-#    and training, the single-device sharded step, keys and sampling);
+#    and training, the single-device sharded step, episode sampling);
 # 3. benchmarks/accelerator_check.py: train episodes/s, FLOPs per episode and fraction of
 #    peak for 5-way 1-shot at meta-batch 1/16/64 and 20-way 1-shot at 1/16, float32 and
 #    bfloat16, synthetic episodes. Extra arguments go to it (peaks default to H100 SXM).

@@ -7,8 +7,8 @@
 Each setting runs in a fresh subprocess (so peak RSS is its own): Omniglot CNN, 5-way 1-shot
 with L = 50 queries at meta-batch 1 and 16, and 20-way 1-shot with L = 200 at meta-batch 1.
 Reported per setting: train episodes/s (median of `--reps` steps after warm-up), compile time,
-peak RSS, FLOPs per episode (XLA cost analysis of a vmapped lowering: a `scan` body would be
-counted once), achieved GFLOP/s, the f32 matmul peak measured in the same process, and
+peak RSS, FLOPs per episode (XLA cost analysis of the vmapped lowering, `flop_count`),
+achieved GFLOP/s, the f32 matmul peak measured in the same process, and
 predict episodes/s. Then the 5-way 1-shot B=1 train step is timed side by side with the
 straightforward baseline (`../shared/baselines/metanet_prototype.py`), alternating steps in
 one process, and the speed-up printed.
@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 
+import flop_count
 import numpy as np
 
 SETTINGS = {
@@ -57,13 +58,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _flops(lowered) -> float:
-    cost = lowered.cost_analysis()
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0]
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-
 def run_setting(name: str, reps: int, overrides: dict) -> dict:
     """Measure one setting in this process."""
     import jax
@@ -81,13 +75,10 @@ def run_setting(name: str, reps: int, overrides: dict) -> dict:
     out = {"setting": name, "batch": batch, "config": {k: str(v) for k, v in overrides.items()}}
     out["matmul_peak_gflops"] = _matmul_peak()
 
-    out["task_batching"] = config.resolved_task_batching()
     step = mn.make_train_step(config, optimizer, validate=False)
+    out["task_batching"] = step.task_batching
     state = mn.init_train_state(params, optimizer, jax.random.key(2))
-    # FLOPs on a vmapped lowering (cost analysis counts a scan body once).
-    flops_config = config.replace(task_batching="vmap")
-    flops_step = mn.make_train_step(flops_config, optimizer, validate=False)
-    out["train_gflop_per_episode"] = _flops(flops_step.lower(state, support, query)) / batch / 1e9
+    out["train_gflop_per_episode"] = flop_count.train_gflop_per_episode(config, batch) or np.nan
 
     start = time.perf_counter()
     state, _ = step(state, support, query)  # compile (every program it runs) + one step
@@ -190,10 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", default=DEFAULT_BASELINE)
     parser.add_argument("--baseline_only", action="store_true")
     parser.add_argument("--skip_baseline", action="store_true")
-    parser.add_argument("--task_batching", default=None, choices=["auto", "loop", "scan", "vmap"])
-    parser.add_argument(
-        "--query_path", default=None, choices=["auto", "stacked", "patches", "per_query"]
-    )
+    parser.add_argument("--task_batching", default=None, choices=["auto", "loop", "vmap"])
+    parser.add_argument("--query_path", default=None, choices=["auto", "stacked", "patches"])
     parser.add_argument("--json", default="", help="write all results to this file")
     parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--task_batching", default="auto", choices=["auto", "loop", "scan", "vmap"])
+    parser.add_argument("--task_batching", default="auto", choices=["auto", "loop", "vmap"])
     args = parser.parse_args(argv)
 
     import jax

@@ -116,10 +116,10 @@ flags.DEFINE_bool("rep_loss_in_objective", _D.rep_loss_in_objective,
                   "Add the representation loss to the training objective.")  # fmt: skip
 flags.DEFINE_enum("task_batching", _D.task_batching, config_lib.TASK_BATCHING,
                   "Tasks of a meta-batch: auto (loop on CPU, vmap on accelerators), loop (a "
-                  "host loop over one per-task program), scan or vmap.")  # fmt: skip
+                  "host loop over one per-task program) or vmap.")  # fmt: skip
 flags.DEFINE_enum("query_path", _D.query_path, config_lib.QUERY_PATHS,
                   "How queries read their own fast weights: auto (patches on CPU, stacked on "
-                  "accelerators), stacked, patches or per_query (README).")  # fmt: skip
+                  "accelerators), stacked or patches (README).")  # fmt: skip
 flags.DEFINE_enum("compute_dtype", _D.compute_dtype, config_lib.COMPUTE_DTYPES,
                   "Activation dtype.")  # fmt: skip
 flags.DEFINE_enum("bn_statistics", _D.bn_statistics, config_lib.BN_STATISTICS,

@@ -1,8 +1,16 @@
-"""Batches of tasks: one way to map the per-task Algorithm 1 (`model.episode`) over the
+"""Batches of tasks: the one way to map the per-task Algorithm 1 (`model.episode`) over the
 leading task axis, for the loss, predictions, training and the sharded step.
 
-`episode_loss` / `predict` are the pure (traceable) versions; `make_episode_loss` /
-`make_predict` the jitted entry points with input checks.
+Two modes (`MetaNetConfig.task_batching`):
+
+* "vmap": `map_tasks`, one batched program. Everything traced uses it: the pure functions
+  (`episode_loss`, `predict`, `training.train_step`) and the sharded step.
+* "loop": `TaskLoop`, one compiled per-task program dispatched from the host per task, then
+  one compiled program that combines the stacked per-task outputs. Every task keeps the
+  meta-batch-1 program (dense convolutions); the CPU default.
+
+"auto" is resolved once, when a `make_*` entry point is made (`ValidatedFunction.task_batching`
+reports the mode). Task `i` of a batch uses the key `fold_in(key, i)` in both modes.
 """
 
 from __future__ import annotations
@@ -12,7 +20,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.model.episode import task_forward, task_loss
@@ -70,30 +77,85 @@ def check_labels(config: MetaNetConfig, **labels) -> None:
 
 
 # ----------------------------------------------------------------------------- task batch
-def task_keys(key: PRNGKey | None, batch: int):
-    """One key per task, `fold_in(key, task_index)` (or `None`)."""
-    if key is None:
-        return None
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+def map_tasks(fn, shared, tasks, *, first_task=0):
+    """`fn(shared, task, index)` for every task along the leading axis of `tasks` (`vmap`).
 
+    Args:
+      fn: the per-task function; `task` is one slice of `tasks`, `index` the task's int32
+        index `first_task + i` (per-task keys are `fold_in(key, index)`).
+      shared: a pytree every task sees whole (params, a key, a train state).
+      tasks: a pytree of `[B, ...]` arrays (e.g. `(support, query)`).
+      first_task: the global index of the first task (the sharded step: a device's first).
 
-def map_tasks(fn, config: MetaNetConfig, *args):
-    """Apply a per-task function over the leading task axis: `lax.map` for "scan", else `vmap`.
-
-    `None` arguments are passed through unmapped.
+    Returns:
+      `fn`'s outputs stacked along a new leading axis of size B.
     """
-    present = [i for i, a in enumerate(args) if a is not None]
+    batch = jax.tree.leaves(tasks)[0].shape[0]
+    indices = first_task + jnp.arange(batch, dtype=jnp.int32)
+    return jax.vmap(lambda task, index: fn(shared, task, index))(tasks, indices)
 
-    def call(mapped):
-        full = list(args)
-        for i, a in zip(present, mapped, strict=True):
-            full[i] = a
-        return fn(*full)
 
-    mapped = tuple(args[i] for i in present)
-    if config.task_batching == "scan":
-        return lax.map(call, mapped)
-    return jax.vmap(call)(mapped)
+def stack_tasks(outs):
+    """A list of per-task pytrees as one pytree with a leading task axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+
+class TaskLoop:
+    """`task_batching="loop"`: `per_task` dispatched from the host for every task, then `finish`.
+
+    `per_task(shared, task, index)` is compiled once (for one task's shapes) and dispatched B
+    times; dispatch is asynchronous, so the host does not wait for the device between tasks.
+    `finish(shared, stacked)` is compiled once and receives the per-task outputs stacked along
+    a leading task axis, as `map_tasks` gives them. `split(*args) -> (shared, tasks)` maps the
+    entry point's arguments to those of the loop.
+
+    Args:
+      per_task: the per-task function.
+      finish: the combining function.
+      split: the entry point's arguments as `(shared, tasks)`.
+      donate: donate `shared` to `finish` (the train state; `per_task` only reads it).
+    """
+
+    task_batching = "loop"
+
+    def __init__(self, per_task, finish, split, *, donate: bool = False):
+        self._per_task = jax.jit(per_task)
+        self._finish = jax.jit(
+            lambda shared, outs: finish(shared, stack_tasks(outs)),
+            donate_argnums=(0,) if donate else (),
+        )
+        self._split = split
+
+    def __call__(self, *args):
+        shared, tasks = self._split(*args)
+        batch = jax.tree.leaves(tasks)[0].shape[0]
+        outs = [
+            self._per_task(shared, jax.tree.map(lambda a, i=i: a[i], tasks), jnp.int32(i))
+            for i in range(batch)
+        ]
+        return self._finish(shared, outs)
+
+    def lower(self, *args):
+        """Lowering of the per-task program (what runs B times)."""
+        shared, tasks = self._split(*args)
+        return self._per_task.lower(shared, jax.tree.map(lambda a: a[0], tasks), jnp.int32(0))
+
+
+def per_task_loss(config: MetaNetConfig, networks=None):
+    """`one((params, key), (support, query), index) -> (loss, aux)` for one task (key
+    `fold_in(key, index)`, or none)."""
+
+    def one(shared, task, index):
+        params, key = shared
+        task_key = None if key is None else jax.random.fold_in(key, index)
+        return task_loss(params, *task, config, task_key, networks=networks)
+
+    return one
+
+
+def mean_task_loss(losses: Array, aux: dict[str, Array]) -> tuple[Array, dict[str, Array]]:
+    """The batch loss (mean of the per-task losses `[B]`) and aux with `task_loss [B]`."""
+    return jnp.mean(losses), dict(aux, task_loss=losses)
 
 
 def episode_loss(
@@ -102,15 +164,21 @@ def episode_loss(
     query: Episode,
     config: MetaNetConfig,
     key: PRNGKey | None = None,
+    *,
+    networks=None,
+    first_task: int | Array = 0,
 ) -> tuple[Array, dict[str, Array]]:
-    """The MetaNet objective over a batch of tasks (pure, unjitted).
+    """The MetaNet objective over a batch of tasks (pure, unjitted; `map_tasks`).
 
     Args:
       params: theta = {"base", "representation", "example_generator", "task_generator"}.
       support: `x [B, ways*shots, *image_shape]` float, `y [B, ways*shots]` int.
       query: `x [B, L, *image_shape]`, `y [B, L]`.
       config: static configuration.
-      key: optional typed key; only the sampled contrastive pairs use it.
+      key: optional typed key; only the sampled contrastive pairs use it (task i:
+        `fold_in(key, first_task + i)`).
+      networks: b and u (`None`: the built-in ones of `config.architecture`).
+      first_task: the global index of the first task (the sharded step).
 
     Returns:
       `(loss, aux)`: loss is the mean over the B tasks of each task's summed query
@@ -119,148 +187,98 @@ def episode_loss(
       diagnostics (`rep_loss`, `attention_entropy`, fast-weight norms) `[B]`.
     """
     check_shapes(support, query.x, config, query.y)
-    keys = task_keys(key, support.x.shape[0])
-
-    def one(sx, sy, qx, qy, k=None):
-        return task_loss(params, Episode(sx, sy), Episode(qx, qy), config, k)
-
-    losses, aux = map_tasks(one, config, support.x, support.y, query.x, query.y, keys)
-    aux = dict(aux, task_loss=losses)
-    return jnp.mean(losses), aux
+    one = per_task_loss(config, networks)
+    losses, aux = map_tasks(one, (params, key), (support, query), first_task=first_task)
+    return mean_task_loss(losses, aux)
 
 
-def predict(params: Params, support: Episode, query_x: Array, config: MetaNetConfig) -> Array:
-    """Query logits `[B, L, ways]` for a batch of tasks (pure, unjitted)."""
+def per_task_logits(config: MetaNetConfig, networks=None):
+    """`one(params, (support, query_x), index) -> logits [L, ways]` for one task."""
+
+    def one(params, task, index):
+        del index
+        return task_forward(params, *task, config, networks=networks)[0]
+
+    return one
+
+
+def predict(
+    params: Params, support: Episode, query_x: Array, config: MetaNetConfig, *, networks=None
+) -> Array:
+    """Query logits `[B, L, ways]` for a batch of tasks (pure, unjitted; `map_tasks`)."""
     check_shapes(support, query_x, config)
-
-    def one(sx, sy, qx):
-        return task_forward(params, Episode(sx, sy), qx, config)[0]
-
-    return map_tasks(one, config, support.x, support.y, query_x)
+    return map_tasks(per_task_logits(config, networks), params, (support, query_x))
 
 
 # ----------------------------------------------------------------------------- jitted entry points
 class ValidatedFunction:
-    """A jitted function that checks its episode inputs before running.
+    """A jitted entry point that checks its episode inputs before running.
 
-    Shapes are checked at every call (and again when traced); concrete label values are
-    checked unless `validate=False` (the training loop avoids the host sync). `.lower(...)`
-    and other attributes are those of the underlying `jax.jit` object.
+    The arguments are `(first, support, query, ...)`; shapes are checked at every call (and
+    again when traced); concrete label values are checked unless `validate=False` (the
+    training loop avoids the host sync). `task_batching` is the mode the function runs
+    ("loop" or "vmap", resolved when it was made). `.lower(...)` lowers the whole program
+    ("vmap") or the per-task program ("loop"); other attributes are those of `fn`.
     """
 
-    def __init__(self, jitted, check, validate: bool):
-        self._jitted = jitted
-        self._check = check
+    def __init__(self, fn, config: MetaNetConfig, *, query_labels: bool, validate: bool):
+        self._fn = fn
+        self._config = config
+        self._query_labels = query_labels
         self._validate = validate
-        functools.update_wrapper(self, jitted)
+        self.task_batching = getattr(fn, "task_batching", "vmap")
+        functools.update_wrapper(self, fn, updated=())
+
+    def _check(self, args, labels: bool):
+        support, query = args[1], args[2]
+        qx, qy = (query.x, query.y) if self._query_labels else (query, None)
+        check_shapes(support, qx, self._config, qy)
+        if labels:
+            check_labels(self._config, **{"support.y": support.y, "query.y": qy})
 
     def __call__(self, *args, **kwargs):
         self._check(args, labels=self._validate)
-        return self._jitted(*args, **kwargs)
+        return self._fn(*args, **kwargs)
 
     def lower(self, *args, **kwargs):
         self._check(args, labels=False)
-        return self._jitted.lower(*args, **kwargs)
+        return self._fn.lower(*args, **kwargs)
 
     def __getattr__(self, name):
-        return getattr(self._jitted, name)
+        return getattr(self._fn, name)
 
 
-def _episode_checker(config: MetaNetConfig, support_at: int, query_at: int, has_query_y: bool):
-    def check(args, labels: bool):
-        support, query = args[support_at], args[query_at]
-        qx = query.x if has_query_y else query
-        qy = query.y if has_query_y else None
-        check_shapes(support, qx, config, qy)
-        if labels:
-            check_labels(config, **{"support.y": support.y, "query.y": qy})
-
-    return check
-
-
-class HostLoop:
-    """Run a jitted per-task function over the task axis from the host, then combine.
-
-    The per-task program is compiled once (for one task's shapes) and dispatched B times;
-    dispatch is asynchronous, so the host does not wait for the device between tasks. This is
-    `task_batching="loop"`: every task keeps the meta-batch-1 program (dense convolutions).
-    """
-
-    def __init__(self, per_task, combine):
-        self.per_task = jax.jit(per_task)
-        self.combine = jax.jit(combine)
-
-    def __call__(self, batched: tuple, shared: tuple):
-        batch = batched[0].shape[0]
-        outs = [
-            self.per_task(*shared, *(a[i] for a in batched), jnp.int32(i)) for i in range(batch)
-        ]
-        return self.combine(outs)
-
-    def lower(self, batched: tuple, shared: tuple):
-        """Lowering of the per-task program (what runs B times)."""
-        return self.per_task.lower(*shared, *(a[0] for a in batched), jnp.int32(0))
-
-
-def _stack(outs):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-
-
-def make_episode_loss(config: MetaNetConfig, *, validate: bool = True) -> ValidatedFunction:
-    """`episode_loss(params, support, query[, key]) -> (loss, aux)`, jitted (config static)."""
-    check = _episode_checker(config, 1, 2, True)
+def make_episode_loss(
+    config: MetaNetConfig, *, networks=None, validate: bool = True
+) -> ValidatedFunction:
+    """`episode_loss(params, support, query[, key]) -> (loss, aux)`, jitted (config static),
+    batched by `config.resolved_task_batching()`."""
     if config.resolved_task_batching() == "loop":
+        fn = TaskLoop(
+            per_task_loss(config, networks),
+            lambda shared, outs: mean_task_loss(*outs),
+            lambda params, support, query, key=None: ((params, key), (support, query)),
+        )
+    else:
 
-        def one(params, key, sx, sy, qx, qy, index):
-            task_key = None if key is None else jax.random.fold_in(key, index)
-            return task_loss(params, Episode(sx, sy), Episode(qx, qy), config, task_key)
+        def fn(params, support, query, key=None):
+            return episode_loss(params, support, query, config, key, networks=networks)
 
-        def combine(outs):
-            losses, aux = _stack(outs)
-            return jnp.mean(losses), dict(aux, task_loss=losses)
-
-        loop = HostLoop(one, combine)
-
-        def looped(params, support, query, key=None):
-            return loop((support.x, support.y, query.x, query.y), (params, key))
-
-        return ValidatedFunction(_LoopAdapter(looped, loop, 2), check, validate)
-
-    def fn(params, support, query, key=None):
-        return episode_loss(params, support, query, config, key)
-
-    return ValidatedFunction(jax.jit(fn), check, validate)
+        fn = jax.jit(fn)
+    return ValidatedFunction(fn, config, query_labels=True, validate=validate)
 
 
-def make_predict(config: MetaNetConfig, *, validate: bool = True) -> ValidatedFunction:
-    """`predict(params, support, query_x) -> logits [B, L, ways]`, jitted (config static)."""
-    check = _episode_checker(config, 1, 2, False)
+def make_predict(
+    config: MetaNetConfig, *, networks=None, validate: bool = True
+) -> ValidatedFunction:
+    """`predict(params, support, query_x) -> logits [B, L, ways]`, jitted (config static),
+    batched by `config.resolved_task_batching()`."""
     if config.resolved_task_batching() == "loop":
-
-        def one(params, sx, sy, qx, index):
-            del index
-            return task_forward(params, Episode(sx, sy), qx, config)[0]
-
-        loop = HostLoop(one, jnp.stack)
-
-        def looped(params, support, query_x):
-            return loop((support.x, support.y, query_x), (params,))
-
-        return ValidatedFunction(_LoopAdapter(looped, loop, 1), check, validate)
-    jitted = jax.jit(functools.partial(predict, config=config))
-    return ValidatedFunction(jitted, check, validate)
-
-
-class _LoopAdapter:
-    """Callable + `.lower()` for a host-looped entry point (lowers the per-task program)."""
-
-    def __init__(self, fn, loop: HostLoop, n_shared: int):
-        self._fn, self._loop, self._n_shared = fn, loop, n_shared
-
-    def __call__(self, *args, **kwargs):
-        return self._fn(*args, **kwargs)
-
-    def lower(self, params, support, query, *rest):
-        query_args = (query.x, query.y) if isinstance(query, Episode) else (query,)
-        shared = (params, rest[0] if rest else None)[: self._n_shared]
-        return self._loop.lower((support.x, support.y) + query_args, shared)
+        fn = TaskLoop(
+            per_task_logits(config, networks),
+            lambda params, logits: logits,
+            lambda params, support, query_x: (params, (support, query_x)),
+        )
+    else:
+        fn = jax.jit(functools.partial(predict, config=config, networks=networks))
+    return ValidatedFunction(fn, config, query_labels=False, validate=validate)

@@ -58,7 +58,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
+from metanet_jax.config import LEGACY_VALUES, MetaNetConfig, legacy_to_current
 from metanet_jax.training import TrainState
 
 VALIDATION_METRIC = "validation_accuracy"
@@ -111,8 +111,9 @@ def config_from_dict(values: Mapping[str, Any]) -> MetaNetConfig:
     if unknown:
         raise ValueError(f"unknown MetaNetConfig fields in a saved config: {unknown}")
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    # A configuration saved before a field existed keeps the behaviour it had then.
-    kwargs = {**LEGACY_VALUES, **kwargs}
+    # A configuration saved before a field existed keeps the behaviour it had then; one saved
+    # with a since-removed mode gets the kept mode that computes the same numbers.
+    kwargs = legacy_to_current({**LEGACY_VALUES, **kwargs})
     return MetaNetConfig(**kwargs)
 
 

@@ -12,8 +12,8 @@ from typing import Literal
 VARIANTS = ("metanet", "metanet-", "metanet+")
 ARCHITECTURES = ("omniglot_cnn", "mini_imagenet_cnn", "mlp")
 REP_LOSSES = ("auto", "ce", "contrastive")
-QUERY_PATHS = ("auto", "stacked", "patches", "per_query")
-TASK_BATCHING = ("auto", "loop", "scan", "vmap")
+QUERY_PATHS = ("auto", "stacked", "patches")
+TASK_BATCHING = ("auto", "loop", "vmap")
 BASE_INPUTS = ("x", "r")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 GENERATOR_INITS = ("small", "authors")
@@ -33,6 +33,14 @@ LEGACY_VALUES = {
     "schedule_steps": 0,
     "label_units": "first",
     "bn_statistics": "per_pass",
+}
+
+# Values that were removed (issue 9), with the kept value that computes the same numbers: a
+# configuration saved with one still loads (`checkpointing.config_from_dict`,
+# `legacy_to_current`); asking for one in a new configuration is an error naming the others.
+REMOVED_VALUES = {
+    "task_batching": {"scan": "loop"},  # per-task gradients summed: the same mean gradient
+    "query_path": {"per_query": "stacked"},  # the same logits by linearity (tests)
 }
 
 # Per-architecture defaults (METANET.md, "Architectures").
@@ -73,16 +81,17 @@ class MetaNetConfig:
       query_path: how the L queries run b with their own read-out weights W*_j (METANET.md).
         "stacked": memory kernels stacked along each conv's output channels, then mixed by
         the attention weights (linearity); "patches": W*_j built per query and applied as
-        a batched matmul over 3x3 patches (a third of the stacked FLOPs at 5-way); "per_query":
-        W*_j built per query and b vmapped over queries (grouped convolutions). "auto"
+        a batched matmul over 3x3 patches (a third of the stacked FLOPs at 5-way). "auto"
         (default): "patches" on CPU, where it measured fastest, "stacked" on accelerators
-        (the one measured there). All agree to float rounding (tests).
-      task_batching: how a batch of tasks is processed. "vmap" (one batched program; every
-        task's fast convolutions become grouped convolutions), "scan" (per-task gradients
-        accumulated in a `lax.scan`), "loop" (the jitted `make_*` entry points run one
-        compiled per-task program per task from the host and accumulate the gradients: the
-        meta-batch-1 speed per episode) or "auto" ("loop" on CPU, "vmap" on accelerators).
-        The pure functions treat "loop" and "auto" as "vmap" (no host loop inside a trace).
+        (the one measured there). Both agree to float rounding with the per-query oracle of
+        the tests.
+      task_batching: how the jitted `make_*` entry points process a batch of tasks. "vmap"
+        (one batched program; every task's fast convolutions become grouped convolutions),
+        "loop" (one compiled per-task program dispatched from the host per task, then one
+        program that combines them: the meta-batch-1 speed per episode) or "auto" ("loop" on
+        CPU, "vmap" on accelerators), resolved once when the entry point is made
+        (`resolved_task_batching`). The pure functions (`episode_loss`, `predict`,
+        `train_step`) and the sharded step always `vmap` (no host loop inside a trace).
       lstm_hidden, generator_hidden, grad_p: sizes of d and m, and the preprocessing's p.
       learning_rate, clip_norm: the outer optimiser (Adam after global-norm clipping).
       compute_dtype: dtype of the networks' activations and convolutions ("float32" default;
@@ -140,8 +149,8 @@ class MetaNetConfig:
     contrastive_margin: float = 1.0
     second_order: bool = False
     rep_loss_in_objective: bool = False
-    query_path: Literal["auto", "stacked", "patches", "per_query"] = "auto"
-    task_batching: Literal["auto", "loop", "scan", "vmap"] = "auto"
+    query_path: Literal["auto", "stacked", "patches"] = "auto"
+    task_batching: Literal["auto", "loop", "vmap"] = "auto"
     lstm_hidden: int = 20
     generator_hidden: int = 20
     grad_p: float = 7.0
@@ -165,6 +174,14 @@ class MetaNetConfig:
         for name in ("ways", "shots", "queries_per_class", "rep_chunks", "lstm_hidden"):
             positive(name)
         positive("generator_hidden")
+        for name, removed in REMOVED_VALUES.items():
+            value = getattr(self, name)
+            if value in removed:
+                kept = TASK_BATCHING if name == "task_batching" else QUERY_PATHS
+                raise ValueError(
+                    f"MetaNetConfig.{name}={value!r} was removed; use one of {kept} "
+                    f"({removed[value]!r} computes the same numbers)"
+                )
         for name, allowed in (
             ("variant", VARIANTS),
             ("architecture", ARCHITECTURES),
@@ -254,7 +271,8 @@ class MetaNetConfig:
         return self.variant != "metanet-"
 
     def resolved_task_batching(self, backend: str | None = None) -> str:
-        """The task batching the jitted entry points use ("auto" resolved by the backend)."""
+        """The task batching the jitted entry points use ("auto" resolved by the backend:
+        "loop" on CPU, "vmap" on accelerators)."""
         if self.task_batching != "auto":
             return self.task_batching
         return "loop" if _backend(backend) == "cpu" else "vmap"
@@ -268,6 +286,16 @@ class MetaNetConfig:
     def replace(self, **changes) -> MetaNetConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def legacy_to_current(values: dict) -> dict:
+    """`values` (config fields, e.g. a saved config.json) with removed values replaced by
+    the kept value that computes the same numbers (`REMOVED_VALUES`)."""
+    out = dict(values)
+    for name, removed in REMOVED_VALUES.items():
+        if isinstance(out.get(name), str) and out[name] in removed:
+            out[name] = removed[out[name]]
+    return out
 
 
 def _backend(backend: str | None) -> str:

@@ -40,7 +40,7 @@ import numpy as np
 from absl import logging
 
 from metanet_jax import checkpointing, evaluation, logging_utils, parallel
-from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
+from metanet_jax.config import LEGACY_VALUES, MetaNetConfig, legacy_to_current
 from metanet_jax.model.episode import init
 from metanet_jax.training import init_train_state, make_optimizer, make_train_step
 
@@ -252,13 +252,14 @@ def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
 
     A field added after the run was saved counts as what the run did before the field
     existed: its `LEGACY_RUN_VALUES` entry where it has one, else its default. Fields this
-    version does not know are dropped.
+    version does not know are dropped; a since-removed mode becomes the kept one that
+    computes the same numbers (`config.REMOVED_VALUES`).
     """
     fields = {f.name: f.default for f in dataclasses.fields(RunSpec)}
     values = {k: v for k, v in fields.items() if v is not dataclasses.MISSING}
     values.update(LEGACY_RUN_VALUES)
     values.update({k: v for k, v in flags.items() if k in fields})
-    return values
+    return legacy_to_current(values)
 
 
 def check_workdir(spec: RunSpec) -> dict[str, Any] | None:

@@ -13,18 +13,17 @@ A training program uses it in this order (see docs/SCALING.md):
     logging.info(parallel.device_summary(mesh, meta_batch))
     step = parallel.make_sharded_train_step(config, optimizer, mesh)
     state = parallel.replicate(state, mesh)
-    rows = parallel.process_task_indices(meta_batch, mesh)  # this process's global task indices
     for t in range(start, steps):
-        keys = parallel.task_episode_keys(seed, t, rows)
-        support, query = parallel.sample_task_episodes(keys, images, ways, shots, queries)
-        support, query = parallel.shard_episodes((support, query), mesh, meta_batch)
+        support, query = parallel.sample_process_episodes(
+            jax.random.fold_in(data_key, t), images, ways, shots, queries, meta_batch, mesh)
         state, metrics = step(state, support, query)
         if parallel.is_primary(): write logs / metrics / results
 
-Episodes depend only on (seed, step, global task index), and the train step's per-task keys
-are `fold_in(fold_in(state.key, step), global task index)` inside one global computation, so
-the results do not depend on how many devices or processes share the batch (up to the order
-of floating-point sums in the gradient reduction).
+The episodes of a step are those of `data.sample_episodes` on one device (each process
+gathers the images of its own tasks only), and the train step's per-task keys are
+`fold_in(fold_in(state.key, step), global task index)`, so the results do not depend on how
+many devices or processes share the batch (up to the order of floating-point sums in the
+gradient reduction).
 """
 
 from __future__ import annotations
@@ -42,10 +41,9 @@ import optax
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from metanet_jax import batching
+from metanet_jax import batching, training
 from metanet_jax.config import MetaNetConfig
-from metanet_jax.model import episode as ep
-from metanet_jax.training import TrainState, _group_norms
+from metanet_jax.training import TrainState
 from metanet_jax.types import Episode, PRNGKey
 
 TASK_AXIS = "tasks"
@@ -319,87 +317,6 @@ def shard_episodes(episodes, mesh: Mesh, meta_batch: int | None = None):
 
 
 # ----------------------------------------------------------------------------- episodes
-def task_episode_keys(seed: int | PRNGKey, step: int, global_task_indices) -> PRNGKey:
-    """One typed key per task: `fold_in(fold_in(root, step), global_task_index)`.
-
-    `root` is `fold_in(key(seed), 2)` (the data stream of `experiment.train`) when `seed` is
-    an int, or the given typed key. A task's episode depends only on (seed, step, global task
-    index), not on the process or device that samples it.
-    """
-    root = seed if _is_key(seed) else jax.random.fold_in(jax.random.key(int(seed)), 2)
-    return _task_keys(root, jnp.asarray(step, jnp.uint32), jnp.asarray(global_task_indices))
-
-
-@jax.jit
-def _task_keys(root, step, indices):
-    base = jax.random.fold_in(root, step)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices.astype(jnp.uint32))
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("ways", "shots", "queries_per_class", "rotate", "rotations_as_classes"),
-)
-def sample_task_episodes(
-    keys: PRNGKey,
-    images,
-    ways: int,
-    shots: int,
-    queries_per_class: int,
-    *,
-    rotate: bool = True,
-    rotations_as_classes: bool = False,
-    permutations=None,
-) -> tuple[Episode, Episode]:
-    """One episode per key from a class array (`data.sample_episodes` with batch 1, vmapped).
-
-    Jitted (sizes static). The arguments after `keys` are those of
-    `metanet_jax.data.sample_episodes`. Returns `(support, query)` with leading axis
-    `len(keys)`; episode `i` depends only on `keys[i]`.
-    """
-    from metanet_jax.data.sampler import sample_episodes
-
-    def one(k):
-        return sample_episodes(
-            k,
-            images,
-            ways,
-            shots,
-            queries_per_class,
-            1,
-            rotate=rotate,
-            rotations_as_classes=rotations_as_classes,
-            permutations=permutations,
-        )
-
-    support, query = jax.vmap(one)(keys)
-    return jax.tree.map(lambda a: a[:, 0], (support, query))
-
-
-def sample_sharded_episodes(
-    key: int | PRNGKey,
-    step: int,
-    images,
-    ways: int,
-    shots: int,
-    queries_per_class: int,
-    meta_batch: int,
-    mesh: Mesh,
-    **kwargs,
-) -> tuple[Episode, Episode]:
-    """The training batch of `step`, as global arrays sharded over the task axis.
-
-    This process samples only its own tasks (`process_task_indices`), task `i` from
-    `task_episode_keys(key, step, [i])`; `kwargs` go to `sample_task_episodes`. The drop-in
-    for `data.sample_episodes(fold_in(data_key, step), ...)` in a training loop (note: a
-    different episode stream from that batch sampler's).
-    """
-    rows = process_task_indices(meta_batch, mesh)
-    keys = task_episode_keys(key, step, rows)
-    episodes = sample_task_episodes(keys, images, ways, shots, queries_per_class, **kwargs)
-    return shard_episodes(episodes, mesh, meta_batch)
-
-
 def sample_process_episodes(
     key: PRNGKey,
     images,
@@ -465,67 +382,20 @@ def _sample_rows(
     )
 
 
-def synthetic_task_episodes(
-    keys: PRNGKey, config: MetaNetConfig, noise: float = 0.3
-) -> tuple[Episode, Episode]:
-    """One synthetic episode per key (`synthetic.synthetic_episodes` with batch 1, vmapped)."""
-    from metanet_jax import synthetic
-
-    support, query = jax.vmap(lambda k: synthetic.synthetic_episodes(k, config, 1, noise))(keys)
-    return jax.tree.map(lambda a: a[:, 0], (support, query))
-
-
 # ----------------------------------------------------------------------------- train step
-def _sharded_train_step(state, support, query, *, config, optimizer, axis):
+def _local_train_step(state, support, query, *, config, optimizer, networks, axis):
     """`training.train_step` on this device's tasks, gradients averaged over `axis`.
 
     Runs inside `shard_map`: `support`/`query` hold this device's `b` tasks, `state` is
     replicated. Task `i` of device `d` is global task `d * b + i` and gets the key
-    `fold_in(fold_in(state.key, state.step), d * b + i)`, as in `episode.episode_loss`.
+    `fold_in(fold_in(state.key, state.step), d * b + i)`, as in `training.train_step`.
     """
     key = jax.random.fold_in(state.key, state.step)
-    b = support.x.shape[0]
-    first = lax.axis_index(axis) * b
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(b))
-    grad_fn = jax.value_and_grad(ep.task_loss, has_aux=True)
-    if config.task_batching == "vmap":
-
-        def local_loss(params):
-            def one(sx, sy, qx, qy, k):
-                return ep.task_loss(params, Episode(sx, sy), Episode(qx, qy), config, k)
-
-            losses, aux = jax.vmap(one)(support.x, support.y, query.x, query.y, keys)
-            return jnp.mean(losses), aux
-
-        (loss, aux), grads = jax.value_and_grad(local_loss, has_aux=True)(state.params)
-    else:  # per-task gradients accumulated in a scan (one task's activations alive)
-
-        def body(acc, task):
-            sx, sy, qx, qy, k = task
-            (task_l, a), g = grad_fn(state.params, Episode(sx, sy), Episode(qx, qy), config, k)
-            return jax.tree.map(jnp.add, acc, g), (task_l, a)
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        total, (losses, aux) = lax.scan(body, zeros, (support.x, support.y, query.x, query.y, keys))
-        grads = jax.tree.map(lambda g: g / b, total)
-        loss = jnp.mean(losses)
-    grads = lax.pmean(grads, axis)
-    mean = lambda name: lax.pmean(jnp.mean(aux[name]), axis)
-    loss = lax.pmean(loss, axis)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "accuracy": mean("accuracy"),
-        "grad_norm": optax.global_norm(grads),
-        "rep_loss": mean("rep_loss"),
-        "attention_entropy": mean("attention_entropy"),
-        "example_fast_weight_norm": mean("example_fast_weight_norm"),
-        "task_fast_weight_norm": mean("task_fast_weight_norm"),
-        **_group_norms(grads),
-    }
-    new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, key=state.key)
-    return new_state, metrics
+    first = lax.axis_index(axis) * support.x.shape[0]
+    loss, aux, grads = training.loss_and_grads(
+        state.params, support, query, config, key, networks=networks, first_task=first
+    )
+    return training.apply_gradients(state, grads, loss, aux, optimizer, axis_name=axis)
 
 
 class ShardedTrainStep:
@@ -535,8 +405,9 @@ class ShardedTrainStep:
     replicated. Inside the one jitted step each device computes the loss and gradient of
     its own tasks (`shard_map`) and the gradients are averaged with `lax.pmean`, an
     all-reduce that XLA schedules; every device then applies the same optimizer update.
-    `state` is donated. Attributes: `mesh`, `config` (the config the step runs), `jitted`
-    (the `jax.jit` object; `.lower(...)` for cost analysis).
+    `state` is donated. Each device `vmap`s its own tasks (`batching.map_tasks`; no host loop
+    inside the one program), so `task_batching` is "vmap". Attributes: `mesh`, `config`,
+    `jitted` (the `jax.jit` object; `.lower(...)` for cost analysis).
 
     Why `shard_map` and not plain sharding propagation: with jax 0.10.2 / XLA CPU, the SPMD
     partitioner miscompiles the per-example kernel gradients of `episode.base_meta_info`
@@ -550,14 +421,27 @@ class ShardedTrainStep:
     reduction is the explicit `pmean`.
     """
 
-    def __init__(self, config, optimizer, mesh, *, donate: bool = True, validate: bool = False):
+    task_batching = "vmap"
+
+    def __init__(
+        self,
+        config,
+        optimizer,
+        mesh,
+        *,
+        networks=None,
+        donate: bool = True,
+        validate: bool = False,
+    ):
         self.mesh = mesh
         self.config = config
         self.validate = validate
         self.state_sharding = replicated_sharding(mesh)
         self.batch_sharding = batch_sharding(mesh)
         axis = mesh.axis_names[0]
-        body = functools.partial(_sharded_train_step, config=config, optimizer=optimizer, axis=axis)
+        body = functools.partial(
+            _local_train_step, config=config, optimizer=optimizer, networks=networks, axis=axis
+        )
         mapped = jax.shard_map(
             body,
             mesh=mesh,
@@ -595,49 +479,28 @@ def make_sharded_train_step(
     optimizer: optax.GradientTransformation,
     mesh: Mesh | None = None,
     *,
-    task_batching: str | None = None,
+    networks=None,
     donate: bool = True,
     validate: bool = False,
 ) -> ShardedTrainStep:
     """The train step of `training.train_step`, data-parallel over the tasks of `mesh`.
 
     Args:
-      config: the model config.
+      config: the model config (its `task_batching` is not used: each device `vmap`s its
+        own tasks inside the one jitted program).
       optimizer: the optax transformation.
       mesh: a 1-D mesh (default `make_mesh()`).
-      task_batching: "vmap" or "scan" over each device's own tasks; default "vmap" when
-        the mesh has several devices (faster on CPU and accelerators), else the config's
-        own. Both compute the same mean loss and gradient.
+      networks: b and u (`None`: the built-in ones).
       donate: donate the state buffers (as `make_train_step` does).
       validate: check label values on the host at every call (single process only).
 
     In a single process, inputs that are not yet placed are placed (episodes split over the
     mesh, state replicated). With several processes, pass global arrays
-    (`replicate`, `shard_episodes`).
+    (`replicate`, `shard_episodes`, `sample_process_episodes`).
     """
     mesh = make_mesh() if mesh is None else mesh
     if len(mesh.axis_names) != 1:
         raise ValueError(f"make_sharded_train_step needs a 1-D mesh, got axes {mesh.axis_names}")
-    if task_batching is None:
-        task_batching = "vmap" if mesh.size > 1 else config.task_batching
-    if task_batching != config.task_batching:
-        config = config.replace(task_batching=task_batching)
-    return ShardedTrainStep(config, optimizer, mesh, donate=donate, validate=validate)
-
-
-def flops_per_episode(step: ShardedTrainStep, state, support, query) -> float | None:
-    """XLA's cost-analysis FLOPs of one step per episode (None if unknown).
-
-    The compiled module is the per-device program, so its FLOPs are divided by the
-    per-device meta-batch. Meaningful with `task_batching="vmap"` (a `scan` body is counted
-    once).
-    """
-    try:
-        cost = step.lower(state, support, query).compile().cost_analysis()
-    except Exception:  # noqa: BLE001 - cost analysis is best effort on some backends
-        return None
-    if isinstance(cost, (list, tuple)):
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    return float(cost["flops"]) / (int(support.x.shape[0]) / step.mesh.size)
+    return ShardedTrainStep(
+        config, optimizer, mesh, networks=networks, donate=donate, validate=validate
+    )

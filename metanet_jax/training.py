@@ -1,8 +1,13 @@
-"""The outer optimisation of theta: optax, a NamedTuple train state, one jitted step."""
+"""The outer optimisation of theta: optax, a NamedTuple train state, one jitted step.
+
+`train_step` is the pure step (tasks batched by `batching.map_tasks`); `make_train_step`
+jits it ("vmap") or runs the per-task gradient program from the host ("loop",
+`batching.TaskLoop`); both end in `apply_gradients`, which the sharded step
+(`parallel.make_sharded_train_step`) shares.
+"""
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -12,7 +17,7 @@ from jax import lax
 
 from metanet_jax import batching
 from metanet_jax.config import MetaNetConfig
-from metanet_jax.model import episode as ep
+from metanet_jax.model.episode import task_loss
 from metanet_jax.types import Array, Episode, Metrics, Params, PRNGKey
 
 
@@ -89,38 +94,22 @@ def init_train_state(
     )
 
 
-def _group_norms(grads: Params) -> dict[str, Array]:
-    return {f"grad_norm/{g}": optax.global_norm(grads[g]) for g in grads}
-
-
-def loss_and_grads(params: Params, support: Episode, query: Episode, config, key):
-    """Mean task loss, per-task aux and the gradient w.r.t. theta.
-
-    "scan": per-task gradients accumulated in a `lax.scan`, so only one task's activations
-    are alive at a time and every task's fast convolutions stay dense (no grouped
-    convolutions). Otherwise ("vmap"; "loop"/"auto" inside a trace): one gradient of the
-    `vmap`ped loss.
-    """
-    if config.task_batching != "scan":
-        (loss, aux), grads = jax.value_and_grad(batching.episode_loss, has_aux=True)(
-            params, support, query, config, key
-        )
-        return loss, aux, grads
-    batching.check_shapes(support, query.x, config, query.y)
-    batch = support.x.shape[0]
-    keys = batching.task_keys(key, batch)
-    grad_fn = jax.value_and_grad(ep.task_loss, has_aux=True)
-
-    def body(acc, task):
-        sx, sy, qx, qy, k = task
-        (loss, aux), grads = grad_fn(params, Episode(sx, sy), Episode(qx, qy), config, k)
-        return jax.tree.map(jnp.add, acc, grads), (loss, aux)
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    total, (losses, aux) = lax.scan(body, zeros, (support.x, support.y, query.x, query.y, keys))
-    grads = jax.tree.map(lambda g: g / batch, total)
-    aux = dict(aux, task_loss=losses)
-    return jnp.mean(losses), aux, grads
+def loss_and_grads(
+    params: Params,
+    support: Episode,
+    query: Episode,
+    config: MetaNetConfig,
+    key: PRNGKey | None = None,
+    *,
+    networks=None,
+    first_task: int | Array = 0,
+) -> tuple[Array, dict[str, Array], Params]:
+    """Mean task loss, per-task aux (`[B]` leaves) and the gradient of the mean w.r.t. theta
+    (`batching.episode_loss`: the tasks `vmap`ped, one gradient of the mean)."""
+    (loss, aux), grads = jax.value_and_grad(batching.episode_loss, has_aux=True)(
+        params, support, query, config, key, networks=networks, first_task=first_task
+    )
+    return loss, aux, grads
 
 
 def train_step(
@@ -129,6 +118,8 @@ def train_step(
     query: Episode,
     config: MetaNetConfig,
     optimizer: optax.GradientTransformation,
+    *,
+    networks=None,
 ) -> tuple[TrainState, Metrics]:
     """One update of theta on a batch of tasks (pure, unjitted).
 
@@ -138,91 +129,108 @@ def train_step(
       query: `x [B, L, *image_shape]`, `y [B, L]`.
       config: static configuration.
       optimizer: the optax transformation.
+      networks: b and u (`None`: the built-in ones).
 
     Returns:
       `(new_state, metrics)`: scalar metrics (loss, accuracy, gradient norms overall and per
-      group W/Q/Z/G, fast-weight norms, attention entropy).
+      group W/Q/Z/G, fast-weight norms, attention entropy). Task i uses the key
+      `fold_in(fold_in(state.key, state.step), i)`.
     """
     key = jax.random.fold_in(state.key, state.step)
-    loss, aux, grads = loss_and_grads(state.params, support, query, config, key)
+    loss, aux, grads = loss_and_grads(state.params, support, query, config, key, networks=networks)
     return apply_gradients(state, grads, loss, aux, optimizer)
 
 
-def apply_gradients(state: TrainState, grads, loss, aux, optimizer) -> tuple[TrainState, Metrics]:
-    """The optimiser update and the step's metrics from the mean gradient and per-task aux."""
+# Per-task aux entries whose batch mean is a train-step metric.
+_MEAN_METRICS = (
+    "accuracy",
+    "rep_loss",
+    "attention_entropy",
+    "example_fast_weight_norm",
+    "task_fast_weight_norm",
+)
+
+
+def apply_gradients(
+    state: TrainState,
+    grads: Params,
+    loss: Array,
+    aux: dict[str, Array],
+    optimizer: optax.GradientTransformation,
+    *,
+    axis_name: str | None = None,
+) -> tuple[TrainState, Metrics]:
+    """The optimiser update and the step's metrics from the mean gradient and per-task aux.
+
+    Args:
+      state: the train state before the step.
+      grads: the gradient of the mean task loss (a params-shaped tree).
+      loss: the mean task loss (scalar).
+      aux: per-task diagnostics (`[B]` leaves: accuracy, rep_loss, ...).
+      optimizer: the optax transformation.
+      axis_name: inside `shard_map`, the mapped task axis: gradients, loss and metrics are
+        averaged over it (`lax.pmean`; every shard holds as many tasks) before the update.
+
+    Returns:
+      `(new_state, metrics)` with scalar metrics (module docstring of `train_step`).
+    """
+    metrics = {"loss": loss, **{name: jnp.mean(aux[name]) for name in _MEAN_METRICS}}
+    if axis_name is not None:
+        grads, metrics = lax.pmean((grads, metrics), axis_name)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {
-        "loss": loss,
-        "accuracy": jnp.mean(aux["accuracy"]),
-        "grad_norm": optax.global_norm(grads),
-        "rep_loss": jnp.mean(aux["rep_loss"]),
-        "attention_entropy": jnp.mean(aux["attention_entropy"]),
-        "example_fast_weight_norm": jnp.mean(aux["example_fast_weight_norm"]),
-        "task_fast_weight_norm": jnp.mean(aux["task_fast_weight_norm"]),
-        **_group_norms(grads),
-    }
+    metrics["grad_norm"] = optax.global_norm(grads)
+    for group in grads:
+        metrics[f"grad_norm/{group}"] = optax.global_norm(grads[group])
     new_state = TrainState(params=params, opt_state=opt_state, step=state.step + 1, key=state.key)
     return new_state, metrics
 
 
+def per_task_grads(config: MetaNetConfig, networks=None):
+    """`one(state, (support, query), index) -> (loss, aux, grads)` of one task, with the key
+    `fold_in(fold_in(state.key, state.step), index)` (as `train_step`)."""
+    grad_fn = jax.value_and_grad(task_loss, has_aux=True)
+
+    def one(state, task, index):
+        key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), index)
+        (loss, aux), grads = grad_fn(state.params, *task, config, key, networks=networks)
+        return loss, aux, grads
+
+    return one
+
+
 def make_train_step(
-    config: MetaNetConfig, optimizer: optax.GradientTransformation, *, validate: bool = True
+    config: MetaNetConfig,
+    optimizer: optax.GradientTransformation,
+    *,
+    networks=None,
+    validate: bool = True,
 ) -> batching.ValidatedFunction:
     """`train_step(state, support, query) -> (state, metrics)`, jitted once, donating state.
 
-    With `task_batching` "loop" ("auto" on CPU) the step is a `LoopedTrainStep`: one
-    compiled per-task gradient program dispatched per task, gradients summed on device, and
-    one compiled update that donates the state. Same mathematics as the other modes.
+    Batched by `config.resolved_task_batching()` (reported as `.task_batching`): "vmap"
+    jits `train_step`; "loop" (the CPU default) dispatches one compiled per-task gradient
+    program per task and one compiled update that averages the stacked gradients and
+    donates the state (`batching.TaskLoop`). Same mathematics and keys in both.
     """
-    check = batching._episode_checker(config, 1, 2, True)
     if config.resolved_task_batching() == "loop":
-        return batching.ValidatedFunction(LoopedTrainStep(config, optimizer), check, validate)
-    fn = functools.partial(train_step, config=config, optimizer=optimizer)
-    jitted = jax.jit(fn, donate_argnums=0)
-    return batching.ValidatedFunction(jitted, check, validate)
 
+        def finish(state, outs):
+            losses, aux, grads = outs
+            grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+            loss, aux = batching.mean_task_loss(losses, aux)
+            return apply_gradients(state, grads, loss, aux, optimizer)
 
-class LoopedTrainStep:
-    """`task_batching="loop"`: the meta-batch-1 program per task, accumulated on device.
+        fn = batching.TaskLoop(
+            per_task_grads(config, networks),
+            finish,
+            lambda state, support, query: (state, (support, query)),
+            donate=True,
+        )
+    else:
 
-    Task i of step t uses the key `fold_in(fold_in(state.key, t), i)`, as the other modes.
-    """
+        def step(state, support, query):
+            return train_step(state, support, query, config, optimizer, networks=networks)
 
-    def __init__(self, config: MetaNetConfig, optimizer: optax.GradientTransformation):
-        grad_fn = jax.value_and_grad(ep.task_loss, has_aux=True)
-
-        def task_grad(params, base_key, step, sx, sy, qx, qy, index):
-            key = jax.random.fold_in(jax.random.fold_in(base_key, step), index)
-            (loss, aux), grads = grad_fn(params, Episode(sx, sy), Episode(qx, qy), config, key)
-            return loss, aux, grads
-
-        def update(state, grads_sum, losses, auxes):
-            batch = len(losses)
-            grads = jax.tree.map(lambda g: g / batch, grads_sum)
-            losses = jnp.stack(losses)
-            aux = dict(jax.tree.map(lambda *xs: jnp.stack(xs), *auxes), task_loss=losses)
-            return apply_gradients(state, grads, jnp.mean(losses), aux, optimizer)
-
-        self._task_grad = jax.jit(task_grad)
-        self._add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b), donate_argnums=0)
-        self._update = jax.jit(update, donate_argnums=0)
-
-    def __call__(self, state: TrainState, support: Episode, query: Episode):
-        losses, auxes, total = [], [], None
-        for i in range(support.x.shape[0]):
-            loss, aux, grads = self._task_grad(
-                state.params, state.key, state.step,
-                support.x[i], support.y[i], query.x[i], query.y[i], jnp.int32(i),
-            )  # fmt: skip
-            total = grads if total is None else self._add(total, grads)
-            losses.append(loss)
-            auxes.append(aux)
-        return self._update(state, total, losses, auxes)
-
-    def lower(self, state: TrainState, support: Episode, query: Episode):
-        """Lowering of the per-task gradient program (the part that runs B times)."""
-        return self._task_grad.lower(
-            state.params, state.key, state.step,
-            support.x[0], support.y[0], query.x[0], query.y[0], jnp.int32(0),
-        )  # fmt: skip
+        fn = jax.jit(step, donate_argnums=0)
+    return batching.ValidatedFunction(fn, config, query_labels=True, validate=validate)

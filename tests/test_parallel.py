@@ -123,34 +123,6 @@ def workers(request, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- cheap, in-process
-def test_task_episode_keys_depend_only_on_seed_step_and_global_index():
-    everything = parallel.task_episode_keys(5, 3, np.arange(4))
-    part = parallel.task_episode_keys(5, 3, np.array([2, 3]))
-    data = lambda k: np.asarray(jax.random.key_data(k))
-    np.testing.assert_array_equal(data(everything)[2:], data(part))
-    assert not np.array_equal(data(parallel.task_episode_keys(5, 4, [2, 3])), data(part))
-    assert not np.array_equal(data(parallel.task_episode_keys(6, 3, [2, 3])), data(part))
-    cfg = tiny_config()
-    whole = parallel.synthetic_task_episodes(everything, cfg)
-    half = parallel.synthetic_task_episodes(part, cfg)
-    np.testing.assert_array_equal(np.asarray(whole[0].x[2:]), np.asarray(half[0].x))
-    assert whole[0].x.shape == (4, cfg.support_size) + cfg.image_shape
-
-
-def test_sample_task_episodes_from_a_class_array():
-    images = np.random.default_rng(0).integers(0, 256, (6, 4, 5, 5, 1), dtype=np.uint8)
-    keys = parallel.task_episode_keys(0, 0, np.arange(3))
-    support, query = parallel.sample_task_episodes(keys, images, 3, 1, 2)
-    assert support.x.shape == (3, 3, 5, 5, 1) and query.x.shape == (3, 6, 5, 5, 1)
-    one, _ = parallel.sample_task_episodes(keys[1:2], images, 3, 1, 2)
-    np.testing.assert_array_equal(np.asarray(support.x[1:2]), np.asarray(one.x))
-    np.testing.assert_array_equal(np.asarray(support.y[0]), [0, 1, 2])
-    mesh = parallel.make_mesh()
-    s2, q2 = parallel.sample_sharded_episodes(0, 0, images, 3, 1, 2, 3 * mesh.size, mesh)
-    assert s2.x.sharding == parallel.batch_sharding(mesh) and q2.x.shape[0] == 3 * mesh.size
-    np.testing.assert_array_equal(np.asarray(s2.x[:3]), np.asarray(support.x))
-
-
 @pytest.mark.parametrize("rotations_as_classes", [False, True])
 def test_process_episodes_are_the_rows_of_the_batch_sampler(rotations_as_classes):
     """`sample_process_episodes` (the training loop's sampler on several devices or
@@ -292,12 +264,10 @@ def test_bfloat16_training_learns():
     state = parallel.replicate(
         mn.init_train_state(mn.init(jax.random.key(0), cfg), optimizer, jax.random.key(1)), mesh
     )
-    rows = parallel.process_task_indices(batch, mesh)
-    sample = jax.jit(lambda k: parallel.synthetic_task_episodes(k, cfg, noise=0.1))
     losses = []
     for t in range(40):
-        episodes = sample(parallel.task_episode_keys(0, t, rows))
-        state, metrics = step(state, *parallel.shard_episodes(episodes, mesh, batch))
+        episodes = mn.synthetic.synthetic_episodes(jax.random.key(t), cfg, batch, noise=0.1)
+        state, metrics = step(state, *parallel.shard_episodes(episodes, mesh))
         losses.append(float(metrics["loss"]))
     assert all(np.isfinite(losses))
     assert jax.tree.leaves(state.params)[0].dtype == jnp.float32
@@ -345,15 +315,21 @@ def test_four_devices_match_one_device(workers):
 def test_two_processes_match_one_process(workers):
     group, tmp = workers["processes"]
     # The single-process reference, computed meanwhile with the library's own
-    # (unsharded) train step on the same episodes: (seed, step, global task index).
+    # (unsharded) train step on the episodes of the batch sampler itself.
+    from metanet_jax import data
+
     cfg = worker.config()
     optimizer = worker.optimizer(cfg)
     step = mn.make_train_step(cfg, optimizer, validate=False)
     state = worker.initial_state(cfg, optimizer)
+    images = worker.class_images()
     losses = []
     for t in range(worker.STEPS):
-        keys = parallel.task_episode_keys(worker.SEED, t, np.arange(worker.META_BATCH))
-        state, metrics = step(state, *parallel.synthetic_task_episodes(keys, cfg))
+        episodes = data.sample_episodes(
+            worker.data_key(t), images, cfg.ways, cfg.shots, cfg.queries_per_class,
+            worker.META_BATCH,
+        )  # fmt: skip
+        state, metrics = step(state, *episodes)
         losses.append(float(metrics["loss"]))
     reference = worker.flat_params(state.params)
 

@@ -5,8 +5,9 @@ python tests/parallel_helpers/worker.py devices OUT.json
     on 4 devices; loss, params and shardings (tests/test_parallel.py compares them with the
     plain train step on one device).
 python tests/parallel_helpers/worker.py process OUT_DIR COORDINATOR NUM_PROCESSES PID
-    one of several processes: `STEPS` sharded train steps on its own tasks, then an orbax
-    save and restore of the state; process 0 writes OUT_DIR/params.npz.
+    one of several processes: `STEPS` sharded train steps, each process gathering the
+    episodes of its own tasks (`parallel.sample_process_episodes`, the training program's
+    stream), then an orbax save and restore of the state; process 0 writes OUT_DIR/params.npz.
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ STEPS = 3
 SEED = 7
 
 
+def class_images() -> np.ndarray:
+    """The episodes' class array `[classes, examples, H, W, 1]` (uint8, the same in every
+    process)."""
+    return np.random.default_rng(SEED).integers(0, 256, (8, 4, 6, 6, 1), dtype=np.uint8)
+
+
+def data_key(step: int):
+    """The key of step `step`'s episodes (`data.sample_episodes(data_key(t), ...)`)."""
+    return jax.random.fold_in(jax.random.key(SEED), step)
+
+
 def config() -> mn.MetaNetConfig:
     return mn.MetaNetConfig(**TINY)
 
@@ -63,17 +75,18 @@ def flat_params(params) -> dict[str, np.ndarray]:
 
 
 def run_steps(mesh, steps: int = STEPS, meta_batch: int = META_BATCH):
-    """`steps` sharded train steps, each process sampling only its own tasks."""
+    """`steps` sharded train steps, each process gathering only its own tasks' episodes."""
     cfg = config()
     opt = optimizer(cfg)
     step = parallel.make_sharded_train_step(cfg, opt, mesh)
     state = parallel.replicate(initial_state(cfg, opt), mesh)
     rows = parallel.process_task_indices(meta_batch, mesh)
+    images = class_images()
     losses = []
     for t in range(steps):
-        keys = parallel.task_episode_keys(SEED, t, rows)
-        episodes = parallel.synthetic_task_episodes(keys, cfg)
-        support, query = parallel.shard_episodes(episodes, mesh, meta_batch)
+        support, query = parallel.sample_process_episodes(
+            data_key(t), images, cfg.ways, cfg.shots, cfg.queries_per_class, meta_batch, mesh
+        )
         state, metrics = step(state, support, query)
         losses.append(float(metrics["loss"]))
     return state, losses, rows
