@@ -29,18 +29,20 @@ SHARED = ("example_generator", "task_generator")
 TASK_SPECIFIC = ("base", "representation")
 
 
+# The `MetaNetConfig` fields the program sets by flags; the model is the 3-layer MLP MetaNet
+# of the continual-learning runs (METANET.md) on 28x28 images.
+MODEL_FLAGS = ("ways", "shots", "queries_per_class", "variant", "hidden_units", "learning_rate")
+_MODEL = MetaNetConfig(ways=10, image_shape=(28, 28, 1), architecture="mlp", hidden_units=64)
+
+
 @dataclasses.dataclass(frozen=True)
 class ContinualSpec:
-    """The flags of `experiments/continual.py`."""
+    """The flags of `experiments/continual.py`; the model's (`MODEL_FLAGS`) in `model`."""
 
     workdir: str
     split: str = "previous"
     datasets: str | None = None
-    ways: int = 10
-    shots: int = 1
-    queries_per_class: int = 10
-    variant: str = "metanet"
-    hidden_units: int = 64
+    model: MetaNetConfig = _MODEL
     omniglot_steps: int = 5000
     mnist_steps: int = 5000
     measure_every: int = 500
@@ -48,26 +50,21 @@ class ContinualSpec:
     eval_episodes: int = 400
     eval_batch: int = 50
     meta_batch: int = 1
-    learning_rate: float = 1e-3
     seed: int = 0
     log_every: int = 100
 
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> ContinualSpec:
+        """The spec of flat flags (`{"workdir": ..., "ways": 10, "omniglot_steps": ...}`)."""
+        model = {k: v for k, v in flags.items() if k in MODEL_FLAGS}
+        run = {k: v for k, v in flags.items() if k not in MODEL_FLAGS}
+        return cls(model=dataclasses.replace(_MODEL, **model), **run)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def model_config(spec: ContinualSpec) -> MetaNetConfig:
-    """The MLP MetaNet of the continual-learning runs (3-layer MLPs, METANET.md)."""
-    return MetaNetConfig(
-        ways=spec.ways,
-        shots=spec.shots,
-        queries_per_class=spec.queries_per_class,
-        image_shape=(28, 28, 1),
-        variant=spec.variant,
-        architecture="mlp",
-        hidden_units=spec.hidden_units,
-        learning_rate=spec.learning_rate,
-    )
+        """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        del out["model"]
+        return {**out, **{k: getattr(self.model, k) for k in MODEL_FLAGS}}
 
 
 def switch_task(params, fresh) -> dict[str, Any]:
@@ -75,37 +72,68 @@ def switch_task(params, fresh) -> dict[str, Any]:
     return {**{k: params[k] for k in SHARED}, **{k: fresh[k] for k in TASK_SPECIFIC}}
 
 
-def _train(spec, config, state, images, key, steps, name, permutations=None, on_step=None):
+def _train(spec, state, images, key, steps, name, permutations=None, on_step=None):
+    """`steps` updates of `state` on episodes of `images` (MNIST: pixel-permuted classes)."""
     from metanet_jax import data
 
-    optimizer = make_optimizer(config)
-    step_fn = make_train_step(config, optimizer, validate=False)
+    config = spec.model
+    step_fn = make_train_step(config, make_optimizer(config), validate=False)
     perms = None if permutations is None else jax.device_put(permutations)
     t0 = time.time()
     for i in range(steps):
         support, query = data.sample_episodes(
             jax.random.fold_in(key, i),
             images,
-            spec.ways,
-            spec.shots,
-            spec.queries_per_class,
+            config.ways,
+            config.shots,
+            config.queries_per_class,
             spec.meta_batch,
             rotate=permutations is None,
             permutations=perms,
         )
         state, metrics = step_fn(state, support, query)
         if (i + 1) % spec.log_every == 0 or i + 1 == steps:
-            m = jax.device_get(metrics)
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"{name}: non-finite loss at step {i + 1}")
-            rate = (i + 1) * spec.meta_batch / (time.time() - t0)
-            logging.info(
-                "%s step %d/%d  episodes/s %.1f  loss %.3f  train acc %.3f",
-                name, i + 1, steps, rate, float(m["loss"]), float(m["accuracy"]),
-            )  # fmt: skip
+            _log(name, i + 1, steps, jax.device_get(metrics), spec.meta_batch, t0)
         if on_step is not None:
             on_step(i + 1, state)
     return state
+
+
+def _log(name: str, done: int, steps: int, metrics, meta_batch: int, t0: float) -> None:
+    if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"{name}: non-finite loss at step {done}")
+    rate = done * meta_batch / (time.time() - t0)
+    logging.info(
+        "%s step %d/%d  episodes/s %.1f  loss %.3f  train acc %.3f",
+        name, done, steps, rate, float(metrics["loss"]), float(metrics["accuracy"]),
+    )  # fmt: skip
+
+
+def load_classes(spec: ContinualSpec) -> dict[str, np.ndarray]:
+    """`{"omniglot_train", "omniglot_test", "mnist_train", "mnist_test"}` class arrays."""
+    from metanet_jax import data
+
+    omni = data.load_omniglot(spec.split, manual_dir=spec.datasets)
+    mnist = data.load_mnist(manual_dir=spec.datasets)
+    return {
+        "omniglot_train": omni["train"].images,
+        "omniglot_test": omni["test"].images,
+        "mnist_train": mnist["train"].images,
+        "mnist_test": mnist["test"].images,
+    }
+
+
+def _measure(spec: ContinualSpec, params, images, seed: int, permutations=None):
+    """Accuracy over `spec.eval_episodes` fixed episodes of `seed`."""
+    from metanet_jax import data
+
+    config = spec.model
+    cfg = evaluation.eval_config(config, config.ways, config.shots, config.queries_per_class)
+    batches = data.fixed_eval_episodes(
+        seed, images, config.ways, config.shots, config.queries_per_class, spec.eval_episodes,
+        min(spec.eval_batch, spec.eval_episodes), permutations=permutations,
+    )  # fmt: skip
+    return evaluation.evaluate(params, cfg, batches)
 
 
 def run(spec: ContinualSpec, classes: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
@@ -114,77 +142,21 @@ def run(spec: ContinualSpec, classes: Mapping[str, np.ndarray] | None = None) ->
     Args:
       spec: the run.
       classes: optional class arrays `{"omniglot_train", "omniglot_test", "mnist_train",
-        "mnist_test"}` (`[C, D, 28, 28, 1]` uint8); default: loaded with `metanet_jax.data`.
+        "mnist_test"}` (`[C, D, 28, 28, 1]` uint8); default: `load_classes(spec)`.
 
     Returns:
       The content of `continual.json`.
     """
-    from metanet_jax import data
-
-    if classes is None:
-        omni = data.load_omniglot(spec.split, manual_dir=spec.datasets)
-        mnist = data.load_mnist(manual_dir=spec.datasets)
-        classes = {
-            "omniglot_train": omni["train"].images,
-            "omniglot_test": omni["test"].images,
-            "mnist_train": mnist["train"].images,
-            "mnist_test": mnist["test"].images,
-        }
+    classes = load_classes(spec) if classes is None else classes
     workdir = Path(spec.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config = model_config(spec)
     logging_utils.write_json_atomic(
         workdir / "config.json",
         {"flags": spec.to_dict(), "versions": logging_utils.library_versions()},
     )
     t_start = time.time()
-    root = jax.random.key(spec.seed)
-    perms = data.pixel_permutations(spec.seed, spec.permutations)
-    omni_test = jax.device_put(classes["omniglot_test"])
-    mnist_test = jax.device_put(classes["mnist_test"])
-
-    def measure(params, images, seed, permutations=None):
-        cfg = evaluation.eval_config(config, spec.ways, spec.shots, spec.queries_per_class)
-        batches = data.fixed_eval_episodes(
-            seed, images, spec.ways, spec.shots, spec.queries_per_class, spec.eval_episodes,
-            min(spec.eval_batch, spec.eval_episodes), permutations=permutations,
-        )  # fmt: skip
-        return evaluation.evaluate(params, cfg, batches)
-
-    # Phase 1: Omniglot.
-    optimizer = make_optimizer(config)
-    state = init_train_state(
-        init(jax.random.fold_in(root, 0), config), optimizer, jax.random.fold_in(root, 1)
-    )
-    state = _train(spec, config, state, jax.device_put(classes["omniglot_train"]),
-                   jax.random.fold_in(root, 2), spec.omniglot_steps, "omniglot")  # fmt: skip
-    omni_params = state.params
-    before = measure(omni_params, omni_test, 2)
-    logging.info("Omniglot before MNIST: %s", before.line())
-
-    # Phase 2: permuted MNIST with new W and Q, the same Z and G.
-    fresh = init(jax.random.fold_in(root, 3), config)
-    mnist_state = init_train_state(
-        switch_task(omni_params, fresh), optimizer, jax.random.fold_in(root, 4)
-    )
-    curve = [
-        {"mnist_trials": 0, "omniglot_accuracy": before.mean, "omniglot_ci95": before.ci95,
-         "mnist_accuracy": None}
-    ]  # fmt: skip
-
-    def on_step(done, st):
-        if done % spec.measure_every and done != spec.mnist_steps:
-            return
-        mixed = switch_task(st.params, omni_params)  # Omniglot's W, Q; current Z, G
-        omni = measure(mixed, omni_test, 2)
-        mn_acc = measure(st.params, mnist_test, 3, jax.device_put(perms))
-        curve.append({"mnist_trials": done, "omniglot_accuracy": omni.mean,
-                      "omniglot_ci95": omni.ci95, "mnist_accuracy": mn_acc.mean})  # fmt: skip
-        logging.info("after %d MNIST trials: Omniglot %s; MNIST %s", done, omni.line(),
-                     mn_acc.line())  # fmt: skip
-
-    _train(spec, config, mnist_state, jax.device_put(classes["mnist_train"]),
-           jax.random.fold_in(root, 5), spec.mnist_steps, "mnist", perms, on_step)  # fmt: skip
+    omni_params, before = _omniglot_phase(spec, classes)
+    curve = _mnist_phase(spec, classes, omni_params, before)
     deltas = [c["omniglot_accuracy"] - before.mean for c in curve[1:]]
     result = {
         "config": spec.to_dict(),
@@ -197,13 +169,67 @@ def run(spec: ContinualSpec, classes: Mapping[str, np.ndarray] | None = None) ->
         "versions": logging_utils.library_versions(),
     }
     logging_utils.write_json_atomic(workdir / "continual.json", result)
+    _plot(spec, curve, before.mean, workdir / "continual.png")
+    return result
+
+
+def _omniglot_phase(spec: ContinualSpec, classes: Mapping[str, np.ndarray]):
+    """Phase 1: trains on Omniglot. Returns the params and their Omniglot test accuracy."""
+    root = jax.random.key(spec.seed)
+    config = spec.model
+    state = init_train_state(
+        init(jax.random.fold_in(root, 0), config), make_optimizer(config),
+        jax.random.fold_in(root, 1),
+    )  # fmt: skip
+    state = _train(spec, state, jax.device_put(classes["omniglot_train"]),
+                   jax.random.fold_in(root, 2), spec.omniglot_steps, "omniglot")  # fmt: skip
+    before = _measure(spec, state.params, jax.device_put(classes["omniglot_test"]), 2)
+    logging.info("Omniglot before MNIST: %s", before.line())
+    return state.params, before
+
+
+def _mnist_phase(spec: ContinualSpec, classes, omni_params, before) -> list[dict[str, Any]]:
+    """Phase 2: permuted MNIST with new W and Q, the same Z and G; measures Omniglot (with
+    Omniglot's W and Q and the current Z and G) every `measure_every` trials."""
+    from metanet_jax import data
+
+    root = jax.random.key(spec.seed)
+    config = spec.model
+    perms = data.pixel_permutations(spec.seed, spec.permutations)
+    omni_test = jax.device_put(classes["omniglot_test"])
+    mnist_test = jax.device_put(classes["mnist_test"])
+    fresh = init(jax.random.fold_in(root, 3), config)
+    state = init_train_state(
+        switch_task(omni_params, fresh), make_optimizer(config), jax.random.fold_in(root, 4)
+    )
+    curve = [
+        {"mnist_trials": 0, "omniglot_accuracy": before.mean, "omniglot_ci95": before.ci95,
+         "mnist_accuracy": None}
+    ]  # fmt: skip
+
+    def on_step(done, st):
+        if done % spec.measure_every and done != spec.mnist_steps:
+            return
+        mixed = switch_task(st.params, omni_params)  # Omniglot's W, Q; current Z, G
+        omni = _measure(spec, mixed, omni_test, 2)
+        mn_acc = _measure(spec, st.params, mnist_test, 3, jax.device_put(perms))
+        curve.append({"mnist_trials": done, "omniglot_accuracy": omni.mean,
+                      "omniglot_ci95": omni.ci95, "mnist_accuracy": mn_acc.mean})  # fmt: skip
+        logging.info("after %d MNIST trials: Omniglot %s; MNIST %s", done, omni.line(),
+                     mn_acc.line())  # fmt: skip
+
+    _train(spec, state, jax.device_put(classes["mnist_train"]),
+           jax.random.fold_in(root, 5), spec.mnist_steps, "mnist", perms, on_step)  # fmt: skip
+    return curve
+
+
+def _plot(spec: ContinualSpec, curve, before: float, path: Path) -> None:
     logging_utils.plot_curve(
         [c["mnist_trials"] for c in curve],
         [c["omniglot_accuracy"] for c in curve],
-        workdir / "continual.png",
+        path,
         xlabel="MNIST trials (updates with new W, Q; shared Z, G)",
-        ylabel=f"Omniglot {spec.ways}-way {spec.shots}-shot test accuracy",
+        ylabel=f"Omniglot {spec.model.ways}-way {spec.model.shots}-shot test accuracy",
         title="continual learning: Omniglot accuracy while learning MNIST",
-        baseline=before.mean,
+        baseline=before,
     )
-    return result

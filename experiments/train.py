@@ -1,12 +1,15 @@
 """The training run behind `experiments/omniglot.py`: data, workdir, loop, checkpoints, results.
 
-`RunSpec` is the complete, frozen description of a run (one field per flag of the program).
-`train(spec)` does the work; the program only parses and validates flags.
+`RunSpec` is the complete, frozen description of a run: the program's flags, the model's as
+a nested `MetaNetConfig` (`RunSpec.from_flags` / `RunSpec.to_dict` convert from and to the
+flat flags). `train_and_evaluate(spec)` does the work; the program only parses and validates
+flags.
 
 Workdir layout (`spec.workdir`):
 
-* `config.json`: every field of the spec, the model configuration and the library versions.
-  A later run on the same workdir must agree on every field outside `MUTABLE_FIELDS`.
+* `config.json`: every flag of the spec (flat), the model configuration and the library
+  versions. A later run on the same workdir must agree on every flag outside
+  `MUTABLE_FIELDS`.
 * `checkpoints/<step>/`: orbax checkpoints (`metanet_jax.checkpointing`).
 * `metrics.jsonl`, `tensorboard/`: scalars (`metanet_jax.logging_utils.MetricsWriter`).
 * `results.json`, `results.md`, `learning_curve.png`, `attention.png`: written at the end.
@@ -42,7 +45,8 @@ from absl import logging
 from metanet_jax import checkpointing, evaluation, logging_utils, parallel
 from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
 from metanet_jax.model.episode import init
-from metanet_jax.training import init_train_state, make_optimizer, make_train_step
+from metanet_jax.synthetic import synthetic_classes
+from metanet_jax.training import TrainState, init_train_state, make_optimizer, make_train_step
 
 # Seeds of the fixed evaluation episode sets: independent of the training seed, so runs with
 # different seeds are compared on the same episodes.
@@ -80,13 +84,46 @@ LEGACY_RUN_VALUES = {
 }
 
 
+# The `MetaNetConfig` fields the program sets by flags (in the order of its flags); the other
+# fields keep their defaults and `image_shape` comes from the data.
+MODEL_FLAGS = (
+    "ways",
+    "shots",
+    "queries_per_class",
+    "max_ways",
+    "learning_rate",
+    "clip_norm",
+    "lr_schedule",
+    "warmup_steps",
+    "schedule_steps",
+    "generator_init",
+    "network_init",
+    "label_units",
+    "variant",
+    "base_input",
+    "architecture",
+    "conv_channels",
+    "num_conv_layers",
+    "hidden_units",
+    "rep_chunks",
+    "second_order",
+    "rep_loss_in_objective",
+    "task_batching",
+    "query_path",
+    "compute_dtype",
+    "bn_statistics",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """Everything that defines a training run (the flags of `experiments/omniglot.py`).
 
-    Model sizes left at `None` take the architecture's defaults (METANET.md). `eval_ways`
-    (`None`: `ways`) is the ways of the validation and test episodes, which use the first
-    `eval_ways` output units of b and of u's head (`evaluation.eval_config`).
+    `model` holds the model's flags (`MODEL_FLAGS`; its `image_shape` is replaced by the
+    data's when the run starts). Model sizes left at `None` take the architecture's defaults
+    (METANET.md). `eval_ways` (`None`: `model.ways`) is the ways of the validation and test
+    episodes, which use the first `eval_ways` output units of b and of u's head
+    (`evaluation.eval_config`). Build one from flat flags with `RunSpec.from_flags`.
     """
 
     workdir: str
@@ -98,37 +135,13 @@ class RunSpec:
     datasets: str | None = None
     mini_imagenet_dir: str | None = None
     synthetic_size: int = 28
-    ways: int = 5
-    shots: int = 1
-    queries_per_class: int = 10
+    model: MetaNetConfig = MetaNetConfig()
     eval_queries_per_class: int = 10
     eval_ways: int | None = None
-    max_ways: int | None = None
     meta_batch: int = 1
     steps: int = 1000
-    learning_rate: float = 1e-3
-    clip_norm: float = 10.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    schedule_steps: int = 0
-    generator_init: str = "small"
-    network_init: str = "he"
-    label_units: str = "first"
-    variant: str = "metanet"
-    base_input: str = "x"
-    architecture: str = "omniglot_cnn"
-    conv_channels: int | None = None
-    num_conv_layers: int | None = None
-    hidden_units: int | None = None
-    rep_chunks: int = 5
-    second_order: bool = False
-    rep_loss_in_objective: bool = False
     rotate: bool = True
     rotations_as_classes: bool = False
-    task_batching: str = "auto"
-    query_path: str = "auto"
-    compute_dtype: str = "float32"
-    bn_statistics: str = "authors"
     seed: int = 0
     eval_every: int = 500
     eval_episodes: int = 200
@@ -139,12 +152,35 @@ class RunSpec:
     keep_checkpoints: int = 3
     log_every: int = 50
 
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> RunSpec:
+        """The spec of flat flags (`{"workdir": ..., "ways": 5, "steps": 1000, ...}`).
+
+        Raises:
+          TypeError: a name that is no flag. ValueError: a model the flags do not allow
+            (`MetaNetConfig` validation, e.g. `learning_rate=0`).
+        """
+        model = {k: v for k, v in flags.items() if k in MODEL_FLAGS}
+        run = {k: v for k, v in flags.items() if k not in MODEL_FLAGS}
+        return cls(model=MetaNetConfig(**model), **run)
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "model":
+                out.update({k: getattr(self.model, k) for k in MODEL_FLAGS})
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def replace(self, **flags) -> RunSpec:
+        """A copy with some flat flags changed (model flags included)."""
+        return RunSpec.from_flags({**self.to_dict(), **flags})
 
     def test_ways(self) -> int:
-        """The ways of validation and test episodes (`eval_ways`, else `ways`)."""
-        return self.ways if self.eval_ways is None else self.eval_ways
+        """The ways of validation and test episodes (`eval_ways`, else the model's ways)."""
+        return self.model.ways if self.eval_ways is None else self.eval_ways
 
 
 class WorkdirMismatch(ValueError):
@@ -160,25 +196,9 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- data
-class Splits(dict):
-    """`{"train", "validation", "test"}` -> `[C, D, H, W, ch]` uint8 arrays (numpy)."""
-
-
-def synthetic_classes(seed: int, classes: int, per_class: int, size: int) -> np.ndarray:
-    """A synthetic class array `[classes, per_class, size, size, 1]` uint8 for smoke runs.
-
-    Each class is a random binary pattern; its examples flip a few pixels and add noise.
-    """
-    rng = np.random.default_rng(seed)
-    protos = rng.random((classes, 1, size, size, 1)) < 0.3
-    flips = rng.random((classes, per_class, size, size, 1)) < 0.05
-    x = np.logical_xor(protos, flips).astype(np.float32)
-    x = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1)
-    return (255 * x).round().astype(np.uint8)
-
-
-def load_splits(spec: RunSpec) -> Splits:
-    """The train/validation/test class arrays of `spec.dataset` (reads only; fails fast).
+def load_splits(spec: RunSpec) -> dict[str, np.ndarray]:
+    """The train/validation/test class arrays of `spec.dataset` (reads only; fails fast):
+    `{"train", "validation", "test"}` -> `[C, D, H, W, ch]` uint8 arrays (numpy).
 
     Raises:
       FileNotFoundError: a configured data folder or file is missing.
@@ -193,7 +213,7 @@ def load_splits(spec: RunSpec) -> Splits:
             validation_alphabets=spec.validation_alphabets,
             seed=spec.split_seed,
         )
-        return Splits({k: v.images for k, v in parts.items()})
+        return {k: v.images for k, v in parts.items()}
     if spec.dataset == "mini_imagenet":
         folder = spec.mini_imagenet_dir
         if not folder or not Path(folder).is_dir():
@@ -203,47 +223,20 @@ def load_splits(spec: RunSpec) -> Splits:
                 "(Ravi & Larochelle's train/val/test CSVs and the images folder)."
             )
         names = {"train": "train", "validation": "val", "test": "test"}
-        return Splits({k: data.load_mini_imagenet(folder, v).images for k, v in names.items()})
+        return {k: data.load_mini_imagenet(folder, v).images for k, v in names.items()}
     if spec.dataset == "synthetic":
         s = spec.synthetic_size
-        return Splits(
-            train=synthetic_classes(10, 40, 20, s),
-            validation=synthetic_classes(11, 20, 20, s),
-            test=synthetic_classes(12, 20, 20, s),
-        )
+        return {
+            "train": synthetic_classes(10, 40, 20, s),
+            "validation": synthetic_classes(11, 20, 20, s),
+            "test": synthetic_classes(12, 20, 20, s),
+        }
     raise ValueError(f"unknown dataset {spec.dataset!r}; expected one of {DATASETS}")
 
 
 def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
-    """The `MetaNetConfig` of a run."""
-    return MetaNetConfig(
-        ways=spec.ways,
-        shots=spec.shots,
-        queries_per_class=spec.queries_per_class,
-        image_shape=tuple(int(s) for s in image_shape),
-        variant=spec.variant,
-        architecture=spec.architecture,
-        conv_channels=spec.conv_channels,
-        num_conv_layers=spec.num_conv_layers,
-        hidden_units=spec.hidden_units,
-        max_ways=spec.max_ways,
-        base_input=spec.base_input,
-        rep_chunks=spec.rep_chunks,
-        second_order=spec.second_order,
-        rep_loss_in_objective=spec.rep_loss_in_objective,
-        query_path=spec.query_path,
-        task_batching=spec.task_batching,
-        learning_rate=spec.learning_rate,
-        clip_norm=spec.clip_norm,
-        compute_dtype=spec.compute_dtype,
-        lr_schedule=spec.lr_schedule,
-        warmup_steps=spec.warmup_steps,
-        schedule_steps=spec.schedule_steps,
-        generator_init=spec.generator_init,
-        network_init=spec.network_init,
-        label_units=spec.label_units,
-        bn_statistics=spec.bn_statistics,
-    )
+    """The `MetaNetConfig` of a run: its model with the data's image shape."""
+    return dataclasses.replace(spec.model, image_shape=tuple(int(s) for s in image_shape))
 
 
 # ----------------------------------------------------------------------------- workdir
@@ -254,10 +247,11 @@ def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     existed: its `LEGACY_RUN_VALUES` entry where it has one, else its default. Fields this
     version does not know are dropped.
     """
-    fields = {f.name: f.default for f in dataclasses.fields(RunSpec)}
-    values = {k: v for k, v in fields.items() if v is not dataclasses.MISSING}
+    values = RunSpec(workdir="").to_dict()
+    names = set(values)
+    del values["workdir"]  # required: no default
     values.update(LEGACY_RUN_VALUES)
-    values.update({k: v for k, v in flags.items() if k in fields})
+    values.update({k: v for k, v in flags.items() if k in names})
     return values
 
 
@@ -277,7 +271,7 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     was = saved_flags(saved.get("flags", {}))
     now = spec.to_dict()
     ignored = set(MUTABLE_FIELDS)
-    if not MetaNetConfig(architecture=spec.architecture).resolved("batchnorm_layers"):
+    if not spec.model.resolved("batchnorm_layers"):
         ignored.add("bn_statistics")  # no BatchNorm layer: the same model either way
     diffs = [
         f"{k} ({was[k]!r} -> {now[k]!r})"
@@ -454,7 +448,58 @@ def _eval_batches(images, cfg: MetaNetConfig, n: int, spec: RunSpec, seed: int, 
     )
 
 
-def train(
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every phase of a started run reads (none of it changes during the run)."""
+
+    spec: RunSpec
+    config: MetaNetConfig
+    splits: Mapping[str, np.ndarray]
+    mesh: Any
+    ckpt: checkpointing.Checkpointer
+    writer: Any  # logging_utils.MetricsWriter on process 0, else _NullWriter
+    stop: StopRequest
+    t_start: float  # when this process started the run
+    wall_before: float  # wall time of the run's earlier segments (before the resume)
+
+    def meta(self) -> dict[str, Any]:
+        """The metadata saved with a checkpoint."""
+        return {
+            "model_config": checkpointing.config_to_dict(self.config),
+            "flags": self.spec.to_dict(),
+            "wall_time_s": self.wall_before + time.time() - self.t_start,
+        }
+
+    def eval_config(self) -> MetaNetConfig:
+        """The model configuration of validation and test episodes."""
+        spec = self.spec
+        return evaluation.eval_config(
+            self.config, spec.test_ways(), spec.model.shots, spec.eval_queries_per_class
+        )
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The training loop's state: the train state and what the logs and timers accumulate."""
+
+    state: TrainState
+    step_fn: Callable
+    sample: Callable
+    data_key: jax.Array  # step t's episodes: fold_in(data_key, t)
+    train_images: jax.Array
+    val_images: jax.Array
+    bar: logging_utils.ProgressBar
+    start: int  # the step this segment of the run began at
+    last_saved: int | None  # the step of the last checkpoint
+    t_segment: float = dataclasses.field(default_factory=time.time)
+    t_window: float = dataclasses.field(default_factory=time.time)
+    window: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    window_steps: int = 0
+    train_time: float = 0.0
+    eval_time: float = 0.0
+
+
+def train_and_evaluate(
     spec: RunSpec,
     *,
     step_factory: Callable = make_train_step,
@@ -486,61 +531,65 @@ def train(
     t_start = time.time()
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_meta_batch(spec.meta_batch, mesh)  # before any work
-    primary = parallel.is_primary()
     logging.info(parallel.device_summary(mesh, spec.meta_batch))
-    if splits is None:  # fails before any write; process 0 prepares data caches first
-        splits = load_splits(spec) if primary else None
-        _barrier("metanet_jax.experiment:data")
-        splits = load_splits(spec) if splits is None else splits
-    image_shape = tuple(splits["train"].shape[2:])
-    config = model_config(spec, image_shape)
-    _check_pools(spec, config, splits)
-    saved = check_workdir(spec)  # refuses before writing anything
-    data_info = data_record(spec)
-    check_data_record(spec, saved, data_info)
-    _barrier("metanet_jax.experiment:checked")  # every process read config.json before
-    if primary:
-        write_workdir_config(spec, config, data_info)
-    workdir = Path(spec.workdir)
-
-    optimizer = make_optimizer(config)
-    root = jax.random.key(spec.seed)
-    params = init(jax.random.fold_in(root, 0), config)
-    state = init_train_state(params, optimizer, jax.random.fold_in(root, 1))
-    data_key = jax.random.fold_in(root, 2)
+    splits = _load_data(spec) if splits is None else splits
+    config = _prepare_workdir(spec, splits)
     ckpt = checkpointing.Checkpointer(
-        evaluation.checkpoint_dir(workdir), keep=spec.keep_checkpoints
+        evaluation.checkpoint_dir(Path(spec.workdir)), keep=spec.keep_checkpoints
     )
-    meta_base = {"model_config": checkpointing.config_to_dict(config), "flags": spec.to_dict()}
-    wall_before = 0.0
-    restored = ckpt.restore_latest(state)
-    if restored is not None:
-        state, meta = restored
-        wall_before = float(meta.get("wall_time_s", 0.0))
-        logging.info("resumed from step %d (%s)", int(state.step), ckpt.step_path(int(state.step)))
+    state, wall_before = _initial_state(spec, config, ckpt)
+    if parallel.is_primary():
+        writer = logging_utils.MetricsWriter(Path(spec.workdir), resume_step=int(state.step))
     else:
-        logging.info("starting a new run in %s", workdir)
-    start = int(state.step)
-    writer = logging_utils.MetricsWriter(workdir, resume_step=start) if primary else _NullWriter()
-    stop = StopRequest()
+        writer = _NullWriter()
+    run = _Run(spec, config, splits, mesh, ckpt, writer, StopRequest(), t_start, wall_before)
     try:
-        outcome = _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop,
-                        step_factory, meta_base, wall_before, t_start, mesh)  # fmt: skip
+        outcome = _train(run, state, step_factory)
         if outcome["status"] != "completed":
             return outcome
-        try:
-            results = _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before,
-                              mesh, stop)  # fmt: skip
-        except _Interrupted:
-            return _interrupted_test(stop, ckpt)
-        if stop.signal_name is not None:
-            logging.warning("%s received after the final test: the results were written in full",
-                            stop.signal_name)  # fmt: skip
-        return results
+        return _final_test(run, outcome)
     finally:
-        stop.close()
+        run.stop.close()
         writer.close()
         ckpt.close()
+
+
+def _load_data(spec: RunSpec) -> dict[str, np.ndarray]:
+    """The run's class arrays; fails before any write. Process 0 prepares the data caches
+    before the others read them."""
+    splits = load_splits(spec) if parallel.is_primary() else None
+    _barrier("experiments.train:data")
+    return load_splits(spec) if splits is None else splits
+
+
+def _prepare_workdir(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> MetaNetConfig:
+    """Checks the sizes, the workdir's config.json and data record (refusing before writing
+    anything), then writes config.json (process 0). Returns the run's model configuration."""
+    config = model_config(spec, tuple(splits["train"].shape[2:]))
+    _check_pools(spec, config, splits)
+    saved = check_workdir(spec)
+    data_info = data_record(spec)
+    check_data_record(spec, saved, data_info)
+    _barrier("experiments.train:checked")  # every process read config.json before
+    if parallel.is_primary():
+        write_workdir_config(spec, config, data_info)
+    return config
+
+
+def _initial_state(
+    spec: RunSpec, config: MetaNetConfig, ckpt: checkpointing.Checkpointer
+) -> tuple[TrainState, float]:
+    """The latest good checkpoint's state, else a fresh one; and the wall time before it."""
+    root = jax.random.key(spec.seed)
+    params = init(jax.random.fold_in(root, 0), config)
+    state = init_train_state(params, make_optimizer(config), jax.random.fold_in(root, 1))
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+        logging.info("starting a new run in %s", spec.workdir)
+        return state, 0.0
+    state, meta = restored
+    logging.info("resumed from step %d (%s)", int(state.step), ckpt.step_path(int(state.step)))
+    return state, float(meta.get("wall_time_s", 0.0))
 
 
 def _check_pools(spec: RunSpec, config: MetaNetConfig, splits: Mapping[str, np.ndarray]) -> None:
@@ -550,23 +599,10 @@ def _check_pools(spec: RunSpec, config: MetaNetConfig, splits: Mapping[str, np.n
             f"--eval_ways={spec.eval_ways} is more than the model's {units} output units "
             "(--max_ways, else --ways)"
         )
-    flag = "--ways" if spec.eval_ways is None else "--eval_ways"
     for name, images in splits.items():
         if images.shape[0] == 0 and name != "validation":
             raise ValueError(f"the {name} split of {spec.dataset}/{spec.split} is empty")
-        pool = images.shape[0] * (4 if spec.rotations_as_classes and name == "train" else 1)
-        if name == "train" and spec.ways > pool:
-            raise ValueError(f"--ways={spec.ways} is more than the {pool} training classes")
-        if name != "train" and images.shape[0] and spec.test_ways() > images.shape[0]:
-            raise ValueError(
-                f"{flag}={spec.test_ways()} is more than the {images.shape[0]} {name} classes"
-            )
-        need = spec.shots + max(spec.queries_per_class, spec.eval_queries_per_class)
-        if images.shape[0] and need > images.shape[1]:
-            raise ValueError(
-                f"--shots + --queries_per_class/--eval_queries_per_class = {need} is more than "
-                f"the {images.shape[1]} examples per class"
-            )
+        _check_pool(spec, name, images.shape)
     if splits["validation"].shape[0] == 0:
         raise ValueError(
             f"split {spec.split!r} has no validation classes (--validation_classes=0?); "
@@ -574,136 +610,201 @@ def _check_pools(spec: RunSpec, config: MetaNetConfig, splits: Mapping[str, np.n
         )
 
 
-def _loop(spec, config, optimizer, state, splits, data_key, ckpt, writer, stop, step_factory,
-          meta_base, wall_before, t_start, mesh):  # fmt: skip
+def _check_pool(spec: RunSpec, name: str, shape: tuple[int, ...]) -> None:
+    """Whether the `name` split's classes `[C, D, ...]` hold the run's episodes."""
+    classes, per_class = shape[0], shape[1]
+    flag = "--ways" if spec.eval_ways is None else "--eval_ways"
+    pool = classes * (4 if spec.rotations_as_classes and name == "train" else 1)
+    if name == "train" and spec.model.ways > pool:
+        raise ValueError(f"--ways={spec.model.ways} is more than the {pool} training classes")
+    if name != "train" and classes and spec.test_ways() > classes:
+        raise ValueError(f"{flag}={spec.test_ways()} is more than the {classes} {name} classes")
+    need = spec.model.shots + max(spec.model.queries_per_class, spec.eval_queries_per_class)
+    if classes and need > per_class:
+        raise ValueError(
+            f"--shots + --queries_per_class/--eval_queries_per_class = {need} is more than "
+            f"the {per_class} examples per class"
+        )
+
+
+def _train(run: _Run, state: TrainState, step_factory: Callable) -> dict[str, Any]:
+    """The training loop from the state's step to `spec.steps`.
+
+    Returns:
+      `{"status": "completed", "segment_steps", "episodes_per_s", "train_time_s",
+      "eval_time_s"}`, or `{"status": "interrupted" | "nan", "step", ...}`.
+    """
+    loop = _start_loop(run, state, step_factory)
+    for step in range(loop.start, run.spec.steps):
+        stopped = _train_step(run, loop, step)
+        if stopped is not None:
+            loop.bar.close()
+            return stopped
+    loop.bar.close()
+    return _end_loop(run, loop)
+
+
+def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
     from metanet_jax import data
 
-    train_images = jax.device_put(splits["train"])
-    val_images = jax.device_put(splits["validation"])
-    val_cfg = evaluation.eval_config(
-        config, spec.test_ways(), spec.shots, spec.eval_queries_per_class
-    )
-    sharded = is_sharded(mesh)
+    sharded = is_sharded(run.mesh)
     if step_factory is not make_train_step:
-        step_fn = step_factory(config, optimizer, validate=False)
+        step_fn = step_factory(run.config, make_optimizer(run.config), validate=False)
     elif sharded:
-        step_fn = _cached_sharded_step(config, mesh)
+        step_fn = _cached_sharded_step(run.config, run.mesh)
     else:
-        step_fn = _cached_train_step(config)
+        step_fn = _cached_train_step(run.config)
     if sharded:
-        state = parallel.replicate(state, mesh)
-    start = int(state.step)
-    total = spec.steps
-    bar = logging_utils.ProgressBar(total, None if parallel.is_primary() else io.StringIO())
-    window: dict[str, list[float]] = {}
-    t_seg, t_window, steps_window = time.time(), time.time(), 0
-    train_time, eval_time = 0.0, 0.0
-    last_saved = ckpt.latest_step()
-
-    def meta():
-        return dict(meta_base, wall_time_s=wall_before + time.time() - t_start)
-
-    if sharded:
-        sample = functools.partial(parallel.sample_process_episodes, mesh=mesh)
+        state = parallel.replicate(state, run.mesh)
+        sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)
     else:
         sample = data.sample_episodes
-    for step in range(start, total):
-        t0 = time.time()
-        step_key = jax.random.fold_in(data_key, step)
-        support, query = sample(
-            step_key,
-            train_images,
-            spec.ways,
-            spec.shots,
-            spec.queries_per_class,
-            spec.meta_batch,
-            rotate=spec.rotate,
-            rotations_as_classes=spec.rotations_as_classes,
+    out = None if parallel.is_primary() else io.StringIO()
+    return _Loop(
+        state=state,
+        step_fn=step_fn,
+        sample=sample,
+        data_key=jax.random.fold_in(jax.random.key(run.spec.seed), 2),
+        train_images=jax.device_put(run.splits["train"]),
+        val_images=jax.device_put(run.splits["validation"]),
+        bar=logging_utils.ProgressBar(run.spec.steps, out),
+        start=int(state.step),
+        last_saved=run.ckpt.latest_step(),
+    )
+
+
+def _train_step(run: _Run, loop: _Loop, step: int) -> dict[str, Any] | None:
+    """Step `step` (0-based) of the loop, then its logs, validation and checkpoint.
+
+    Returns:
+      `None` to go on, else the loop's outcome (a NaN loss or a signal).
+    """
+    t0 = time.time()
+    support, query = _episodes(run, loop, step)
+    loop.state, metrics = loop.step_fn(loop.state, support, query)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    loop.train_time += time.time() - t0
+    done = step + 1
+    if not math.isfinite(metrics["loss"]):
+        return _non_finite(run, loop, metrics["loss"], done)
+    _log(run, loop, metrics, done)
+    validated = None
+    if done % run.spec.eval_every == 0 or done == run.spec.steps:
+        validated = _validate(run, loop, done)
+    return _checkpoint(run, loop, done, validated)
+
+
+def _episodes(run: _Run, loop: _Loop, step: int):
+    """The meta-batch of step `step`: `fold_in(data_key, step)`, nothing else, decides it."""
+    from metanet_jax import data
+
+    spec, config = run.spec, run.config
+    step_key = jax.random.fold_in(loop.data_key, step)
+    support, query = loop.sample(
+        step_key,
+        loop.train_images,
+        config.ways,
+        config.shots,
+        config.queries_per_class,
+        spec.meta_batch,
+        rotate=spec.rotate,
+        rotations_as_classes=spec.rotations_as_classes,
+    )
+    if config.label_units == "any":  # train every output unit, not only the first `ways`
+        support, query = data.spread_labels(
+            jax.random.fold_in(step_key, 1), support, query, config.ways, config.output_units
         )
-        if config.label_units == "any":  # train every output unit, not only the first `ways`
-            support, query = data.spread_labels(
-                jax.random.fold_in(step_key, 1), support, query, spec.ways, config.output_units
-            )
-        state, metrics = step_fn(state, support, query)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        train_time += time.time() - t0
-        done = step + 1
-        if not math.isfinite(metrics["loss"]):
-            where = (
-                f"the last good checkpoint is step {last_saved} ({ckpt.step_path(last_saved)})"
-                if last_saved is not None
-                else "no checkpoint was saved yet"
-            )
-            logging.error(
-                "non-finite loss (%s) at step %d; stopping without saving; %s",
-                metrics["loss"],
-                done,
-                where,
-            )
-            bar.close()
-            return {"status": "nan", "step": done, "last_good_step": last_saved}
-        for k, v in metrics.items():
-            window.setdefault(k, []).append(v)
-        steps_window += 1
-        bar.update(done, f"loss {metrics['loss']:.2f} acc {metrics['accuracy']:.3f}")
-        if done % spec.log_every == 0 or done == total:
-            now = time.time()
-            avg = {k: float(np.mean(v)) for k, v in window.items()}
-            eps = steps_window * spec.meta_batch / max(now - t_window, 1e-9)
-            avg["episodes_per_s"] = eps
-            # The averages cover the steps of this window run by this process: after a resume
-            # in the middle of a window (or at the last step) fewer than --log_every.
-            avg["window_steps"] = steps_window
-            writer.write(done, avg)
-            rate = (done - start) / max(now - t_seg, 1e-9)
-            line = logging_utils.progress_line(
-                done, total, eps, avg["loss"], avg["accuracy"], (total - done) / rate
-            )
-            logging.info(line + logging_utils.window_note(steps_window, spec.log_every, done,
-                                                          start))  # fmt: skip
-            window, t_window, steps_window = {}, now, 0
-        validated = None
-        if done % spec.eval_every == 0 or done == total:
-            t0 = time.time()
-            result = evaluation.evaluate(
-                _local(state.params),
-                val_cfg,
-                _eval_batches(val_images, val_cfg, spec.eval_episodes, spec, VALIDATION_SEED),
-            )
-            eval_time += time.time() - t0
-            t_window += time.time() - t0  # episodes/s counts training time only
-            validated = result.mean
-            writer.write(done, {"validation_accuracy": result.mean, "validation_ci95": result.ci95})
-            logging.info("step %d validation %s", done, result.line())
-        # Every process stops at the same step (one SIGTERM reaches processes at different
-        # times), so that all of them take part in the same checkpoint save.
-        stopping = _any_process(stop.signal_name is not None)
-        if validated is not None or done % spec.checkpoint_every == 0 or stopping:
-            ckpt.save(state, meta(), validation_accuracy=validated)
-            last_saved = done
-        if stopping and done < total:
-            bar.close()
-            signal_name = stop.signal_name or "a signal (on another process)"
-            logging.warning(
-                "%s received: saved the checkpoint of step %d in %s and stopped; run the same "
-                "command again to resume",
-                signal_name,
-                done,
-                ckpt.step_path(done),
-            )
-            return {"status": "interrupted", "step": done, "signal": signal_name}
-    bar.close()
-    if start >= total:
-        logging.info("step %d already reached (--steps=%d): evaluating only", start, total)
-    segment_steps = max(total - start, 0)
-    if total > start and ckpt.latest_step() != total:
-        ckpt.save(state, meta())
+    return support, query
+
+
+def _non_finite(run: _Run, loop: _Loop, loss: float, done: int) -> dict[str, Any]:
+    last = loop.last_saved
+    where = (
+        f"the last good checkpoint is step {last} ({run.ckpt.step_path(last)})"
+        if last is not None
+        else "no checkpoint was saved yet"
+    )
+    logging.error("non-finite loss (%s) at step %d; stopping without saving; %s", loss, done, where)
+    return {"status": "nan", "step": done, "last_good_step": last}
+
+
+def _log(run: _Run, loop: _Loop, metrics: Mapping[str, float], done: int) -> None:
+    """Adds the step's metrics to the log window; writes the window's averages every
+    `--log_every` steps and at the last step."""
+    spec, total = run.spec, run.spec.steps
+    for k, v in metrics.items():
+        loop.window.setdefault(k, []).append(v)
+    loop.window_steps += 1
+    loop.bar.update(done, f"loss {metrics['loss']:.2f} acc {metrics['accuracy']:.3f}")
+    if done % spec.log_every and done != total:
+        return
+    now = time.time()
+    avg = {k: float(np.mean(v)) for k, v in loop.window.items()}
+    eps = loop.window_steps * spec.meta_batch / max(now - loop.t_window, 1e-9)
+    avg["episodes_per_s"] = eps
+    # The averages cover the steps of this window run by this process: after a resume in the
+    # middle of a window (or at the last step) fewer than --log_every.
+    avg["window_steps"] = loop.window_steps
+    run.writer.write(done, avg)
+    rate = (done - loop.start) / max(now - loop.t_segment, 1e-9)
+    line = logging_utils.progress_line(
+        done, total, eps, avg["loss"], avg["accuracy"], (total - done) / rate
+    )
+    note = logging_utils.window_note(loop.window_steps, spec.log_every, done, loop.start)
+    logging.info(line + note)
+    loop.window, loop.t_window, loop.window_steps = {}, now, 0
+
+
+def _validate(run: _Run, loop: _Loop, done: int) -> float:
+    """Validation accuracy of the current parameters (written to the metrics)."""
+    t0 = time.time()
+    cfg = run.eval_config()
+    batches = _eval_batches(loop.val_images, cfg, run.spec.eval_episodes, run.spec, VALIDATION_SEED)
+    result = evaluation.evaluate(_local(loop.state.params), cfg, batches)
+    loop.eval_time += time.time() - t0
+    loop.t_window += time.time() - t0  # episodes/s counts training time only
+    run.writer.write(done, {"validation_accuracy": result.mean, "validation_ci95": result.ci95})
+    logging.info("step %d validation %s", done, result.line())
+    return result.mean
+
+
+def _checkpoint(
+    run: _Run, loop: _Loop, done: int, validated: float | None
+) -> dict[str, Any] | None:
+    """Saves a checkpoint when due (or validated, or stopping); stops on a signal."""
+    # Every process stops at the same step (one SIGTERM reaches processes at different
+    # times), so that all of them take part in the same checkpoint save.
+    stopping = _any_process(run.stop.signal_name is not None)
+    if validated is not None or done % run.spec.checkpoint_every == 0 or stopping:
+        run.ckpt.save(loop.state, run.meta(), validation_accuracy=validated)
+        loop.last_saved = done
+    if not stopping or done >= run.spec.steps:
+        return None
+    signal_name = run.stop.signal_name or "a signal (on another process)"
+    logging.warning(
+        "%s received: saved the checkpoint of step %d in %s and stopped; run the same "
+        "command again to resume",
+        signal_name,
+        done,
+        run.ckpt.step_path(done),
+    )
+    return {"status": "interrupted", "step": done, "signal": signal_name}
+
+
+def _end_loop(run: _Run, loop: _Loop) -> dict[str, Any]:
+    total = run.spec.steps
+    if loop.start >= total:
+        logging.info("step %d already reached (--steps=%d): evaluating only", loop.start, total)
+    segment_steps = max(total - loop.start, 0)
+    if total > loop.start and run.ckpt.latest_step() != total:
+        run.ckpt.save(loop.state, run.meta())
+    eps = segment_steps * run.spec.meta_batch / loop.train_time if loop.train_time else None
     return {
         "status": "completed",
         "segment_steps": segment_steps,
-        "episodes_per_s": segment_steps * spec.meta_batch / train_time if train_time else None,
-        "train_time_s": train_time,
-        "eval_time_s": eval_time,
+        "episodes_per_s": eps,
+        "train_time_s": loop.train_time,
+        "eval_time_s": loop.eval_time,
     }
 
 
@@ -733,32 +834,44 @@ def _interrupted_test(stop: StopRequest, ckpt: checkpointing.Checkpointer) -> di
     return {"status": "interrupted", "step": step, "signal": stop.signal_name, "phase": "test"}
 
 
-def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, mesh, stop):
+def _final_test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """Tests the best checkpoint; writes results and plots (process 0). A signal during the
+    test stops it (the rerun tests)."""
+    try:
+        results = _test(run, outcome)
+    except _Interrupted:
+        return _interrupted_test(run.stop, run.ckpt)
+    if run.stop.signal_name is not None:
+        logging.warning(
+            "%s received after the final test: the results were written in full",
+            run.stop.signal_name,
+        )
+    return results
+
+
+def _test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
+    spec, config = run.spec, run.config
     # The best good checkpoint: a corrupt one is set aside and the next best used.
-    restored = ckpt.restore_best(evaluation.fresh_state(config))
+    restored = run.ckpt.restore_best(evaluation.fresh_state(config))
     assert restored is not None  # the loop saved the last step at least
     state, _ = restored
     step = int(state.step)
-    test_cfg = evaluation.eval_config(
-        config, spec.test_ways(), spec.shots, spec.eval_queries_per_class
-    )
+    test_cfg = run.eval_config()
     t0 = time.time()
-    images = jax.device_put(splits["test"])
+    images = jax.device_put(run.splits["test"])
     batches = _eval_batches(images, test_cfg, spec.test_episodes, spec, TEST_SEED)
     test = evaluation.evaluate(
-        state.params, test_cfg, _interruptible(batches, stop), keep_first=True
+        state.params, test_cfg, _interruptible(batches, run.stop), keep_first=True
     )
     logging.info("test (checkpoint of step %d) %s", step, test.line())
-    val = ckpt.validation_accuracy(step)
-    workdir = Path(spec.workdir)
-    counts = parallel.device_counts(mesh)
+    counts = parallel.device_counts(run.mesh)
     results: dict[str, Any] = {
         "config": spec.to_dict(),
         "model_config": checkpointing.config_to_dict(config),
         "steps": spec.steps,
         "evaluated_step": step,
         "test_ways": test_cfg.ways,
-        "best_validation_accuracy": val,
+        "best_validation_accuracy": run.ckpt.validation_accuracy(step),
         "test_accuracy": test.mean,
         "test_ci95": test.ci95,
         "test_episodes": test.episodes,
@@ -769,11 +882,17 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, m
         "episodes_per_s": outcome.get("episodes_per_s"),
     }
     if spec.mnist_test_episodes:
-        results.update(_mnist_out_of_domain(spec, config, state.params, stop))
-    results["wall_time_s"] = wall_before + time.time() - t_start
+        results.update(_mnist_out_of_domain(spec, config, state.params, run.stop))
+    results["wall_time_s"] = run.wall_before + time.time() - run.t_start
     results["test_time_s"] = time.time() - t0
-    if not parallel.is_primary():
-        return dict(results, status="completed")
+    if parallel.is_primary():
+        _write_results(run, results, test)
+    return dict(results, status="completed")
+
+
+def _write_results(run: _Run, results: Mapping[str, Any], test) -> None:
+    """results.json/md, the learning curve and the first test episode's attention."""
+    workdir = Path(run.spec.workdir)
     logging_utils.write_results(workdir, results)
     records = logging_utils.read_metrics(workdir / "metrics.jsonl")
     logging_utils.plot_learning_curve(records, workdir / "learning_curve.png")
@@ -781,8 +900,7 @@ def _finish(spec, config, splits, ckpt, writer, outcome, t_start, wall_before, m
     logging_utils.plot_attention(
         attention, support.x, support.y, query.x, query.y, workdir / "attention.png"
     )
-    writer.write(spec.steps, {"test_accuracy": test.mean})
-    return dict(results, status="completed")
+    run.writer.write(run.spec.steps, {"test_accuracy": test.mean})
 
 
 def _mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params, stop) -> dict[str, Any]:
