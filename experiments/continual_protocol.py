@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from experiments import common
 from metanet_jax import evaluation, logging_utils
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.model.episode import init
@@ -56,15 +57,11 @@ class ContinualSpec:
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> ContinualSpec:
         """The spec of flat flags (`{"workdir": ..., "ways": 10, "omniglot_steps": ...}`)."""
-        model = {k: v for k, v in flags.items() if k in MODEL_FLAGS}
-        run = {k: v for k, v in flags.items() if k not in MODEL_FLAGS}
-        return cls(model=dataclasses.replace(_MODEL, **model), **run)
+        return common.spec_from_flags(cls, flags, MODEL_FLAGS, _MODEL)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        del out["model"]
-        return {**out, **{k: getattr(self.model, k) for k in MODEL_FLAGS}}
+        return common.spec_to_flags(self, MODEL_FLAGS)
 
 
 def switch_task(params, fresh) -> dict[str, Any]:

@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from experiments import common
 from metanet_jax import checkpointing, evaluation, logging_utils, parallel
 from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
 from metanet_jax.model.episode import init
@@ -160,19 +161,11 @@ class RunSpec:
           TypeError: a name that is no flag. ValueError: a model the flags do not allow
             (`MetaNetConfig` validation, e.g. `learning_rate=0`).
         """
-        model = {k: v for k, v in flags.items() if k in MODEL_FLAGS}
-        run = {k: v for k, v in flags.items() if k not in MODEL_FLAGS}
-        return cls(model=MetaNetConfig(**model), **run)
+        return common.spec_from_flags(cls, flags, MODEL_FLAGS, MetaNetConfig())
 
     def to_dict(self) -> dict[str, Any]:
         """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
-        out = {}
-        for f in dataclasses.fields(self):
-            if f.name == "model":
-                out.update({k: getattr(self.model, k) for k in MODEL_FLAGS})
-            else:
-                out[f.name] = getattr(self, f.name)
-        return out
+        return common.spec_to_flags(self, MODEL_FLAGS)
 
     def replace(self, **flags) -> RunSpec:
         """A copy with some flat flags changed (model flags included)."""
