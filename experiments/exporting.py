@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -105,54 +105,10 @@ def export(
         raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
     config, params, meta = load_model(source, which)
     params = jax.device_get(params)
-    flags = dict(meta.get("flags") or {})
-    if is_pretrained(source):
-        saved_config = json.loads((source / CONFIG_FILE).read_text())
-        run_results = dict(meta.get("results") or {})
-        prior_run = run_results.get("training_run")
-    else:
-        config_path = source / CONFIG_FILE
-        if config_path.is_file():
-            saved_config = json.loads(config_path.read_text())
-        else:  # checkpoints carry the flags and the model configuration too
-            saved_config = {"flags": flags, "model_config": meta.get("model_config")}
-        results_path = source / RESULTS_FILE
-        run_results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-        prior_run = None
-    flags = dict(saved_config.get("flags") or flags)
-    step = meta.get("step")
-    if prior_run is None:
-        prior_run = {
-            k: run_results.get(k)
-            for k in ("test_accuracy", "test_ci95", "test_episodes", "platform", "devices",
-                      "evaluated_step", "best_validation_accuracy", "mnist_accuracy",
-                      "mnist_ci95", "mnist_episodes")
-            if run_results.get(k) is not None
-        }  # fmt: skip
-    results: dict[str, Any] = {
-        "name": dest.name,
-        "config": flags,
-        "model_config": saved_config.get("model_config"),
-        "steps": run_results.get("steps", meta.get("step")),
-        "evaluated_step": step,
-        "best_validation_accuracy": run_results.get("best_validation_accuracy"),
-        "wall_time_s": run_results.get("wall_time_s", meta.get("wall_time_s")),
-        "episodes_per_s": run_results.get("episodes_per_s") or _mean_episodes_per_s(source),
-        "platform": run_results.get("platform"),
-        "devices": run_results.get("devices"),
-        "processes": run_results.get("processes"),
-        "hardware": run_results.get("hardware"),
-        "validation_curve": run_results.get("validation_curve") or _validation_curve(source),
-        "training_run": prior_run,
-    }
-    # What the source recorded beside (flagfile, command, how the training stopped, ...); its
-    # measurements stay in `training_run` (only this export's own are top-level).
-    measured = {"test_accuracy", "test_ci95", "test_episodes", "test_protocol",
-                "test_platform", "test_time_s", "mnist_accuracy", "mnist_ci95",
-                "mnist_episodes", "versions", "params", "name"}  # fmt: skip
-    for k, v in run_results.items():
-        if k not in results and k not in measured and v is not None:
-            results[k] = v
+    record = _source_record(source, meta)
+    flags = record.flags()
+    results = _recorded_results(source, dest, meta, record)
+    prior_run = results["training_run"]
     if evaluate:
         t0 = time.time()
         result, proto = evaluate_run(params, config, flags, datasets=datasets)
@@ -174,6 +130,81 @@ def export(
         )
     results.update(info or {})
     results["versions"] = logging_utils.library_versions()
+    _write_folder(dest, params, record.config, results)
+    return results
+
+
+# What the training run measured, kept in results.json's `training_run`.
+_RUN_MEASURES = ("test_accuracy", "test_ci95", "test_episodes", "platform", "devices",
+                 "evaluated_step", "best_validation_accuracy", "mnist_accuracy", "mnist_ci95",
+                 "mnist_episodes")  # fmt: skip
+# What an export measures itself (only these are top-level in its results.json).
+_EXPORT_MEASURES = frozenset({"test_accuracy", "test_ci95", "test_episodes", "test_protocol",
+                              "test_platform", "test_time_s", "mnist_accuracy", "mnist_ci95",
+                              "mnist_episodes", "versions", "params", "name"})  # fmt: skip
+
+
+class _Record(NamedTuple):
+    """What the source folder recorded."""
+
+    config: dict[str, Any]  # its config.json
+    results: dict[str, Any]  # its results.json
+    training_run: dict[str, Any] | None  # a pretrained folder's `training_run`
+
+    def flags(self) -> dict[str, Any]:
+        return dict(self.config.get("flags") or {})
+
+
+def _source_record(source: Path, meta: Mapping[str, Any]) -> _Record:
+    """The record of a run folder or a pretrained folder."""
+    if is_pretrained(source):
+        run_results = dict(meta.get("results") or {})
+        saved = json.loads((source / CONFIG_FILE).read_text())
+        return _Record(saved, run_results, run_results.get("training_run"))
+    config_path = source / CONFIG_FILE
+    if config_path.is_file():
+        saved = json.loads(config_path.read_text())
+    else:  # checkpoints carry the flags and the model configuration too
+        saved = {"flags": dict(meta.get("flags") or {}), "model_config": meta.get("model_config")}
+    results_path = source / RESULTS_FILE
+    run_results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    return _Record(saved, run_results, None)
+
+
+def _recorded_results(
+    source: Path, dest: Path, meta: Mapping[str, Any], record: _Record
+) -> dict[str, Any]:
+    """results.json of the export before its own measurements: the run's record."""
+    run_results, prior_run = record.results, record.training_run
+    if prior_run is None:
+        prior_run = {k: run_results[k] for k in _RUN_MEASURES if run_results.get(k) is not None}
+    results: dict[str, Any] = {
+        "name": dest.name,
+        "config": record.flags(),
+        "model_config": record.config.get("model_config"),
+        "steps": run_results.get("steps", meta.get("step")),
+        "evaluated_step": meta.get("step"),
+        "best_validation_accuracy": run_results.get("best_validation_accuracy"),
+        "wall_time_s": run_results.get("wall_time_s", meta.get("wall_time_s")),
+        "episodes_per_s": run_results.get("episodes_per_s") or _mean_episodes_per_s(source),
+        "platform": run_results.get("platform"),
+        "devices": run_results.get("devices"),
+        "processes": run_results.get("processes"),
+        "hardware": run_results.get("hardware"),
+        "validation_curve": run_results.get("validation_curve") or _validation_curve(source),
+        "training_run": prior_run,
+    }
+    # What the source recorded beside (flagfile, command, how the training stopped, ...); its
+    # measurements stay in `training_run` (only this export's own are top-level).
+    for k, v in run_results.items():
+        if k not in results and k not in _EXPORT_MEASURES and v is not None:
+            results[k] = v
+    return results
+
+
+def _write_folder(dest: Path, params, saved_config, results: dict[str, Any]) -> None:
+    """Writes the pretrained folder into a temporary folder, then renames it to `dest`."""
+    from metanet_jax import logging_utils
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -193,4 +224,3 @@ def export(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return results
