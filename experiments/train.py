@@ -526,6 +526,23 @@ def train_and_evaluate(
     parallel.check_meta_batch(spec.meta_batch, mesh)  # before any work
     logging.info(parallel.device_summary(mesh, spec.meta_batch))
     splits = _load_data(spec) if splits is None else splits
+    run, state = _start_run(spec, splits, mesh, t_start)
+    try:
+        outcome = _train(run, state, step_factory)
+        if outcome["status"] != "completed":
+            return outcome
+        return _final_test(run, outcome)
+    finally:
+        run.stop.close()
+        run.writer.close()
+        run.ckpt.close()
+
+
+def _start_run(
+    spec: RunSpec, splits: Mapping[str, np.ndarray], mesh, t_start: float
+) -> tuple[_Run, TrainState]:
+    """Checks and writes the workdir, then restores the latest checkpoint (or starts anew);
+    opens the metrics writer and installs the signal handlers."""
     config = _prepare_workdir(spec, splits)
     ckpt = checkpointing.Checkpointer(
         evaluation.checkpoint_dir(Path(spec.workdir)), keep=spec.keep_checkpoints
@@ -535,16 +552,18 @@ def train_and_evaluate(
         writer = logging_utils.MetricsWriter(Path(spec.workdir), resume_step=int(state.step))
     else:
         writer = _NullWriter()
-    run = _Run(spec, config, splits, mesh, ckpt, writer, StopRequest(), t_start, wall_before)
-    try:
-        outcome = _train(run, state, step_factory)
-        if outcome["status"] != "completed":
-            return outcome
-        return _final_test(run, outcome)
-    finally:
-        run.stop.close()
-        writer.close()
-        ckpt.close()
+    run = _Run(
+        spec=spec,
+        config=config,
+        splits=splits,
+        mesh=mesh,
+        ckpt=ckpt,
+        writer=writer,
+        stop=StopRequest(),
+        t_start=t_start,
+        wall_before=wall_before,
+    )
+    return run, state
 
 
 def _load_data(spec: RunSpec) -> dict[str, np.ndarray]:
