@@ -362,6 +362,16 @@ def _omniglot_cell(ms, *, split, variant, trained, tested) -> list[Measurement]:
     ]  # fmt: skip
 
 
+def _omniglot_rows(ms: list[Measurement], settings) -> list[list[str]]:
+    """The rows of an Omniglot table: for each `(first columns, split, variant, trained ways,
+    tested ways)` of `settings`, one row per measurement of that setting (or one empty)."""
+    rows = []
+    for first, split, variant, trained, tested in settings:
+        found = _omniglot_cell(ms, split=split, variant=variant, trained=trained, tested=tested)
+        rows += [[*first, *cells] for cells in _cells(found)]
+    return rows
+
+
 def _paper_tables(ms: list[Measurement]) -> list[str]:
     """The sections of the paper's tables, each with our measurements beside the paper's."""
     tables = (_previous_split, _standard_split, _n_to_k, _mnist, _mini_imagenet)
@@ -372,12 +382,10 @@ def _previous_split(ms: list[Measurement]) -> list[str]:
     out = ["## Omniglot, previous split (Vinyals et al.), 1-shot", "",
            "Paper Table 1: trained and tested N-way, 1,200 training characters, 423 test "
            "characters (`previous_<N>way_<variant>.flags`).", ""]  # fmt: skip
-    rows = []
-    for variant in ("metanet-", "metanet", "metanet+"):
-        for n in (5, 10, 15, 20):
-            found = _omniglot_cell(ms, split="previous", variant=variant, trained=n, tested=n)
-            for cells in _cells(found):
-                rows.append([VARIANT_NAMES[variant], str(n), PAPER_PREVIOUS[variant][n], *cells])
+    rows = _omniglot_rows(ms, [
+        ((VARIANT_NAMES[v], str(n), PAPER_PREVIOUS[v][n]), "previous", v, n, n)
+        for v in ("metanet-", "metanet", "metanet+") for n in (5, 10, 15, 20)
+    ])  # fmt: skip
     return out + _table(("model", "N-way", "paper", *_CELL_HEADER), rows) + [""]
 
 
@@ -385,11 +393,9 @@ def _standard_split(ms: list[Measurement]) -> list[str]:
     out = ["## Omniglot, standard split (Lake et al.), MetaNet 1-shot", "",
            "Trained on the 30 background alphabets, tested on the 20 evaluation alphabets "
            "(`standard_<N>way.flags`; the demo is a smaller 5-way network).", ""]  # fmt: skip
-    rows = []
-    for n in (5, 10, 15, 20):
-        found = _omniglot_cell(ms, split="standard", variant="metanet", trained=n, tested=n)
-        for cells in _cells(found):
-            rows.append([str(n), PAPER_STANDARD[n], *cells])
+    rows = _omniglot_rows(ms, [
+        ((str(n), PAPER_STANDARD[n]), "standard", "metanet", n, n) for n in (5, 10, 15, 20)
+    ])  # fmt: skip
     return out + _table(("N-way", "paper", *_CELL_HEADER), rows) + [""]
 
 
@@ -397,12 +403,10 @@ def _n_to_k(ms: list[Measurement]) -> list[str]:
     out = ["## Trained N-way, tested K-way (previous split, MetaNet, 1-shot)", "",
            "A model trained N-way with 20 output units (`--max_ways=20`) tested on K-way "
            "episodes: `python -m experiments.evaluate --workdir=... --ways=K`.", ""]  # fmt: skip
-    rows = []
-    for n in (5, 10, 15, 20):
-        for k in (5, 10, 15, 20):
-            found = _omniglot_cell(ms, split="previous", variant="metanet", trained=n, tested=k)
-            for cells in _cells(found):
-                rows.append([str(n), str(k), PAPER_N_TO_K[n][k], *cells])
+    rows = _omniglot_rows(ms, [
+        ((str(n), str(k), PAPER_N_TO_K[n][k]), "previous", "metanet", n, k)
+        for n in (5, 10, 15, 20) for k in (5, 10, 15, 20)
+    ])  # fmt: skip
     return out + _table(("trained", "tested", "paper", *_CELL_HEADER), rows) + [""]
 
 
