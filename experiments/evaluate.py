@@ -73,7 +73,7 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()
-    from metanet_jax import data, pretrained
+    from metanet_jax import pretrained
 
     # A corrupt checkpoint is reported in one warning line and the next candidate used, as
     # in training (the workdir is only read); no good one, or a configuration this version
@@ -87,39 +87,8 @@ def main(argv):
     is_pretrained = pretrained.is_pretrained(FLAGS.workdir)
     what = "the pretrained model" if is_pretrained else f"the {FLAGS.checkpoint} checkpoint"
     logging.info("evaluating %s (step %s) in %s", what, step, FLAGS.workdir)
-    given = {k: FLAGS[k].value for k in _EPISODE_FLAGS if FLAGS[k].present}
-    proto = None
     try:
-        if FLAGS.lake_runs_dir:
-            runs = data.load_lake_runs(os.path.expanduser(FLAGS.lake_runs_dir))
-            result = evaluation.evaluate_lake_runs(params, config, runs)
-            name, setting = "lake_runs", {"lake_runs_dir": FLAGS.lake_runs_dir}
-        elif FLAGS.mnist:
-            proto = protocol.protocol(run)
-            proto.update(dataset="mnist", split=None, ways=10, seed=train.MNIST_SEED)
-            proto["episodes"] = run.get("mnist_test_episodes") or proto["episodes"]
-            proto.update({k: v for k, v in given.items() if k != "ways"})
-            images = data.load_mnist(manual_dir=FLAGS.datasets)["test"].images
-            result = evaluation.evaluate_classes(
-                params, config, images, ways=10, shots=proto["shots"],
-                queries_per_class=proto["queries_per_class"], episodes=proto["episodes"],
-                seed=proto["seed"], batch_size=proto["batch"],
-            )  # fmt: skip
-            name = f"mnist_10way{proto['shots']}shot"
-            setting = {"data": "mnist/test", "ways": 10}
-        else:
-            result, proto = protocol.evaluate_run(
-                params, config, run, datasets=FLAGS.datasets, subset=FLAGS.subset,
-                split=FLAGS.split, **given,
-            )  # fmt: skip
-            where = proto["split"] if proto["dataset"] == "omniglot" else proto["dataset"]
-            name = f"{where}_{proto['subset']}_{proto['ways']}way{proto['shots']}shot"
-            data_name = "/".join(
-                [proto["dataset"]]
-                + ([proto["split"]] if proto["dataset"] == "omniglot" else [])
-                + [proto["subset"]]
-            )
-            setting = {"data": data_name, "ways": proto["ways"]}
+        result, name, setting, proto = _measure(params, config, run)
     except (ValueError, FileNotFoundError) as e:
         common.fail(str(e))
     name = FLAGS.name or name
@@ -150,6 +119,47 @@ def main(argv):
 
 
 _EPISODE_FLAGS = ("ways", "shots", "queries_per_class", "episodes", "seed", "batch")
+
+
+def _measure(params, config, run):
+    """The evaluation the flags ask for: Lake's runs, MNIST, or the run's protocol with the
+    episode flags given.
+
+    Returns:
+      `(result, name, setting, protocol)`; the protocol is `None` for Lake's runs.
+    """
+    from metanet_jax import data
+
+    given = {k: FLAGS[k].value for k in _EPISODE_FLAGS if FLAGS[k].present}
+    if FLAGS.lake_runs_dir:
+        runs = data.load_lake_runs(os.path.expanduser(FLAGS.lake_runs_dir))
+        result = evaluation.evaluate_lake_runs(params, config, runs)
+        return result, "lake_runs", {"lake_runs_dir": FLAGS.lake_runs_dir}, None
+    if FLAGS.mnist:
+        proto = protocol.protocol(run)
+        proto.update(dataset="mnist", split=None, ways=10, seed=train.MNIST_SEED)
+        proto["episodes"] = run.get("mnist_test_episodes") or proto["episodes"]
+        proto.update({k: v for k, v in given.items() if k != "ways"})
+        images = data.load_mnist(manual_dir=FLAGS.datasets)["test"].images
+        result = evaluation.evaluate_classes(
+            params, config, images, ways=10, shots=proto["shots"],
+            queries_per_class=proto["queries_per_class"], episodes=proto["episodes"],
+            seed=proto["seed"], batch_size=proto["batch"],
+        )  # fmt: skip
+        setting = {"data": "mnist/test", "ways": 10}
+        return result, f"mnist_10way{proto['shots']}shot", setting, proto
+    result, proto = protocol.evaluate_run(
+        params, config, run, datasets=FLAGS.datasets, subset=FLAGS.subset, split=FLAGS.split,
+        **given,
+    )  # fmt: skip
+    where = proto["split"] if proto["dataset"] == "omniglot" else proto["dataset"]
+    name = f"{where}_{proto['subset']}_{proto['ways']}way{proto['shots']}shot"
+    data_name = "/".join(
+        [proto["dataset"]]
+        + ([proto["split"]] if proto["dataset"] == "omniglot" else [])
+        + [proto["subset"]]
+    )
+    return result, name, {"data": data_name, "ways": proto["ways"]}, proto
 
 
 def _recorded(meta, run, proto, is_pretrained) -> str | None:
