@@ -14,7 +14,7 @@
    tasks per update, default 1 as the authors did) for `--episodes_5way` episodes (the
    paper's 40,000) or until its share of the budget is spent, then
    `previous_20way_metanet.flags` with the episodes that fit the rest of the budget. The
-   training is `metanet_jax.experiment.train` (the program's own loop: validation, best
+   training is `experiments.train.train_and_evaluate` (the program's own loop: validation, best
    checkpoint, final test); a time limit stops it the way SIGTERM does (a checkpoint of the
    step reached), then the best validated checkpoint is tested.
 3. Writes each model to `<out>/<name>/` (`params.npz`, `config.json`, `results.json`: the
@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 REQUIRED = ("numpy", "jax", "flax", "optax", "orbax.checkpoint", "absl")
 OPTIONAL = {"tensorboard": "TensorBoard event files", "matplotlib": "plots"}
-OURS = ("metanet_jax", "metanet_jax.experiment", "metanet_jax.pretrained", "experiments.omniglot")
+OURS = ("metanet_jax", "metanet_jax.pretrained", "experiments.train", "experiments.exporting",
+        "experiments.omniglot")  # fmt: skip
 MODELS = (
     ("previous_5way_metanet", "experiments/flags/previous_5way_metanet.flags"),
     ("previous_20way_metanet", "experiments/flags/previous_20way_metanet.flags"),
@@ -219,10 +220,10 @@ def train_model(spec, deadline_at: float):
     Returns:
       `(results, stopped)`: the run's results and "completed", "time budget" or "signal".
     """
-    from metanet_jax import experiment
+    from experiments import train
 
     with Deadline(deadline_at) as deadline:
-        outcome = experiment.train(spec)
+        outcome = train.train_and_evaluate(spec)
     if outcome["status"] == "completed":
         return outcome, "completed"
     if outcome["status"] != "interrupted":
@@ -235,14 +236,14 @@ def train_model(spec, deadline_at: float):
     # Evaluate-only: steps = the step reached (a mutable field), so the loop does nothing and
     # the best validated checkpoint is tested and results.json written.
     reached = int(outcome["step"])
-    results = experiment.train(dataclasses.replace(spec, steps=reached))
+    results = train.train_and_evaluate(dataclasses.replace(spec, steps=reached))
     return results, stopped
 
 
 def export(workdir: Path, dest: Path, info: dict) -> dict:
-    from metanet_jax import pretrained
+    from experiments import exporting
 
-    return pretrained.export(workdir, dest, evaluate=False, info=info, overwrite=True)
+    return exporting.export(workdir, dest, evaluate=False, info=info, overwrite=True)
 
 
 def main(argv=None) -> int:
@@ -262,8 +263,7 @@ def main(argv=None) -> int:
     import jax
     from absl import logging
 
-    from experiments import common
-    from metanet_jax import pretrained
+    from experiments import common, protocol
 
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
@@ -306,7 +306,7 @@ def main(argv=None) -> int:
         t0 = time.time()
         results, stopped = train_model(spec, train_end)
         reached = int(results["steps"])
-        command = pretrained.training_command(
+        command = protocol.training_command(
             dict(spec.to_dict(), steps=reached), ROOT / flagfile
         ).replace(f"--flagfile={(ROOT / flagfile).as_posix()}", f"--flagfile={flagfile}")
         info = {

@@ -4,9 +4,12 @@ turns any flag error into one line on stderr and exit status 1, before any work 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from absl import flags
 
@@ -231,3 +234,29 @@ def quiet_libraries() -> None:
     from absl import logging
 
     logging.get_absl_handler().addFilter(_DropLibraryInfo())
+
+
+# ----------------------------------------------------------------------------- specs
+def spec_from_flags(cls, flags: Mapping[str, Any], model_flags: Iterable[str], model):
+    """A program's spec (a frozen dataclass whose `model` field is a `MetaNetConfig`) from its
+    flat flags: the names in `model_flags` set fields of `model`, the others the spec's.
+
+    Raises:
+      TypeError: a name that is no field. ValueError: a model the config refuses.
+    """
+    model_flags = set(model_flags)
+    values = {k: v for k, v in flags.items() if k in model_flags}
+    run = {k: v for k, v in flags.items() if k not in model_flags}
+    return cls(model=dataclasses.replace(model, **values), **run)
+
+
+def spec_to_flags(spec, model_flags: Iterable[str]) -> dict[str, Any]:
+    """The flat flags of a spec, the inverse of `spec_from_flags` (the model's flags where
+    the spec holds its `model`)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(spec):
+        if f.name == "model":
+            out.update({k: getattr(spec.model, k) for k in model_flags})
+        else:
+            out[f.name] = getattr(spec, f.name)
+    return out

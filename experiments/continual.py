@@ -3,26 +3,25 @@ r"""Continual learning: Omniglot, then permuted MNIST with new W and Q but the s
   python -m experiments.continual --flagfile=experiments/flags/continual.flags
 
 Writes `<workdir>/continual.json` (Omniglot accuracy every --measure_every MNIST trials) and
-`<workdir>/continual.png`. See metanet_jax/continual.py for the protocol.
+`<workdir>/continual.png`. See experiments/continual_protocol.py for the protocol.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import types
 
 from absl import app, flags, logging
 
-from experiments import common
+from experiments import common, continual_protocol
 from metanet_jax import config as config_lib
-from metanet_jax import continual
+from metanet_jax.data import SPLIT_SCHEMES
 
 FLAGS = flags.FLAGS
-_D = continual.ContinualSpec(workdir="")
+_D = types.SimpleNamespace(**continual_protocol.ContinualSpec(workdir="").to_dict())
 
 flags.DEFINE_string("workdir", None, "Output folder.")
 common.register_workdir_validator("workdir")  # set, and a folder this user can write
-flags.DEFINE_enum("split", _D.split, ("standard", "previous", "small1", "small2", "small"),
-                  "Omniglot split scheme.")  # fmt: skip
+flags.DEFINE_enum("split", _D.split, SPLIT_SCHEMES, "Omniglot split scheme.")
 common.define_folder("datasets", _D.datasets, "Offline data folder (default: $METANET_DATASETS).")
 common.define_int("ways", _D.ways, 2, 100, "Classes per episode (both phases).")
 common.define_int("shots", _D.shots, 1, 10, "Support examples per class.")
@@ -54,11 +53,9 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()
-    spec = continual.ContinualSpec(
-        **{f.name: FLAGS[f.name].value for f in dataclasses.fields(continual.ContinualSpec)}
-    )
     try:
-        result = continual.run(spec)
+        spec = continual_protocol.ContinualSpec.from_flags({k: FLAGS[k].value for k in vars(_D)})
+        result = continual_protocol.run(spec)
     except (FileNotFoundError, ValueError) as e:
         common.fail(str(e))
     print(

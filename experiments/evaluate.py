@@ -12,7 +12,7 @@ Prints `accuracy 0.9712 +- 0.0031 (95% CI, 1000 episodes)` over a fixed, seeded 
 (Lake runs: all runs) and writes `<workdir>/eval_<name>.json`. A model can be tested on up
 to its output units (`--max_ways` at training) ways.
 
-Every episode flag left unset takes the run's own protocol (`pretrained.protocol`): its ways
+Every episode flag left unset takes the run's own protocol (`experiments.protocol`): its ways
 and shots, `--eval_queries_per_class`, `--test_episodes` (`--eval_episodes` with the
 validation seed for `--subset=validation`; `--mnist_test_episodes`, when set, for `--mnist`)
 and `--eval_batch` (the batch decides which episodes are drawn). So with `--workdir` alone
@@ -33,7 +33,9 @@ from experiments import common
 if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
     common.handle_startup_signals(detail="nothing written")
 
-from metanet_jax import evaluation, experiment, logging_utils  # noqa: E402
+from experiments import protocol, train  # noqa: E402
+from metanet_jax import evaluation, logging_utils  # noqa: E402
+from metanet_jax.data import SPLIT_SCHEMES  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -45,13 +47,12 @@ common.define_int("shots", 1, 1, 100, "Support examples per class (default: the 
 common.define_int("queries_per_class", 10, 1, 100,
                   "Query examples per class (default: the run's eval queries).")  # fmt: skip
 flags.DEFINE_enum(
-    "split", None, ("standard", "previous", "small1", "small2", "small"),
-    "Omniglot split scheme (default: the one the run trained on).",
-)  # fmt: skip
+    "split", None, SPLIT_SCHEMES, "Omniglot split scheme (default: the one the run trained on)."
+)
 flags.DEFINE_enum("subset", "test", ("test", "validation"), "Which classes of the split.")
 common.define_int("episodes", 1000, 1, 10**6,
                   "Episodes, fixed and seeded (default: the run's --test_episodes).")  # fmt: skip
-common.define_int("seed", experiment.TEST_SEED, 0, common.MAX_INT,
+common.define_int("seed", train.TEST_SEED, 0, common.MAX_INT,
                   "Seed of the episode set (default: the run's test/validation seed).")  # fmt: skip
 common.define_int("batch", 50, 1, 10**4,
                   "Episodes per evaluation batch (default: the run's --eval_batch).")  # fmt: skip
@@ -72,7 +73,7 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()
-    from metanet_jax import data, pretrained
+    from metanet_jax import pretrained
 
     # A corrupt checkpoint is reported in one warning line and the next candidate used, as
     # in training (the workdir is only read); no good one, or a configuration this version
@@ -86,39 +87,8 @@ def main(argv):
     is_pretrained = pretrained.is_pretrained(FLAGS.workdir)
     what = "the pretrained model" if is_pretrained else f"the {FLAGS.checkpoint} checkpoint"
     logging.info("evaluating %s (step %s) in %s", what, step, FLAGS.workdir)
-    given = {k: FLAGS[k].value for k in _EPISODE_FLAGS if FLAGS[k].present}
-    proto = None
     try:
-        if FLAGS.lake_runs_dir:
-            runs = data.load_lake_runs(os.path.expanduser(FLAGS.lake_runs_dir))
-            result = evaluation.evaluate_lake_runs(params, config, runs)
-            name, setting = "lake_runs", {"lake_runs_dir": FLAGS.lake_runs_dir}
-        elif FLAGS.mnist:
-            proto = pretrained.protocol(run)
-            proto.update(dataset="mnist", split=None, ways=10, seed=experiment.MNIST_SEED)
-            proto["episodes"] = run.get("mnist_test_episodes") or proto["episodes"]
-            proto.update({k: v for k, v in given.items() if k != "ways"})
-            images = data.load_mnist(manual_dir=FLAGS.datasets)["test"].images
-            result = evaluation.evaluate_classes(
-                params, config, images, ways=10, shots=proto["shots"],
-                queries_per_class=proto["queries_per_class"], episodes=proto["episodes"],
-                seed=proto["seed"], batch_size=proto["batch"],
-            )  # fmt: skip
-            name = f"mnist_10way{proto['shots']}shot"
-            setting = {"data": "mnist/test", "ways": 10}
-        else:
-            result, proto = pretrained.evaluate_run(
-                params, config, run, datasets=FLAGS.datasets, subset=FLAGS.subset,
-                split=FLAGS.split, **given,
-            )  # fmt: skip
-            where = proto["split"] if proto["dataset"] == "omniglot" else proto["dataset"]
-            name = f"{where}_{proto['subset']}_{proto['ways']}way{proto['shots']}shot"
-            data_name = "/".join(
-                [proto["dataset"]]
-                + ([proto["split"]] if proto["dataset"] == "omniglot" else [])
-                + [proto["subset"]]
-            )
-            setting = {"data": data_name, "ways": proto["ways"]}
+        result, name, setting, proto = _measure(params, config, run)
     except (ValueError, FileNotFoundError) as e:
         common.fail(str(e))
     name = FLAGS.name or name
@@ -151,17 +121,56 @@ def main(argv):
 _EPISODE_FLAGS = ("ways", "shots", "queries_per_class", "episodes", "seed", "batch")
 
 
+def _measure(params, config, run):
+    """The evaluation the flags ask for: Lake's runs, MNIST, or the run's protocol with the
+    episode flags given.
+
+    Returns:
+      `(result, name, setting, protocol)`; the protocol is `None` for Lake's runs.
+    """
+    from metanet_jax import data
+
+    given = {k: FLAGS[k].value for k in _EPISODE_FLAGS if FLAGS[k].present}
+    if FLAGS.lake_runs_dir:
+        runs = data.load_lake_runs(os.path.expanduser(FLAGS.lake_runs_dir))
+        result = evaluation.evaluate_lake_runs(params, config, runs)
+        return result, "lake_runs", {"lake_runs_dir": FLAGS.lake_runs_dir}, None
+    if FLAGS.mnist:
+        proto = protocol.protocol(run)
+        proto.update(dataset="mnist", split=None, ways=10, seed=train.MNIST_SEED)
+        proto["episodes"] = run.get("mnist_test_episodes") or proto["episodes"]
+        proto.update({k: v for k, v in given.items() if k != "ways"})
+        images = data.load_mnist(manual_dir=FLAGS.datasets)["test"].images
+        result = evaluation.evaluate_classes(
+            params, config, images, ways=10, shots=proto["shots"],
+            queries_per_class=proto["queries_per_class"], episodes=proto["episodes"],
+            seed=proto["seed"], batch_size=proto["batch"],
+        )  # fmt: skip
+        setting = {"data": "mnist/test", "ways": 10}
+        return result, f"mnist_10way{proto['shots']}shot", setting, proto
+    result, proto = protocol.evaluate_run(
+        params, config, run, datasets=FLAGS.datasets, subset=FLAGS.subset, split=FLAGS.split,
+        **given,
+    )  # fmt: skip
+    where = proto["split"] if proto["dataset"] == "omniglot" else proto["dataset"]
+    name = f"{where}_{proto['subset']}_{proto['ways']}way{proto['shots']}shot"
+    data_name = "/".join(
+        [proto["dataset"]]
+        + ([proto["split"]] if proto["dataset"] == "omniglot" else [])
+        + [proto["subset"]]
+    )
+    return result, name, {"data": data_name, "ways": proto["ways"]}, proto
+
+
 def _recorded(meta, run, proto, is_pretrained) -> str | None:
     """The accuracy results.json recorded for exactly this protocol (the run's test), if any."""
-    from metanet_jax import pretrained
-
     if is_pretrained:
         results = meta.get("results") or {}
         same = results.get("test_protocol") == proto
     else:
         path = Path(FLAGS.workdir) / "results.json"
         results = json.loads(path.read_text()) if path.is_file() else {}
-        same = proto == pretrained.protocol(run)
+        same = proto == protocol.protocol(run)
         same = same and results.get("evaluated_step") == meta.get("step")
     if not same or results.get("test_accuracy") is None:
         return None

@@ -51,6 +51,7 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()
+    from experiments import exporting, protocol
     from metanet_jax import evaluation, pretrained
 
     dest = os.path.join(FLAGS.pretrained_dir, FLAGS.name)
@@ -62,16 +63,16 @@ def main(argv):
         _, _, meta = pretrained.load_model(FLAGS.workdir, FLAGS.checkpoint)
         run = meta.get("flags") or {}
         recorded = (meta.get("results") or {}) if pretrained.is_pretrained(FLAGS.workdir) else {}
-        flagfile = FLAGS.flagfile or recorded.get("flagfile") or pretrained.find_flagfile(run)
+        flagfile = FLAGS.flagfile or recorded.get("flagfile") or protocol.find_flagfile(run)
         info = {"flagfile": None if flagfile is None else str(flagfile).replace(os.sep, "/")}
         info["command"] = (
-            FLAGS.command or recorded.get("command") or pretrained.training_command(run, flagfile)
+            FLAGS.command or recorded.get("command") or protocol.training_command(run, flagfile)
         )
         if FLAGS.hardware:
             info["hardware"] = FLAGS.hardware
         logging.info("exporting %s (%s) to %s; measuring its test accuracy here", FLAGS.workdir,
                      FLAGS.checkpoint, dest)  # fmt: skip
-        results = pretrained.export(
+        results = exporting.export(
             FLAGS.workdir, dest, which=FLAGS.checkpoint, datasets=FLAGS.datasets, info=info,
             overwrite=FLAGS.overwrite,
         )  # fmt: skip

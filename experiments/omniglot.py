@@ -11,8 +11,8 @@ whose model or data flags differ from the workdir's config.json is refused. SIGI
 during training save a checkpoint and exit (status 0), during the final test stop it (status
 0; rerun to test), before training starts exit at once (status 130/143), each with one line; a
 NaN/infinite loss stops the run (status 1) keeping the last good checkpoint; a corrupt
-checkpoint is set aside and the previous good one used (metanet_jax/checkpointing.py). See
-metanet_jax/experiment.py and WORKSPACE.md.
+checkpoint is set aside and the previous good one used (metanet_jax/checkpointing.py). The
+run itself is `experiments.train.train_and_evaluate`; see WORKSPACE.md.
 
 The same command runs on one CPU, on every device of a host (the meta-batch is split over
 them) and on several hosts (`--coordinator_address`, `--num_processes`, `--process_id`, or a
@@ -22,6 +22,7 @@ cluster manager JAX detects); see docs/SCALING.md.
 from __future__ import annotations
 
 import sys
+import types
 
 from absl import app, flags, logging
 
@@ -30,20 +31,19 @@ from experiments import common
 if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
     common.handle_startup_signals()
 
+from experiments import train  # noqa: E402
 from metanet_jax import config as config_lib  # noqa: E402
-from metanet_jax import experiment, logging_utils, parallel  # noqa: E402
+from metanet_jax import logging_utils, parallel  # noqa: E402
+from metanet_jax.data import SPLIT_SCHEMES  # noqa: E402
 
 FLAGS = flags.FLAGS
-_D = experiment.RunSpec(workdir="")  # defaults
+_D = types.SimpleNamespace(**train.RunSpec(workdir="").to_dict())  # the flags' defaults
 
 # --- where
 flags.DEFINE_string("workdir", None, "Run folder (config.json, checkpoints, metrics, results).")
 common.register_workdir_validator("workdir")  # set, and a folder this user can write
-flags.DEFINE_enum("dataset", _D.dataset, experiment.DATASETS, "Data set.")
-flags.DEFINE_enum(
-    "split", _D.split, ("standard", "previous", "small1", "small2", "small"),
-    "Omniglot class split scheme (docs/DATA.md).",
-)  # fmt: skip
+flags.DEFINE_enum("dataset", _D.dataset, train.DATASETS, "Data set.")
+flags.DEFINE_enum("split", _D.split, SPLIT_SCHEMES, "Omniglot class split scheme (docs/DATA.md).")
 common.define_int("validation_classes", _D.validation_classes, 1, 500,
                   "Omniglot background characters held out for validation.")  # fmt: skip
 common.define_int("validation_alphabets", _D.validation_alphabets, 0, 29,
@@ -206,12 +206,13 @@ def _architecture(v):
     return (v["dataset"] == "mini_imagenet") == (v["architecture"] == "mini_imagenet_cnn")
 
 
-def spec_from_flags() -> experiment.RunSpec:
-    """The `RunSpec` the parsed flags describe."""
-    import dataclasses
+def spec_from_flags() -> train.RunSpec:
+    """The `RunSpec` the parsed flags describe.
 
-    return experiment.RunSpec(**{f.name: FLAGS[f.name].value for f in dataclasses.fields(
-        experiment.RunSpec)})  # fmt: skip
+    Raises:
+      ValueError: a model the flags do not allow (e.g. `--learning_rate=0`).
+    """
+    return train.RunSpec.from_flags({name: FLAGS[name].value for name in vars(_D)})
 
 
 def main(argv):
@@ -219,13 +220,13 @@ def main(argv):
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.start_distributed()  # first: before anything starts a JAX backend
     common.quiet_libraries()
-    spec = spec_from_flags()
-    logging.info(experiment.environment_summary())
+    logging.info(train.environment_summary())
     try:
-        results = experiment.train(spec)
-    except (experiment.WorkdirMismatch, FileNotFoundError, ValueError) as e:
+        spec = spec_from_flags()
+        results = train.train_and_evaluate(spec)
+    except (train.WorkdirMismatch, FileNotFoundError, ValueError) as e:
         common.fail(str(e))
-    except experiment.checkpointing.CheckpointError as e:
+    except train.checkpointing.CheckpointError as e:
         common.fail(str(e))
     if results["status"] == "nan":
         sys.exit(1)

@@ -6,7 +6,7 @@ r"""Write the results report: docs/RESULTS.md, README's results block, flagfile 
 
 Reads every `results.json` and `eval_*.json` under the given folders (run folders and
 pretrained models) and `docs/ablations/*.json`; writes one row per number of the paper's
-tables with ours beside it (`metanet_jax.report`). `python -m experiments.report pretrained`
+tables with ours beside it (`experiments.reporting`). `python -m experiments.report pretrained`
 regenerates the committed docs/RESULTS.md exactly.
 """
 
@@ -31,14 +31,14 @@ flags.DEFINE_bool("check", False, "Write nothing; exit 1 naming each file that w
 
 
 def main(argv):
-    from metanet_jax import report
+    from experiments import reporting
 
     folders = argv[1:] or ["pretrained"]
     for folder in folders:
         if not os.path.isdir(folder):
             common.fail(f"{folder}: no such folder")
     try:
-        changed = report.build(
+        changed = reporting.build(
             folders,
             output=FLAGS.output,
             readme=FLAGS.readme or None,

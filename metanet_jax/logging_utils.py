@@ -246,19 +246,26 @@ def write_results(workdir: str | os.PathLike, results: Mapping[str, Any]) -> tup
     return json_path, md_path
 
 
-def results_markdown(results: Mapping[str, Any]) -> str:
-    """A Markdown summary: headline numbers, then the configuration and versions."""
-    lines = ["# Results", ""]
-    headline = [
+def _headline(results: Mapping[str, Any], step_label: str) -> list[tuple[str, Any]]:
+    """`(label, value)` of a run's headline numbers (results.md and the final table)."""
+    return [
         ("test accuracy", _pct(results.get("test_accuracy"), results.get("test_ci95"))),
         ("test episodes", results.get("test_episodes")),
         ("best validation accuracy", _pct(results.get("best_validation_accuracy"))),
-        ("checkpoint evaluated (step)", results.get("evaluated_step")),
+        (step_label, results.get("evaluated_step")),
         ("steps", results.get("steps")),
         ("wall time", _dur(results.get("wall_time_s"))),
         ("episodes/s", _num(results.get("episodes_per_s"))),
-        ("devices / processes", f"{results.get('devices')} / {results.get('processes')}"),
     ]
+
+
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """A Markdown summary: headline numbers, then the configuration and versions."""
+    lines = ["# Results", ""]
+    headline = _headline(results, "checkpoint evaluated (step)")
+    headline.append(
+        ("devices / processes", f"{results.get('devices')} / {results.get('processes')}")
+    )
     lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in headline if v is not None]
     for title, key in (("Configuration", "config"), ("Library versions", "versions")):
         section = results.get(key)
@@ -270,15 +277,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 
 def final_table(results: Mapping[str, Any]) -> str:
     """The few lines printed at the end of a run."""
-    rows = [
-        ("test accuracy", _pct(results.get("test_accuracy"), results.get("test_ci95"))),
-        ("test episodes", results.get("test_episodes")),
-        ("best validation accuracy", _pct(results.get("best_validation_accuracy"))),
-        ("evaluated checkpoint (step)", results.get("evaluated_step")),
-        ("steps", results.get("steps")),
-        ("wall time", _dur(results.get("wall_time_s"))),
-        ("episodes/s", _num(results.get("episodes_per_s"))),
-    ]
+    rows = _headline(results, "evaluated checkpoint (step)")
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 

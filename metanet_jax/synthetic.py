@@ -43,3 +43,19 @@ def synthetic_episodes(
     xq = protos[:, yq] + noise * jax.random.normal(kq, (batch_size, ways * nq) + shape)
     tile = lambda y: jnp.broadcast_to(y, (batch_size,) + y.shape)
     return Episode(xs, tile(ys)), Episode(xq, tile(yq))
+
+
+def synthetic_classes(seed: int, classes: int, per_class: int, size: int):
+    """A synthetic class array `[classes, per_class, size, size, 1]` uint8 (numpy), the form
+    the episode sampler reads (`--dataset=synthetic` of the training program, smoke runs).
+
+    Each class is a random binary pattern; its examples flip a few pixels and add noise.
+    """
+    import numpy as np  # here: the module's episodes above are pure JAX
+
+    rng = np.random.default_rng(seed)
+    protos = rng.random((classes, 1, size, size, 1)) < 0.3
+    flips = rng.random((classes, per_class, size, size, 1)) < 0.05
+    x = np.logical_xor(protos, flips).astype(np.float32)
+    x = np.clip(x + 0.1 * rng.standard_normal(x.shape), 0, 1)
+    return (255 * x).round().astype(np.uint8)

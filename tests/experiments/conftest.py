@@ -1,23 +1,20 @@
-"""Fixtures of the experiment tests: tiny synthetic runs (seconds each, no data set needed)."""
+"""Fixtures of the program tests: tiny synthetic runs (seconds each, no data set needed)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
-from metanet_jax import experiment
+from experiments import train
+from tests.conftest import TINY
 
+# The run around the suite's one tiny model: its model flags are TINY's (the fields the
+# program has flags for; lstm_hidden and generator_hidden are no flags and keep their
+# defaults), on synthetic 8x8 images, validating and checkpointing often.
 TINY_RUN = dict(
+    {k: v for k, v in TINY.items() if k in train.MODEL_FLAGS},
     dataset="synthetic",
     synthetic_size=8,
-    conv_channels=3,
-    num_conv_layers=2,
-    hidden_units=5,
-    ways=3,
-    queries_per_class=2,
     eval_queries_per_class=2,
-    rep_chunks=2,
     meta_batch=2,
     steps=4,
     eval_every=2,
@@ -33,8 +30,9 @@ TINY_RUN = dict(
 TINY_FLAGS = [f"--{k}={v}" for k, v in TINY_RUN.items()]
 
 
-def tiny_spec(workdir, **overrides) -> experiment.RunSpec:
-    return experiment.RunSpec(workdir=str(workdir), **{**TINY_RUN, **overrides})
+def tiny_spec(workdir, **overrides) -> train.RunSpec:
+    """The tiny run in `workdir`; `overrides` are flat flags (model flags included)."""
+    return train.RunSpec.from_flags({"workdir": str(workdir), **TINY_RUN, **overrides})
 
 
 @pytest.fixture
@@ -47,5 +45,6 @@ def spec_factory(tmp_path):
     return make
 
 
-def replace(spec, **changes):
-    return dataclasses.replace(spec, **changes)
+def replace(spec: train.RunSpec, **changes) -> train.RunSpec:
+    """`spec` with some flat flags changed (model flags included)."""
+    return spec.replace(**changes)

@@ -189,7 +189,7 @@ def _losses(workdir) -> list[float]:
 
 def _final_params(workdir, initial=False) -> dict[str, np.ndarray]:
     """The params of the checkpoint of step STEPS (`initial`: those of step 0, the init of
-    `experiment.train` with --seed=0)."""
+    `experiments.train.train_and_evaluate` with --seed=0)."""
     import jax
 
     from metanet_jax import checkpointing, evaluation

@@ -73,8 +73,7 @@ def test_every_flagfile_parses_into_a_valid_model_configuration(tmp_path):
         f"""
         import sys
         from absl import flags
-        from experiments import omniglot
-        from metanet_jax import experiment
+        from experiments import omniglot, train
         FLAGS = flags.FLAGS
         for path in sys.argv[1:]:
             FLAGS.unparse_flags()
@@ -85,7 +84,7 @@ def test_every_flagfile_parses_into_a_valid_model_configuration(tmp_path):
                 continue
             spec = omniglot.spec_from_flags()
             shape = (84, 84, 3) if spec.dataset == "mini_imagenet" else (28, 28, 1)
-            experiment.model_config(spec, shape)
+            train.model_config(spec, shape)
             print("OK", path)
         """
     )
@@ -93,17 +92,17 @@ def test_every_flagfile_parses_into_a_valid_model_configuration(tmp_path):
     # process of their own, into its own spec and model configuration.
     continual_script = textwrap.dedent(
         f"""
-        import dataclasses, sys
+        import sys
         from absl import flags
         from experiments import continual as program
-        from metanet_jax import continual
+        from experiments import continual_protocol
         FLAGS = flags.FLAGS
         for path in sys.argv[1:]:
             FLAGS.unparse_flags()
             FLAGS(["x", "--flagfile=" + path, "--workdir={tmp_path}/w"])
-            fields = dataclasses.fields(continual.ContinualSpec)
-            spec = continual.ContinualSpec(**{{f.name: FLAGS[f.name].value for f in fields}})
-            config = continual.model_config(spec)
+            names = continual_protocol.ContinualSpec(workdir="").to_dict()
+            spec = continual_protocol.ContinualSpec.from_flags({{k: FLAGS[k].value for k in names}})
+            config = spec.model
             assert config.architecture == "mlp", config
             print("OK", path)
         """

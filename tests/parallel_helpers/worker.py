@@ -24,19 +24,9 @@ import optax
 import metanet_jax as mn
 from metanet_jax import parallel
 
-TINY = dict(
-    ways=3,
-    shots=1,
-    queries_per_class=2,
-    image_shape=(6, 6, 1),
-    conv_channels=3,
-    num_conv_layers=1,
-    hidden_units=5,
-    rep_chunks=2,
-    lstm_hidden=4,
-    generator_hidden=4,
-    task_batching="vmap",
-)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from tests.conftest import TINY  # noqa: E402  (the suite's one tiny configuration)
+
 META_BATCH = 4
 STEPS = 3
 SEED = 7
@@ -54,7 +44,7 @@ def data_key(step: int):
 
 
 def config() -> mn.MetaNetConfig:
-    return mn.MetaNetConfig(**TINY)
+    return mn.MetaNetConfig(**{**TINY, "num_conv_layers": 1, "task_batching": "vmap"})
 
 
 def optimizer(cfg):

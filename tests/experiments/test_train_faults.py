@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import metanet_jax as mn
-from experiments import common
-from metanet_jax import checkpointing, evaluation, experiment
+from experiments import common, train
+from metanet_jax import checkpointing, evaluation
 from tests.conftest import tiny_config
 from tests.experiments.conftest import TINY_FLAGS, replace
 
@@ -293,11 +293,11 @@ def test_a_corrupt_final_checkpoint_is_set_aside_and_the_same_command_finishes(
     spec_factory, caplog, fault, reason
 ):
     spec = spec_factory(steps=3, keep_checkpoints=3)
-    experiment.train(spec)
+    train.train_and_evaluate(spec)
     directory = evaluation.checkpoint_dir(spec.workdir)
     fault(directory / "3")
     with caplog.at_level(logging.INFO):
-        out = experiment.train(spec)  # the same command again
+        out = train.train_and_evaluate(spec)  # the same command again
     assert out["status"] == "completed"
     assert "resumed from step 2" in caplog.text
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "corrupt" in r.msg]
@@ -339,22 +339,22 @@ def test_closed_event_loop_reports_of_a_failed_restore_are_dropped_and_nothing_e
 
 def test_sigint_during_the_final_test_stops_it_saying_so(spec_factory, caplog, monkeypatch):
     spec = spec_factory(steps=2)
-    batches = experiment._eval_batches
+    batches = train._eval_batches
 
     def interrupt_the_test(images, cfg, n, spec, seed, permutations=None):
-        if seed == experiment.TEST_SEED:
+        if seed == train.TEST_SEED:
             os.kill(os.getpid(), signal.SIGINT)
         return batches(images, cfg, n, spec, seed, permutations)
 
-    monkeypatch.setattr(experiment, "_eval_batches", interrupt_the_test)
+    monkeypatch.setattr(train, "_eval_batches", interrupt_the_test)
     with caplog.at_level(logging.WARNING):
-        out = experiment.train(spec)
+        out = train.train_and_evaluate(spec)
     assert out["status"] == "interrupted" and out["signal"] == "SIGINT"
     lines = [r.getMessage() for r in caplog.records if "SIGINT" in r.getMessage()]
     assert len(lines) == 1 and "final test" in lines[0], lines
     assert not (Path(spec.workdir) / "results.json").exists()
-    monkeypatch.setattr(experiment, "_eval_batches", batches)
-    assert experiment.train(spec)["status"] == "completed"  # the rerun tests
+    monkeypatch.setattr(train, "_eval_batches", batches)
+    assert train.train_and_evaluate(spec)["status"] == "completed"  # the rerun tests
 
 
 def test_a_signal_during_start_up_exits_with_one_line():
@@ -374,9 +374,9 @@ def test_a_signal_during_start_up_exits_with_one_line():
 
 def test_the_window_after_a_resume_says_how_many_steps_it_averages(spec_factory, caplog):
     spec = spec_factory(steps=3, log_every=2, eval_every=100)
-    experiment.train(spec)
+    train.train_and_evaluate(spec)
     with caplog.at_level(logging.INFO):
-        experiment.train(replace(spec, steps=6))
+        train.train_and_evaluate(replace(spec, steps=6))
     records = [json.loads(x) for x in open(os.path.join(spec.workdir, "metrics.jsonl"))]
     windows = {r["step"]: r["window_steps"] for r in records if "loss" in r}
     assert windows == {2: 2, 3: 1, 4: 1, 6: 2}
@@ -415,6 +415,6 @@ def test_a_workdir_the_run_cannot_create_is_one_error_naming_it(spec_factory, mo
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "mkdir", refuse)
-    with pytest.raises(experiment.WorkdirError, match="cannot create or write") as e:
-        experiment.train(spec)
+    with pytest.raises(train.WorkdirError, match="cannot create or write") as e:
+        train.train_and_evaluate(spec)
     assert spec.workdir in str(e.value) and "Permission denied" in str(e.value)

@@ -1,4 +1,4 @@
-"""The continual-learning protocol (metanet_jax/continual.py), checked by value.
+"""The continual-learning protocol (experiments/continual_protocol.py), checked by value.
 
 Omniglot first; then MNIST with new W and Q and the shared Z and G; every `measure_every`
 MNIST trials, Omniglot accuracy with Omniglot's W and Q and the *current* Z and G
@@ -15,15 +15,16 @@ import jax
 import numpy as np
 
 import metanet_jax as mn
-from metanet_jax import continual, data, evaluation, experiment
+from experiments import continual_protocol
+from metanet_jax import data, evaluation
 
 
 def _classes():
     return {
-        "omniglot_train": experiment.synthetic_classes(1, 12, 20, 28),
-        "omniglot_test": experiment.synthetic_classes(2, 8, 20, 28),
-        "mnist_train": experiment.synthetic_classes(3, 10, 20, 28),
-        "mnist_test": experiment.synthetic_classes(4, 10, 20, 28),
+        "omniglot_train": mn.synthetic.synthetic_classes(1, 12, 20, 28),
+        "omniglot_test": mn.synthetic.synthetic_classes(2, 8, 20, 28),
+        "mnist_train": mn.synthetic.synthetic_classes(3, 10, 20, 28),
+        "mnist_test": mn.synthetic.synthetic_classes(4, 10, 20, 28),
     }
 
 
@@ -34,8 +35,9 @@ def _replay(spec, config, images, key, steps, state, permutations=None):
     out = []
     for i in range(steps):
         episodes = data.sample_episodes(
-            jax.random.fold_in(key, i), images, spec.ways, spec.shots, spec.queries_per_class,
-            spec.meta_batch, rotate=permutations is None, permutations=permutations,
+            jax.random.fold_in(key, i), images, config.ways, config.shots,
+            config.queries_per_class, spec.meta_batch, rotate=permutations is None,
+            permutations=permutations,
         )  # fmt: skip
         state, _ = step(state, *episodes)
         out.append(jax.tree.map(np.asarray, state.params))
@@ -59,11 +61,11 @@ def _assert_tree_equal(a, b):
 
 def test_omniglot_is_measured_with_its_w_and_q_and_the_current_z_and_g(tmp_path, monkeypatch):
     classes = _classes()
-    spec = continual.ContinualSpec(
+    spec = continual_protocol.ContinualSpec.from_flags(dict(
         workdir=str(tmp_path / "c"), ways=3, queries_per_class=2, hidden_units=8,
         omniglot_steps=2, mnist_steps=4, measure_every=2, permutations=2, eval_episodes=4,
         eval_batch=4, log_every=2,
-    )  # fmt: skip
+    ))  # fmt: skip
     measured = []  # (params, config, batches, result) of every evaluation the run makes
     real_evaluate = evaluation.evaluate
 
@@ -74,13 +76,14 @@ def test_omniglot_is_measured_with_its_w_and_q_and_the_current_z_and_g(tmp_path,
         return result
 
     monkeypatch.setattr(evaluation, "evaluate", spy)
-    result = continual.run(spec, classes)
+    result = continual_protocol.run(spec, classes)
     assert [c["mnist_trials"] for c in result["curve"]] == [0, 2, 4]
     assert (tmp_path / "c" / "continual.json").exists()
     assert (tmp_path / "c" / "continual.png").exists()
 
     # The protocol, replayed.
-    config = continual.model_config(spec)
+    config = spec.model
+    assert (config.architecture, config.image_shape, config.ways) == ("mlp", (28, 28, 1), 3)
     root = jax.random.key(spec.seed)
     optimizer = mn.make_optimizer(config)
     init = mn.init(jax.random.fold_in(root, 0), config)

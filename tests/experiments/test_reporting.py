@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from metanet_jax import experiment, report
+from experiments import reporting, train
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,13 +19,13 @@ def test_committed_results_readme_and_flagfiles_are_what_the_report_writes(monke
     """`python -m experiments.report pretrained` would change nothing: docs/RESULTS.md, the
     README block and the flagfile headers agree with pretrained/."""
     monkeypatch.chdir(ROOT)
-    assert report.build(["pretrained"], check=True) == []
+    assert reporting.build(["pretrained"], check=True) == []
 
 
 def test_readme_states_the_demo_accuracy_in_percent_with_two_decimals():
     demo = ROOT / "pretrained" / "demo" / "results.json"
     readme = (ROOT / "README.md").read_text()
-    block = readme[readme.index(report.README_BEGIN) : readme.index(report.README_END)]
+    block = readme[readme.index(reporting.README_BEGIN) : readme.index(reporting.README_END)]
     if not demo.is_file():
         assert "No pretrained model yet" in block or "pretrained/demo" not in block
         return
@@ -46,7 +46,7 @@ def _source(root: Path, name: str, *, pretrained=True, evals=(), **flags) -> Pat
     """A fake model folder: results.json for `flags` (RunSpec defaults otherwise)."""
     folder = root / name
     folder.mkdir(parents=True)
-    spec = experiment.RunSpec(workdir=f"workdirs/{name}", **flags)
+    spec = train.RunSpec.from_flags({"workdir": f"workdirs/{name}", **flags})
     results = {
         "config": spec.to_dict(), "steps": spec.steps, "wall_time_s": 3723.0,
         "test_accuracy": 0.9712, "test_ci95": 0.0031, "test_episodes": 1000,
@@ -72,17 +72,17 @@ def test_numbers_land_in_their_paper_cells(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     models = tmp_path / "models"
     to20 = {"name": "a", "data": "omniglot/previous/test", "ways": 20, "shots": 1,
-            "queries_per_class": 10, "episodes": 1000, "seed": experiment.TEST_SEED,
+            "queries_per_class": 10, "episodes": 1000, "seed": train.TEST_SEED,
             "batch": 50, "accuracy": 0.9, "ci95": 0.01}  # fmt: skip
     mnist = {"name": "b", "data": "mnist/test", "ways": 10, "shots": 1, "queries_per_class": 10,
-             "episodes": 400, "seed": experiment.MNIST_SEED, "batch": 50, "accuracy": 0.7512,
+             "episodes": 400, "seed": train.MNIST_SEED, "batch": 50, "accuracy": 0.7512,
              "ci95": 0.02}  # fmt: skip
     _source(models, "prev5", split="previous", ways=5, max_ways=20, steps=40000,
             evals=[to20, mnist])  # fmt: skip
     _source(models, "std20", split="standard", ways=20, steps=20000, meta_batch=16)
     _source(models, "mlp5", split="previous", ways=5, architecture="mlp")  # MNIST flagfiles
     ablations = tmp_path / "ablations"
-    report.write_ablation(
+    reporting.write_ablation(
         ablations / "levers.json", "Levers at equal CPU time",
         [{"name": "authors' init", "flags": "--generator_init=authors", "steps": 3500,
           "wall_time_s": 300.0, "val_accuracy": 0.9231, "val_ci95": 0.0123, "val_episodes": 400}],
@@ -102,13 +102,13 @@ def test_numbers_land_in_their_paper_cells(tmp_path, monkeypatch):
                   "test_episodes": 200}],
     }))  # fmt: skip
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\nend\n")
+    readme.write_text(f"intro\n{reporting.README_BEGIN}\nold\n{reporting.README_END}\nend\n")
     flags_dir = tmp_path / "flags"
     flags_dir.mkdir()
     (flags_dir / "std.flags").write_text("# Table 2\n--ways=20\n")
     kw = dict(output=tmp_path / "RESULTS.md", readme=readme, flags_dir=flags_dir,
               ablations_dir=ablations)  # fmt: skip
-    changed = report.build(["models"], **kw)
+    changed = reporting.build(["models"], **kw)
     assert sorted(Path(p).name for p in changed) == ["README.md", "RESULTS.md", "std.flags"]
     text = (tmp_path / "RESULTS.md").read_text()
     # Previous split, MetaNet 5-way: the model's own test, its training and its test command.
@@ -156,7 +156,7 @@ def test_numbers_land_in_their_paper_cells(tmp_path, monkeypatch):
         "# Table 2\n--ways=20\n"
     )
     # Deterministic: a second run changes nothing.
-    assert report.build(["models"], **kw) == []
+    assert reporting.build(["models"], **kw) == []
 
 
 def test_a_model_recording_its_flagfile_adds_a_result_line(tmp_path, monkeypatch):
@@ -169,7 +169,7 @@ def test_a_model_recording_its_flagfile_adds_a_result_line(tmp_path, monkeypatch
     flags_dir.mkdir()
     old = "# python -m experiments.omniglot --flagfile=experiments/flags/demo.flags\n"
     (flags_dir / "demo.flags").write_text(old + "# result: stale\n# the demo\n--ways=5\n")
-    report.build(["models"], output=tmp_path / "R.md", readme=None, flags_dir=flags_dir)
+    reporting.build(["models"], output=tmp_path / "R.md", readme=None, flags_dir=flags_dir)
     assert (flags_dir / "demo.flags").read_text().splitlines() == [
         old.strip(),
         "# result: test 97.12% +- 0.31 (95% CI, 1,000 episodes), 3,500 steps, 1h02m on 1 x "
@@ -183,21 +183,21 @@ def test_bad_ablation_files_are_refused_with_one_line(tmp_path):
     row = {"name": "x", "flags": "", "steps": 1, "wall_time_s": 1.0, "val_accuracy": 0.5,
            "val_ci95": 0.1}  # fmt: skip
     with pytest.raises(ValueError, match="row 0 .'x'. lacks val_accuracy .or best_valid"):
-        report.write_ablation(tmp_path / "a.json", "t", [dict(row, val_accuracy=None)])
+        reporting.write_ablation(tmp_path / "a.json", "t", [dict(row, val_accuracy=None)])
     with pytest.raises(ValueError, match="val_accuracy=92.3 is not a fraction"):
-        report.write_ablation(tmp_path / "a.json", "t", [dict(row, val_accuracy=92.3)])
+        reporting.write_ablation(tmp_path / "a.json", "t", [dict(row, val_accuracy=92.3)])
     with pytest.raises(ValueError, match="unknown row field.*accuracy"):
-        report.write_ablation(tmp_path / "a.json", "t", [dict(row, accuracy=0.5)])
+        reporting.write_ablation(tmp_path / "a.json", "t", [dict(row, accuracy=0.5)])
     assert not (tmp_path / "a.json").exists()
     (tmp_path / "b.json").write_text(json.dumps({"name": "b", "rows": [{"name": "y"}]}))
     with pytest.raises(ValueError, match="b.json: row 0 .'y'. lacks steps, wall_time_s"):
-        report.results_markdown([], ["pretrained"], tmp_path)
+        reporting.results_markdown([], ["pretrained"], tmp_path)
 
 
 def test_report_program_check_fails_on_a_stale_readme(tmp_path):
     (tmp_path / "pre").mkdir()
     readme = tmp_path / "README.md"
-    readme.write_text(f"{report.README_BEGIN}\nstale\n{report.README_END}\n")
+    readme.write_text(f"{reporting.README_BEGIN}\nstale\n{reporting.README_END}\n")
     args = [sys.executable, "-m", "experiments.report", str(tmp_path / "pre"), "--check",
             f"--readme={readme}", f"--output={tmp_path / 'R.md'}", "--flags_dir="]  # fmt: skip
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,4 +1,5 @@
-"""Pretrained models: export, no-pickle files, loading, and the evaluation that reproduces them."""
+"""experiments.exporting: a run exported as a pretrained folder (no pickle), loaded again, and
+the evaluation program that reproduces its recorded accuracy."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 
 import metanet_jax as mn
-from metanet_jax import evaluation, experiment, pretrained
+from experiments import exporting, train
+from metanet_jax import evaluation
 from tests.experiments.conftest import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,8 +28,8 @@ def trained(tmp_path_factory):
     """A tiny trained run (more output units than ways) and its export."""
     base = tmp_path_factory.mktemp("pretrained")
     spec = tiny_spec(base / "run", max_ways=4, steps=4, seed=3)
-    run_results = experiment.train(spec)
-    results = pretrained.export(spec.workdir, base / "pre" / "tiny", info={"hardware": "test"})
+    run_results = train.train_and_evaluate(spec)
+    results = exporting.export(spec.workdir, base / "pre" / "tiny", info={"hardware": "test"})
     return spec, run_results, base / "pre" / "tiny", results
 
 
@@ -48,7 +50,7 @@ def test_export_writes_params_config_results_without_pickle(trained):
     config = json.loads((folder / "config.json").read_text())
     assert config["flags"]["max_ways"] == 4 and config["model_config"]["max_ways"] == 4
     for key in ("ways", "shots", "split", "eval_queries_per_class", "eval_batch"):
-        assert saved["config"][key] == getattr(spec, key)
+        assert saved["config"][key] == spec.to_dict()[key]
     assert saved["steps"] == spec.steps == run_results["steps"]
     assert saved["wall_time_s"] == pytest.approx(run_results["wall_time_s"])
     assert saved["evaluated_step"] == run_results["evaluated_step"]
@@ -60,7 +62,7 @@ def test_export_writes_params_config_results_without_pickle(trained):
     assert saved["training_run"]["test_accuracy"] == run_results["test_accuracy"]
     assert saved["test_protocol"] == {
         "dataset": "synthetic", "split": "standard", "subset": "test", "ways": 3, "shots": 1,
-        "queries_per_class": 2, "episodes": 8, "seed": experiment.TEST_SEED, "batch": 4,
+        "queries_per_class": 2, "episodes": 8, "seed": train.TEST_SEED, "batch": 4,
     }  # fmt: skip
 
 
@@ -73,30 +75,6 @@ def test_load_pretrained_gives_the_checkpoint_params(trained):
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ckpt_params), strict=True):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_load_pretrained_errors(trained, tmp_path):
-    _, _, folder, _ = trained
-    with pytest.raises(FileNotFoundError, match="no pretrained model 'no-such-model'"):
-        mn.load_pretrained("no-such-model")
-    # A params file that does not fit its config: one line naming the leaf.
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "config.json").write_text((folder / "config.json").read_text())
-    with np.load(folder / "params.npz", allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files}
-    dropped = sorted(arrays)[0]
-    del arrays[dropped]
-    arrays["base/out/kernel"] = np.zeros((1, 1), np.float32)
-    np.savez(bad / "params.npz", **arrays)
-    with pytest.raises(ValueError, match=f"missing {dropped}.*shape/dtype of base/out/kernel"):
-        mn.load_pretrained(bad)
-
-
-def test_flatten_refuses_ambiguous_keys():
-    assert pretrained.flatten_params({"a": {"b": np.ones(2)}}).keys() == {"a/b"}
-    with pytest.raises(ValueError, match="cannot be saved"):
-        pretrained.flatten_params({"a/b": np.ones(2)})
 
 
 def test_evaluate_program_reproduces_the_recorded_accuracy(trained, tmp_path):
@@ -120,49 +98,3 @@ def test_evaluate_program_reproduces_the_recorded_accuracy(trained, tmp_path):
     saved = json.loads((folder / "eval_synthetic_test_3way1shot.json").read_text())
     assert saved["checkpoint"] == "pretrained" and saved["batch"] == 4
     assert "tpu" not in out.stderr.lower()
-
-
-def test_flag_overrides_and_training_command(tmp_path):
-    flagfile = tmp_path / "x.flags"
-    flagfile.write_text("# a comment\n--ways=5\n--learning_rate=0.002\n--rotate\n"
-                        "--norotations_as_classes\n--workdir=workdirs/x\n")  # fmt: skip
-    run = experiment.RunSpec(workdir="elsewhere", ways=5, learning_rate=0.002, steps=7000)
-    assert pretrained.flag_overrides(flagfile, run.to_dict()) == ["--steps=7000"]
-    run = experiment.RunSpec(workdir="workdirs/x", ways=5, learning_rate=0.001, rotate=False)
-    assert pretrained.flag_overrides(flagfile, run.to_dict()) == ["--learning_rate=0.001",
-                                                                  "--norotate"]  # fmt: skip
-    assert pretrained.find_flagfile(run.to_dict(), tmp_path) == flagfile
-    assert pretrained.find_flagfile({"workdir": "workdirs/y"}, tmp_path) is None
-    command = pretrained.training_command(run.to_dict(), flagfile)
-    assert command == (f"python -m experiments.omniglot --flagfile={flagfile.as_posix()} "
-                       "--learning_rate=0.001 --norotate")  # fmt: skip
-
-
-def test_committed_pretrained_models_are_small_pickle_free_and_complete():
-    folder = ROOT / "pretrained"
-    assert pretrained.folder_size(folder) <= pretrained.MAX_TOTAL_BYTES
-    for model in sorted(p for p in folder.iterdir() if p.is_dir()):
-        assert pretrained.is_pretrained(model), model
-        for npz in model.glob("*.npz"):
-            with np.load(npz, allow_pickle=False) as f:
-                for k in f.files:
-                    assert f[k].dtype != object, (npz, k)
-        results = json.loads((model / "results.json").read_text())
-        for key in ("test_accuracy", "test_ci95", "test_episodes", "steps", "wall_time_s",
-                    "test_protocol"):  # fmt: skip
-            assert results.get(key) is not None, (model, key)
-        assert results["test_platform"] == "cpu", model
-        for key in ("ways", "shots", "split"):
-            assert key in results["config"], (model, key)
-        mn.load_pretrained(model.name)  # params fit the config
-
-
-def test_protocol_tests_eval_ways_as_the_training_run_did():
-    """A run trained 10-way and tested 5-way (`--eval_ways`, mini_imagenet_authors.flags) is
-    re-tested 5-way; without eval_ways, at its training ways."""
-    from metanet_jax import pretrained
-
-    run = {"ways": 10, "max_ways": 10, "eval_ways": 5, "test_episodes": 7}
-    assert pretrained.protocol(run)["ways"] == 5
-    assert pretrained.protocol(run, "validation")["ways"] == 5
-    assert pretrained.protocol({"ways": 10, "test_episodes": 7})["ways"] == 10

@@ -162,11 +162,11 @@ def find_sources(folders: Iterable[str | os.PathLike]) -> list[Source]:
 
 
 def _default_protocol(source: Source, mnist: bool = False) -> dict[str, Any]:
-    from metanet_jax import experiment, pretrained
+    from experiments import protocol, train
 
-    proto = pretrained.protocol(source.flags)
+    proto = protocol.protocol(source.flags)
     if mnist:
-        proto.update(ways=10, seed=experiment.MNIST_SEED)
+        proto.update(ways=10, seed=train.MNIST_SEED)
         proto["episodes"] = source.flags.get("mnist_test_episodes") or proto["episodes"]
     return proto
 
@@ -200,55 +200,41 @@ def _evaluate_command(source: Source, e: Mapping[str, Any] | None) -> str:
 def measurements(sources: Sequence[Source]) -> list[Measurement]:
     """Every test accuracy of the sources (validation and Lake-run evaluations left out); one
     per source and setting, a source's own test before an `eval_*.json` of the same setting."""
+    return [m for s in sources for m in _source_measurements(s)]
+
+
+def _source_measurements(s: Source) -> list[Measurement]:
     out: list[Measurement] = []
-    for s in sources:
-        seen = set()
-        r = s.results
-        if r.get("test_accuracy") is not None:
-            proto = r.get("test_protocol") or {}
-            dataset = s.flag("dataset", "omniglot")
-            m = Measurement(
-                s, dataset, s.flag("split", "standard") if dataset == "omniglot" else None,
-                int(proto.get("ways", s.flag("ways", 5))),
-                int(proto.get("shots", s.flag("shots", 1))),
-                float(r["test_accuracy"]), r.get("test_ci95"), r.get("test_episodes"),
-                _evaluate_command(s, None), "results.json",
-            )  # fmt: skip
-            out.append(m)
-            seen.add((m.dataset, m.split, m.ways, m.shots))
-        if r.get("mnist_accuracy") is not None:
-            m = Measurement(
-                s, "mnist", None, 10, 1, float(r["mnist_accuracy"]), r.get("mnist_ci95"),
-                r.get("mnist_episodes"), _evaluate_command(s, {"data": "mnist/test"}),
-                "results.json",
-            )  # fmt: skip
-            out.append(m)
-            seen.add((m.dataset, m.split, m.ways, m.shots))
-        evals = sorted(s.evals, key=lambda e: (-(e.get("episodes") or 0), e["file"]))
-        for e in evals:
-            parts = str(e.get("data", "")).split("/")
-            if parts[-1] != "test" or e.get("accuracy") is None:
-                continue
-            dataset = parts[0]
-            split = parts[1] if dataset == "omniglot" and len(parts) == 3 else None
-            key = (dataset, split, int(e.get("ways", 0)), int(e.get("shots", 1)))
-            if key in seen:
-                continue
-            seen.add(key)
-            out.append(
-                Measurement(
-                    s,
-                    dataset,
-                    split,
-                    key[2],
-                    key[3],
-                    float(e["accuracy"]),
-                    e.get("ci95"),
-                    e.get("episodes"),
-                    _evaluate_command(s, e),
-                    e["file"],
-                )  # fmt: skip
-            )
+    r = s.results
+    if r.get("test_accuracy") is not None:
+        proto = r.get("test_protocol") or {}
+        dataset = s.flag("dataset", "omniglot")
+        out.append(Measurement(
+            s, dataset, s.flag("split", "standard") if dataset == "omniglot" else None,
+            int(proto.get("ways", s.flag("ways", 5))), int(proto.get("shots", s.flag("shots", 1))),
+            float(r["test_accuracy"]), r.get("test_ci95"), r.get("test_episodes"),
+            _evaluate_command(s, None), "results.json",
+        ))  # fmt: skip
+    if r.get("mnist_accuracy") is not None:
+        out.append(Measurement(
+            s, "mnist", None, 10, 1, float(r["mnist_accuracy"]), r.get("mnist_ci95"),
+            r.get("mnist_episodes"), _evaluate_command(s, {"data": "mnist/test"}), "results.json",
+        ))  # fmt: skip
+    seen = {(m.dataset, m.split, m.ways, m.shots) for m in out}
+    for e in sorted(s.evals, key=lambda e: (-(e.get("episodes") or 0), e["file"])):
+        parts = str(e.get("data", "")).split("/")
+        if parts[-1] != "test" or e.get("accuracy") is None:
+            continue
+        dataset = parts[0]
+        split = parts[1] if dataset == "omniglot" and len(parts) == 3 else None
+        key = (dataset, split, int(e.get("ways", 0)), int(e.get("shots", 1)))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(Measurement(
+            s, dataset, split, key[2], key[3], float(e["accuracy"]), e.get("ci95"),
+            e.get("episodes"), _evaluate_command(s, e), e["file"],
+        ))  # fmt: skip
     return out
 
 
@@ -376,45 +362,59 @@ def _omniglot_cell(ms, *, split, variant, trained, tested) -> list[Measurement]:
     ]  # fmt: skip
 
 
+def _omniglot_rows(ms: list[Measurement], settings) -> list[list[str]]:
+    """The rows of an Omniglot table: for each `(first columns, split, variant, trained ways,
+    tested ways)` of `settings`, one row per measurement of that setting (or one empty)."""
+    rows = []
+    for first, split, variant, trained, tested in settings:
+        found = _omniglot_cell(ms, split=split, variant=variant, trained=trained, tested=tested)
+        rows += [[*first, *cells] for cells in _cells(found)]
+    return rows
+
+
 def _paper_tables(ms: list[Measurement]) -> list[str]:
-    out = []
+    """The sections of the paper's tables, each with our measurements beside the paper's."""
+    tables = (_previous_split, _standard_split, _n_to_k, _mnist, _mini_imagenet)
+    return [line for table in tables for line in table(ms)]
 
-    out += ["## Omniglot, previous split (Vinyals et al.), 1-shot", "",
-            "Paper Table 1: trained and tested N-way, 1,200 training characters, 423 test "
-            "characters (`previous_<N>way_<variant>.flags`).", ""]  # fmt: skip
-    rows = []
-    for variant in ("metanet-", "metanet", "metanet+"):
-        for n in (5, 10, 15, 20):
-            found = _omniglot_cell(ms, split="previous", variant=variant, trained=n, tested=n)
-            for cells in _cells(found):
-                rows.append([VARIANT_NAMES[variant], str(n), PAPER_PREVIOUS[variant][n], *cells])
-    out += _table(("model", "N-way", "paper", *_CELL_HEADER), rows) + [""]
 
-    out += ["## Omniglot, standard split (Lake et al.), MetaNet 1-shot", "",
-            "Trained on the 30 background alphabets, tested on the 20 evaluation alphabets "
-            "(`standard_<N>way.flags`; the demo is a smaller 5-way network).", ""]  # fmt: skip
-    rows = []
-    for n in (5, 10, 15, 20):
-        found = _omniglot_cell(ms, split="standard", variant="metanet", trained=n, tested=n)
-        for cells in _cells(found):
-            rows.append([str(n), PAPER_STANDARD[n], *cells])
-    out += _table(("N-way", "paper", *_CELL_HEADER), rows) + [""]
+def _previous_split(ms: list[Measurement]) -> list[str]:
+    out = ["## Omniglot, previous split (Vinyals et al.), 1-shot", "",
+           "Paper Table 1: trained and tested N-way, 1,200 training characters, 423 test "
+           "characters (`previous_<N>way_<variant>.flags`).", ""]  # fmt: skip
+    rows = _omniglot_rows(ms, [
+        ((VARIANT_NAMES[v], str(n), PAPER_PREVIOUS[v][n]), "previous", v, n, n)
+        for v in ("metanet-", "metanet", "metanet+") for n in (5, 10, 15, 20)
+    ])  # fmt: skip
+    return out + _table(("model", "N-way", "paper", *_CELL_HEADER), rows) + [""]
 
-    out += ["## Trained N-way, tested K-way (previous split, MetaNet, 1-shot)", "",
-            "A model trained N-way with 20 output units (`--max_ways=20`) tested on K-way "
-            "episodes: `python -m experiments.evaluate --workdir=... --ways=K`.", ""]  # fmt: skip
-    rows = []
-    for n in (5, 10, 15, 20):
-        for k in (5, 10, 15, 20):
-            found = _omniglot_cell(ms, split="previous", variant="metanet", trained=n, tested=k)
-            for cells in _cells(found):
-                rows.append([str(n), str(k), PAPER_N_TO_K[n][k], *cells])
-    out += _table(("trained", "tested", "paper", *_CELL_HEADER), rows) + [""]
 
-    out += ["## MNIST 10-way 1-shot, out of domain", "",
-            "After Omniglot training, tested on MNIST's test digits (the paper used MLP "
-            "networks: `mnist_out_of_domain_<variant>.flags`; any Omniglot model can be tested "
-            "with `python -m experiments.evaluate --workdir=... --mnist`).", ""]  # fmt: skip
+def _standard_split(ms: list[Measurement]) -> list[str]:
+    out = ["## Omniglot, standard split (Lake et al.), MetaNet 1-shot", "",
+           "Trained on the 30 background alphabets, tested on the 20 evaluation alphabets "
+           "(`standard_<N>way.flags`; the demo is a smaller 5-way network).", ""]  # fmt: skip
+    rows = _omniglot_rows(ms, [
+        ((str(n), PAPER_STANDARD[n]), "standard", "metanet", n, n) for n in (5, 10, 15, 20)
+    ])  # fmt: skip
+    return out + _table(("N-way", "paper", *_CELL_HEADER), rows) + [""]
+
+
+def _n_to_k(ms: list[Measurement]) -> list[str]:
+    out = ["## Trained N-way, tested K-way (previous split, MetaNet, 1-shot)", "",
+           "A model trained N-way with 20 output units (`--max_ways=20`) tested on K-way "
+           "episodes: `python -m experiments.evaluate --workdir=... --ways=K`.", ""]  # fmt: skip
+    rows = _omniglot_rows(ms, [
+        ((str(n), str(k), PAPER_N_TO_K[n][k]), "previous", "metanet", n, k)
+        for n in (5, 10, 15, 20) for k in (5, 10, 15, 20)
+    ])  # fmt: skip
+    return out + _table(("trained", "tested", "paper", *_CELL_HEADER), rows) + [""]
+
+
+def _mnist(ms: list[Measurement]) -> list[str]:
+    out = ["## MNIST 10-way 1-shot, out of domain", "",
+           "After Omniglot training, tested on MNIST's test digits (the paper used MLP "
+           "networks: `mnist_out_of_domain_<variant>.flags`; any Omniglot model can be tested "
+           "with `python -m experiments.evaluate --workdir=... --mnist`).", ""]  # fmt: skip
     rows = []
     for variant in ("metanet-", "metanet", "metanet+"):
         found = [
@@ -425,19 +425,20 @@ def _paper_tables(ms: list[Measurement]) -> list[str]:
         ]  # fmt: skip
         for cells in _cells(found):
             rows.append([VARIANT_NAMES[variant], PAPER_MNIST[variant], *cells])
-    out += _table(("model", "paper", *_CELL_HEADER), rows) + [""]
+    return out + _table(("model", "paper", *_CELL_HEADER), rows) + [""]
 
-    out += ["## Mini-ImageNet, 5-way 1-shot", "",
-            "Ravi & Larochelle's split (`mini_imagenet_5way1shot.flags`; the data is not "
-            "distributed here).", ""]  # fmt: skip
+
+def _mini_imagenet(ms: list[Measurement]) -> list[str]:
+    out = ["## Mini-ImageNet, 5-way 1-shot", "",
+           "Ravi & Larochelle's split (`mini_imagenet_5way1shot.flags`; the data is not "
+           "distributed here).", ""]  # fmt: skip
     found = [
         m for m in ms
         if m.dataset == "mini_imagenet" and m.ways == 5 and m.shots == 1
         and m.source.flag("variant", "metanet") == "metanet"
     ]  # fmt: skip
     rows = [["MetaNet", PAPER_MINI_IMAGENET, *cells] for cells in _cells(found)]
-    out += _table(("model", "paper", *_CELL_HEADER), rows) + [""]
-    return out
+    return out + _table(("model", "paper", *_CELL_HEADER), rows) + [""]
 
 
 def _models_table(sources: Sequence[Source]) -> list[str]:

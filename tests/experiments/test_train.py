@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import signal
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metanet_jax import checkpointing, evaluation, experiment
-from tests.experiments.conftest import replace
+from experiments import train
+from metanet_jax import checkpointing, evaluation
+from metanet_jax.config import MetaNetConfig
+from tests.experiments.conftest import replace, tiny_spec
+
+# A config.json written by the code before RunSpec nested a MetaNetConfig (the flat flags dict
+# of the tiny run, `tests/experiments/conftest.tiny_spec`), with its workdir blanked.
+OLD_CONFIG = Path(__file__).parent / "data" / "config_before_nested_runspec.json"
 
 
 def _params(workdir, step):
@@ -29,7 +37,7 @@ def _bitwise_equal(a, b):
 
 def test_a_run_writes_every_output(spec_factory):
     spec = spec_factory()
-    results = experiment.train(spec)
+    results = train.train_and_evaluate(spec)
     workdir = spec.workdir
     assert results["status"] == "completed"
     for name in ("config.json", "metrics.jsonl", "results.json", "results.md",
@@ -56,11 +64,11 @@ def test_a_run_writes_every_output(spec_factory):
 
 def test_stop_and_resume_is_bitwise_identical_to_one_run(spec_factory, caplog):
     one = spec_factory("one", steps=6)
-    experiment.train(one)
+    train.train_and_evaluate(one)
     split = spec_factory("split", steps=3)
-    experiment.train(split)
+    train.train_and_evaluate(split)
     with caplog.at_level(logging.INFO):
-        experiment.train(replace(split, steps=6))
+        train.train_and_evaluate(replace(split, steps=6))
     assert "resumed from step 3" in caplog.text
     a, b = _params(one.workdir, 6), _params(split.workdir, 6)
     assert _bitwise_equal(a.params, b.params)
@@ -70,16 +78,79 @@ def test_stop_and_resume_is_bitwise_identical_to_one_run(spec_factory, caplog):
 
 def test_changed_model_flags_are_refused_and_steps_may_change(spec_factory):
     spec = spec_factory(steps=2)
-    experiment.train(spec)
-    with pytest.raises(experiment.WorkdirMismatch, match=r"variant .*metanet-.*ways \(3 -> 4\)"):
-        experiment.train(replace(spec, ways=4, variant="metanet-"))
-    out = experiment.train(replace(spec, steps=3, eval_episodes=8, log_every=2))
+    train.train_and_evaluate(spec)
+    with pytest.raises(train.WorkdirMismatch, match=r"variant .*metanet-.*ways \(3 -> 4\)"):
+        train.train_and_evaluate(replace(spec, ways=4, variant="metanet-"))
+    out = train.train_and_evaluate(replace(spec, steps=3, eval_episodes=8, log_every=2))
     assert out["status"] == "completed" and out["steps"] == 3
+
+
+def test_the_flat_flags_round_trip_through_the_nested_spec():
+    spec = tiny_spec("w", max_ways=4, learning_rate=0.002, rotate=False)
+    assert spec.model == MetaNetConfig(
+        ways=3, queries_per_class=2, conv_channels=3, num_conv_layers=2, hidden_units=5,
+        rep_chunks=2, max_ways=4, learning_rate=0.002,
+    )  # fmt: skip
+    assert (spec.rotate, spec.steps, spec.workdir) == (False, 4, "w")
+    assert train.RunSpec.from_flags(spec.to_dict()) == spec
+    assert set(spec.to_dict()) == {f.name for f in dataclasses.fields(spec)} - {"model"} | set(
+        train.MODEL_FLAGS
+    )
+    # The run's model: the flags' model at the data's image size.
+    config = train.model_config(spec, (8, 8, 1))
+    assert config == dataclasses.replace(spec.model, image_shape=(8, 8, 1))
+    with pytest.raises(TypeError, match="no_such_flag"):
+        train.RunSpec.from_flags({"workdir": "w", "no_such_flag": 1})
+    with pytest.raises(ValueError, match="learning_rate"):
+        tiny_spec("w", learning_rate=0.0)
+
+
+def test_a_workdir_written_before_the_nested_spec_resumes(spec_factory, caplog):
+    """config.json as the flat-spec code wrote it: the same run is accepted, resumes from its
+    checkpoint and keeps config.json's flags; a changed model flag is still refused."""
+    spec = spec_factory()
+    old = json.loads(OLD_CONFIG.read_text())
+    old["flags"]["workdir"] = spec.workdir
+    os.makedirs(spec.workdir)
+    with open(os.path.join(spec.workdir, "config.json"), "w") as f:
+        json.dump(old, f)
+    assert train.check_workdir(spec)["flags"] == spec.to_dict()  # the same flags, flat
+    spec = replace(spec, steps=2)
+    assert train.train_and_evaluate(spec)["status"] == "completed"
+    with caplog.at_level(logging.INFO):
+        out = train.train_and_evaluate(replace(spec, steps=3))
+    assert out["status"] == "completed" and "resumed from step 2" in caplog.text
+    saved = json.loads(open(os.path.join(spec.workdir, "config.json")).read())
+    assert saved["flags"] == dict(old["flags"], steps=3)
+    assert saved["model_config"] == old["model_config"]
+    with pytest.raises(train.WorkdirMismatch, match=r"hidden_units \(5 -> 6\)"):
+        train.check_workdir(replace(spec, hidden_units=6))
+
+
+def _write_old_config(spec):
+    """A config.json as written before `bn_statistics` and `eval_ways` existed."""
+    flags = spec.to_dict()
+    del flags["bn_statistics"], flags["eval_ways"]
+    os.makedirs(spec.workdir, exist_ok=True)
+    with open(os.path.join(spec.workdir, "config.json"), "w") as f:
+        json.dump({"flags": flags}, f)
+
+
+def test_an_old_workdir_resumes_with_per_pass_or_is_refused(tmp_path):
+    mini = tiny_spec(tmp_path / "mini", architecture="mini_imagenet_cnn", num_conv_layers=3)
+    _write_old_config(mini)
+    with pytest.raises(train.WorkdirMismatch, match=r"bn_statistics \('per_pass' -> 'authors'"):
+        train.check_workdir(mini)  # the new default would change the model: refused
+    assert train.check_workdir(replace(mini, bn_statistics="per_pass"))
+    # Without BatchNorm layers the statistics change nothing: an old Omniglot run resumes.
+    omniglot = tiny_spec(tmp_path / "omniglot")
+    _write_old_config(omniglot)
+    assert train.check_workdir(omniglot)
 
 
 def _faulty(at_step, fault):
     def factory(config, optimizer, validate=False):
-        inner = experiment._cached_train_step(config)  # shares the compiled step
+        inner = train._cached_train_step(config)  # shares the compiled step
 
         def step(state, support, query):
             state, metrics = inner(state, support, query)
@@ -96,7 +167,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(spec_
     spec = spec_factory(steps=5)
     nan = lambda m: dict(m, loss=m["loss"] * jnp.nan)
     with caplog.at_level(logging.ERROR):
-        out = experiment.train(spec, step_factory=_faulty(3, nan))
+        out = train.train_and_evaluate(spec, step_factory=_faulty(3, nan))
     assert out == {"status": "nan", "step": 3, "last_good_step": 2}
     assert "non-finite loss (nan) at step 3" in caplog.text
     with checkpointing.Checkpointer(evaluation.checkpoint_dir(spec.workdir)) as ck:
@@ -112,26 +183,26 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_finishes(spec_factory, caplog):
         return metrics
 
     with caplog.at_level(logging.INFO):
-        out = experiment.train(spec, step_factory=_faulty(2, term))
+        out = train.train_and_evaluate(spec, step_factory=_faulty(2, term))
         assert out == {"status": "interrupted", "step": 2, "signal": "SIGTERM"}
         assert "SIGTERM received" in caplog.text
         assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored
         with checkpointing.Checkpointer(evaluation.checkpoint_dir(spec.workdir)) as ck:
             assert ck.steps() == [2]
-        out = experiment.train(spec)
+        out = train.train_and_evaluate(spec)
     assert "resumed from step 2" in caplog.text
     assert out["status"] == "completed"
 
 
 def test_corrupted_latest_checkpoint_resumes_from_the_previous_one(spec_factory, caplog):
     spec = spec_factory(steps=3, keep_checkpoints=3)
-    experiment.train(spec)
+    train.train_and_evaluate(spec)
     latest = evaluation.checkpoint_dir(spec.workdir) / "3"
     for p in (latest / "state").rglob("*"):
         if p.is_file() and p.parent.name == "d":
             p.write_bytes(b"")
     with caplog.at_level(logging.INFO):
-        out = experiment.train(replace(spec, steps=4))
+        out = train.train_and_evaluate(replace(spec, steps=4))
     assert str(latest) in caplog.text and "falling back" in caplog.text
     assert "resumed from step 2" in caplog.text
     assert out["status"] == "completed"

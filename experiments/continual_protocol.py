@@ -1,0 +1,232 @@
+"""Continual learning (paper, section 4.3): Omniglot first, then permuted MNIST.
+
+Protocol (METANET.md): train on Omniglot; on the switch to MNIST allocate new W (base) and Q
+(representation), keep Z and G (the generators, shared, and trained further on MNIST); after
+every `measure_every` MNIST trials (updates), measure Omniglot accuracy with the Omniglot W and
+Q and the *current* Z and G. The change against the accuracy before MNIST is the forgetting
+(or the gain) the shared meta-learners cause. MNIST classes: `permutations` pixel
+permutations of the 10 digits (50 give 500 classes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments import common
+from metanet_jax import evaluation, logging_utils
+from metanet_jax.config import MetaNetConfig
+from metanet_jax.model.episode import init
+from metanet_jax.training import init_train_state, make_optimizer, make_train_step
+
+SHARED = ("example_generator", "task_generator")
+TASK_SPECIFIC = ("base", "representation")
+
+
+# The `MetaNetConfig` fields the program sets by flags; the model is the 3-layer MLP MetaNet
+# of the continual-learning runs (METANET.md) on 28x28 images.
+MODEL_FLAGS = ("ways", "shots", "queries_per_class", "variant", "hidden_units", "learning_rate")
+_MODEL = MetaNetConfig(ways=10, image_shape=(28, 28, 1), architecture="mlp", hidden_units=64)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContinualSpec:
+    """The flags of `experiments/continual.py`; the model's (`MODEL_FLAGS`) in `model`."""
+
+    workdir: str
+    split: str = "previous"
+    datasets: str | None = None
+    model: MetaNetConfig = _MODEL
+    omniglot_steps: int = 5000
+    mnist_steps: int = 5000
+    measure_every: int = 500
+    permutations: int = 50
+    eval_episodes: int = 400
+    eval_batch: int = 50
+    meta_batch: int = 1
+    seed: int = 0
+    log_every: int = 100
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> ContinualSpec:
+        """The spec of flat flags (`{"workdir": ..., "ways": 10, "omniglot_steps": ...}`)."""
+        return common.spec_from_flags(cls, flags, MODEL_FLAGS, _MODEL)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
+        return common.spec_to_flags(self, MODEL_FLAGS)
+
+
+def switch_task(params, fresh) -> dict[str, Any]:
+    """New W and Q (from `fresh`), the same Z and G (from `params`)."""
+    return {**{k: params[k] for k in SHARED}, **{k: fresh[k] for k in TASK_SPECIFIC}}
+
+
+def _train(spec, state, images, key, steps, name, permutations=None, on_step=None):
+    """`steps` updates of `state` on episodes of `images` (MNIST: pixel-permuted classes)."""
+    from metanet_jax import data
+
+    config = spec.model
+    step_fn = make_train_step(config, make_optimizer(config), validate=False)
+    perms = None if permutations is None else jax.device_put(permutations)
+    t0 = time.time()
+    for i in range(steps):
+        support, query = data.sample_episodes(
+            jax.random.fold_in(key, i),
+            images,
+            config.ways,
+            config.shots,
+            config.queries_per_class,
+            spec.meta_batch,
+            rotate=permutations is None,
+            permutations=perms,
+        )
+        state, metrics = step_fn(state, support, query)
+        if (i + 1) % spec.log_every == 0 or i + 1 == steps:
+            _log(name, i + 1, steps, jax.device_get(metrics), spec.meta_batch, t0)
+        if on_step is not None:
+            on_step(i + 1, state)
+    return state
+
+
+def _log(name: str, done: int, steps: int, metrics, meta_batch: int, t0: float) -> None:
+    if not np.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"{name}: non-finite loss at step {done}")
+    rate = done * meta_batch / (time.time() - t0)
+    logging.info(
+        "%s step %d/%d  episodes/s %.1f  loss %.3f  train acc %.3f",
+        name, done, steps, rate, float(metrics["loss"]), float(metrics["accuracy"]),
+    )  # fmt: skip
+
+
+def load_classes(spec: ContinualSpec) -> dict[str, np.ndarray]:
+    """`{"omniglot_train", "omniglot_test", "mnist_train", "mnist_test"}` class arrays."""
+    from metanet_jax import data
+
+    omni = data.load_omniglot(spec.split, manual_dir=spec.datasets)
+    mnist = data.load_mnist(manual_dir=spec.datasets)
+    return {
+        "omniglot_train": omni["train"].images,
+        "omniglot_test": omni["test"].images,
+        "mnist_train": mnist["train"].images,
+        "mnist_test": mnist["test"].images,
+    }
+
+
+def _measure(spec: ContinualSpec, params, images, seed: int, permutations=None):
+    """Accuracy over `spec.eval_episodes` fixed episodes of `seed`."""
+    from metanet_jax import data
+
+    config = spec.model
+    cfg = evaluation.eval_config(config, config.ways, config.shots, config.queries_per_class)
+    batches = data.fixed_eval_episodes(
+        seed, images, config.ways, config.shots, config.queries_per_class, spec.eval_episodes,
+        min(spec.eval_batch, spec.eval_episodes), permutations=permutations,
+    )  # fmt: skip
+    return evaluation.evaluate(params, cfg, batches)
+
+
+def run(spec: ContinualSpec, classes: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Runs the protocol; writes `continual.json` and `continual.png` into the workdir.
+
+    Args:
+      spec: the run.
+      classes: optional class arrays `{"omniglot_train", "omniglot_test", "mnist_train",
+        "mnist_test"}` (`[C, D, 28, 28, 1]` uint8); default: `load_classes(spec)`.
+
+    Returns:
+      The content of `continual.json`.
+    """
+    classes = load_classes(spec) if classes is None else classes
+    workdir = Path(spec.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    logging_utils.write_json_atomic(
+        workdir / "config.json",
+        {"flags": spec.to_dict(), "versions": logging_utils.library_versions()},
+    )
+    t_start = time.time()
+    omni_params, before = _omniglot_phase(spec, classes)
+    curve = _mnist_phase(spec, classes, omni_params, before)
+    deltas = [c["omniglot_accuracy"] - before.mean for c in curve[1:]]
+    result = {
+        "config": spec.to_dict(),
+        "omniglot_accuracy_before": before.mean,
+        "curve": curve,
+        "omniglot_change_min": min(deltas) if deltas else 0.0,
+        "omniglot_change_max": max(deltas) if deltas else 0.0,
+        "wall_time_s": time.time() - t_start,
+        "devices": jax.device_count(),
+        "versions": logging_utils.library_versions(),
+    }
+    logging_utils.write_json_atomic(workdir / "continual.json", result)
+    _plot(spec, curve, before.mean, workdir / "continual.png")
+    return result
+
+
+def _omniglot_phase(spec: ContinualSpec, classes: Mapping[str, np.ndarray]):
+    """Phase 1: trains on Omniglot. Returns the params and their Omniglot test accuracy."""
+    root = jax.random.key(spec.seed)
+    config = spec.model
+    state = init_train_state(
+        init(jax.random.fold_in(root, 0), config), make_optimizer(config),
+        jax.random.fold_in(root, 1),
+    )  # fmt: skip
+    state = _train(spec, state, jax.device_put(classes["omniglot_train"]),
+                   jax.random.fold_in(root, 2), spec.omniglot_steps, "omniglot")  # fmt: skip
+    before = _measure(spec, state.params, jax.device_put(classes["omniglot_test"]), 2)
+    logging.info("Omniglot before MNIST: %s", before.line())
+    return state.params, before
+
+
+def _mnist_phase(spec: ContinualSpec, classes, omni_params, before) -> list[dict[str, Any]]:
+    """Phase 2: permuted MNIST with new W and Q, the same Z and G; measures Omniglot (with
+    Omniglot's W and Q and the current Z and G) every `measure_every` trials."""
+    from metanet_jax import data
+
+    root = jax.random.key(spec.seed)
+    config = spec.model
+    perms = data.pixel_permutations(spec.seed, spec.permutations)
+    omni_test = jax.device_put(classes["omniglot_test"])
+    mnist_test = jax.device_put(classes["mnist_test"])
+    fresh = init(jax.random.fold_in(root, 3), config)
+    state = init_train_state(
+        switch_task(omni_params, fresh), make_optimizer(config), jax.random.fold_in(root, 4)
+    )
+    curve = [
+        {"mnist_trials": 0, "omniglot_accuracy": before.mean, "omniglot_ci95": before.ci95,
+         "mnist_accuracy": None}
+    ]  # fmt: skip
+
+    def on_step(done, st):
+        if done % spec.measure_every and done != spec.mnist_steps:
+            return
+        mixed = switch_task(st.params, omni_params)  # Omniglot's W, Q; current Z, G
+        omni = _measure(spec, mixed, omni_test, 2)
+        mn_acc = _measure(spec, st.params, mnist_test, 3, jax.device_put(perms))
+        curve.append({"mnist_trials": done, "omniglot_accuracy": omni.mean,
+                      "omniglot_ci95": omni.ci95, "mnist_accuracy": mn_acc.mean})  # fmt: skip
+        logging.info("after %d MNIST trials: Omniglot %s; MNIST %s", done, omni.line(),
+                     mn_acc.line())  # fmt: skip
+
+    _train(spec, state, jax.device_put(classes["mnist_train"]),
+           jax.random.fold_in(root, 5), spec.mnist_steps, "mnist", perms, on_step)  # fmt: skip
+    return curve
+
+
+def _plot(spec: ContinualSpec, curve, before: float, path: Path) -> None:
+    logging_utils.plot_curve(
+        [c["mnist_trials"] for c in curve],
+        [c["omniglot_accuracy"] for c in curve],
+        path,
+        xlabel="MNIST trials (updates with new W, Q; shared Z, G)",
+        ylabel=f"Omniglot {spec.model.ways}-way {spec.model.shots}-shot test accuracy",
+        title="continual learning: Omniglot accuracy while learning MNIST",
+        baseline=before,
+    )

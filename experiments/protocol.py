@@ -1,0 +1,201 @@
+"""What a training run was: its spec from its saved flags, its test protocol, its command.
+
+A run folder or pretrained model records the flags of `experiments.omniglot` (config.json's
+`"flags"`); from them `run_spec` rebuilds its `train.RunSpec`, `protocol` the evaluation it
+ran (`python -m experiments.evaluate` repeats it by default, `experiments.export_pretrained`
+records it) and `training_command` the command that trains it again from its flagfile.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from experiments import train
+from metanet_jax import evaluation
+from metanet_jax.config import MetaNetConfig
+from metanet_jax.types import Params
+
+# Every flag of the training program with its default, in the program's order.
+_DEFAULTS = train.RunSpec(workdir=None).to_dict()
+
+
+# ----------------------------------------------------------------------------- protocol
+def run_spec(flags: Mapping[str, Any], **overrides):
+    """The `train.RunSpec` of a saved flags dict (`train.saved_flags`: fields saved
+    before they existed mean what the run did then), with `overrides`."""
+    values = train.saved_flags(flags)
+    values.update(overrides)
+    values.setdefault("workdir", "")
+    return train.RunSpec.from_flags(values)
+
+
+def protocol(flags: Mapping[str, Any], subset: str = "test") -> dict[str, Any]:
+    """The evaluation protocol a run used for `subset` ("test" or "validation").
+
+    Test: `test_episodes` episodes of `TEST_SEED`; validation: `eval_episodes` of
+    `VALIDATION_SEED`; both `eval_ways`-way (else `ways`, as the training run tested)
+    `shots`-shot with `eval_queries_per_class` queries per class, `eval_batch` episodes per
+    batch (the batch decides which episodes are drawn), on the run's data set and split,
+    without rotations.
+    """
+    if subset not in ("test", "validation"):
+        raise ValueError(f"subset must be 'test' or 'validation', got {subset!r}")
+    spec = run_spec(flags)
+    test = subset == "test"
+    return {
+        "dataset": spec.dataset,
+        "split": spec.split,
+        "subset": subset,
+        "ways": spec.test_ways(),
+        "shots": spec.model.shots,
+        "queries_per_class": spec.eval_queries_per_class,
+        "episodes": spec.test_episodes if test else spec.eval_episodes,
+        "seed": train.TEST_SEED if test else train.VALIDATION_SEED,
+        "batch": spec.eval_batch,
+    }
+
+
+def evaluate_run(
+    params: Params,
+    config: MetaNetConfig,
+    flags: Mapping[str, Any],
+    *,
+    datasets: str | None = None,
+    **changes,
+):
+    """Accuracy of a trained model under its run's protocol (`protocol`), with `changes`.
+
+    Args:
+      params, config: the model.
+      flags: the run's flags (config.json's `flags`).
+      datasets: the offline data folder (default `$METANET_DATASETS`).
+      **changes: protocol entries to change (`subset`, `split`, `ways`, `shots`,
+        `queries_per_class`, `episodes`, `seed`, `batch`); `None` values are ignored. A
+        different `subset` takes that subset's protocol first; a `split` makes it Omniglot.
+
+    Returns:
+      `(EvalResult, protocol)`: the result and the protocol it ran.
+    """
+    changes = {k: v for k, v in changes.items() if v is not None}
+    unknown = set(changes) - set(protocol(flags)) - {"subset"}
+    if unknown:
+        raise ValueError(f"unknown protocol entries {sorted(unknown)}")
+    proto = protocol(flags, changes.get("subset", "test"))
+    proto.update(changes)
+    spec_changes: dict[str, Any] = {"datasets": datasets}
+    if "split" in changes:
+        spec_changes.update(dataset="omniglot", split=changes["split"])
+    proto["dataset"] = spec_changes.get("dataset", proto["dataset"])
+    spec = run_spec(flags, **spec_changes)
+    images = train.load_splits(spec)[proto["subset"]]
+    if images.shape[0] == 0:
+        raise ValueError(f"the {proto['subset']} split of {spec.dataset}/{spec.split} is empty")
+    result = evaluation.evaluate_classes(
+        params,
+        config,
+        images,
+        ways=proto["ways"],
+        shots=proto["shots"],
+        queries_per_class=proto["queries_per_class"],
+        episodes=proto["episodes"],
+        seed=proto["seed"],
+        batch_size=proto["batch"],
+    )
+    return result, proto
+
+
+# ----------------------------------------------------------------------------- flagfiles
+# Flags that name places on one machine: never part of a reproduction command.
+_LOCAL_FLAGS = frozenset({"workdir", "datasets", "mini_imagenet_dir"})
+
+
+def parse_flagfile(path: str | os.PathLike) -> dict[str, str | bool]:
+    """The flags of an `experiments/flags/*.flags` file: `{name: value string}` (`True` /
+    `False` for `--name` / `--noname`), comments and blank lines skipped."""
+    fields = set(_DEFAULTS)
+    out: dict[str, str | bool] = {}
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not line.startswith("--"):
+            raise ValueError(f"{path}: cannot read the line {raw!r}")
+        body = line[2:]
+        if "=" in body:
+            name, value = body.split("=", 1)
+            out[name] = value
+        elif body.startswith("no") and body[2:] in fields and body not in fields:
+            out[body[2:]] = False
+        else:
+            out[body] = True
+    return out
+
+
+def _typed(value: str | bool, like: Any) -> Any:
+    """A flagfile value converted to the type of `like` (a RunSpec value)."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        return value if isinstance(value, bool) else value.lower() in ("1", "true")
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    return value
+
+
+def _flag_text(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    return f"--{name}={value}"
+
+
+def flag_overrides(flagfile: str | os.PathLike, run_flags: Mapping[str, Any]) -> list[str]:
+    """The flags to add to `--flagfile=<flagfile>` to get `run_flags` (machine-local flags
+    such as `--workdir` left out; a flag the run left unset but the flagfile sets cannot be
+    expressed and is left out too)."""
+    values = parse_flagfile(flagfile)
+    out = []
+    for name, default in _DEFAULTS.items():
+        if name in _LOCAL_FLAGS:
+            continue
+        want = run_flags.get(name, default)
+        if want is None:
+            continue
+        have = _typed(values[name], want) if name in values else default
+        if want != have:
+            out.append(_flag_text(name, want))
+    return out
+
+
+def find_flagfile(
+    run_flags: Mapping[str, Any], flags_dir: str | os.PathLike = "experiments/flags"
+) -> Path | None:
+    """The flagfile whose `--workdir` is the run's workdir (the flagfiles' convention
+    `workdirs/<name>`), or None."""
+    workdir = run_flags.get("workdir")
+    if not workdir or not Path(flags_dir).is_dir():
+        return None
+    want = os.path.normpath(str(workdir))
+    for path in sorted(Path(flags_dir).glob("*.flags")):
+        value = parse_flagfile(path).get("workdir")
+        if isinstance(value, str) and os.path.normpath(value) == want:
+            return path
+    return None
+
+
+def training_command(run_flags: Mapping[str, Any], flagfile: str | os.PathLike | None) -> str:
+    """`python -m experiments.omniglot --flagfile=... [overrides]` that trains this run again
+    (with `--workdir` from the flagfile), or every non-default flag without a flagfile."""
+    if flagfile is not None:
+        extra = flag_overrides(flagfile, run_flags)
+        head = f"python -m experiments.omniglot --flagfile={Path(flagfile).as_posix()}"
+        return " ".join([head, *extra])
+    parts = ["python -m experiments.omniglot"]
+    for name, default in _DEFAULTS.items():
+        want = run_flags.get(name, default)
+        if name in _LOCAL_FLAGS - {"workdir"} or want is None or want == default:
+            continue
+        parts.append(_flag_text(name, want))
+    return " ".join(parts)

@@ -1,0 +1,938 @@
+"""The training run behind `experiments/omniglot.py`: data, workdir, loop, checkpoints, results.
+
+`RunSpec` is the complete, frozen description of a run: the program's flags, the model's as
+a nested `MetaNetConfig` (`RunSpec.from_flags` / `RunSpec.to_dict` convert from and to the
+flat flags). `train_and_evaluate(spec)` does the work; the program only parses and validates
+flags.
+
+Workdir layout (`spec.workdir`):
+
+* `config.json`: every flag of the spec (flat), the model configuration and the library
+  versions. A later run on the same workdir must agree on every flag outside
+  `MUTABLE_FIELDS`.
+* `checkpoints/<step>/`: orbax checkpoints (`metanet_jax.checkpointing`).
+* `metrics.jsonl`, `tensorboard/`: scalars (`metanet_jax.logging_utils.MetricsWriter`).
+* `results.json`, `results.md`, `learning_curve.png`, `attention.png`: written at the end.
+
+Devices and processes (docs/SCALING.md): the meta-batch is split over a 1-D mesh of all
+devices of all processes (`metanet_jax.parallel`). With one device in one process the run is
+exactly the single-device program (`training.make_train_step`); otherwise the step is
+`parallel.make_sharded_train_step` and each process gathers only the episodes of its own
+tasks. The episodes are the same either way (`parallel.sample_process_episodes`). Only
+process 0 writes config.json, metrics, TensorBoard, results and plots; every process takes
+part in the orbax checkpoint saves and restores and evaluates on its own first device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import json
+import math
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments import common
+from metanet_jax import checkpointing, evaluation, logging_utils, parallel
+from metanet_jax.config import LEGACY_VALUES, MetaNetConfig, legacy_to_current
+from metanet_jax.model.episode import init
+from metanet_jax.synthetic import synthetic_classes
+from metanet_jax.training import TrainState, init_train_state, make_optimizer, make_train_step
+
+# Seeds of the fixed evaluation episode sets: independent of the training seed, so runs with
+# different seeds are compared on the same episodes.
+VALIDATION_SEED = 1
+TEST_SEED = 2
+MNIST_SEED = 3
+
+DATASETS = ("omniglot", "mini_imagenet", "synthetic")
+
+# Fields that may differ between runs on one workdir (everything else defines the model or
+# the data and is compared with the workdir's config.json).
+MUTABLE_FIELDS = frozenset(
+    {
+        "steps",
+        "workdir",
+        "datasets",
+        "mini_imagenet_dir",
+        "eval_every",
+        "eval_episodes",
+        "test_episodes",
+        "mnist_test_episodes",
+        "eval_batch",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+    }
+)
+
+
+# RunSpec fields added after workdirs were first written, with the value a config.json
+# without them meant (the model's fields as in `config.LEGACY_VALUES`).
+LEGACY_RUN_VALUES = {
+    **LEGACY_VALUES,
+    "validation_alphabets": 0,
+}
+
+
+# The `MetaNetConfig` fields the program sets by flags (in the order of its flags); the other
+# fields keep their defaults and `image_shape` comes from the data.
+MODEL_FLAGS = (
+    "ways",
+    "shots",
+    "queries_per_class",
+    "max_ways",
+    "learning_rate",
+    "clip_norm",
+    "lr_schedule",
+    "warmup_steps",
+    "schedule_steps",
+    "generator_init",
+    "network_init",
+    "label_units",
+    "variant",
+    "base_input",
+    "architecture",
+    "conv_channels",
+    "num_conv_layers",
+    "hidden_units",
+    "rep_chunks",
+    "second_order",
+    "rep_loss_in_objective",
+    "task_batching",
+    "query_path",
+    "compute_dtype",
+    "bn_statistics",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines a training run (the flags of `experiments/omniglot.py`).
+
+    `model` holds the model's flags (`MODEL_FLAGS`; its `image_shape` is replaced by the
+    data's when the run starts). Model sizes left at `None` take the architecture's defaults
+    (METANET.md). `eval_ways` (`None`: `model.ways`) is the ways of the validation and test
+    episodes, which use the first `eval_ways` output units of b and of u's head
+    (`evaluation.eval_config`). Build one from flat flags with `RunSpec.from_flags`.
+    """
+
+    workdir: str
+    dataset: str = "omniglot"
+    split: str = "standard"
+    validation_classes: int = 100
+    validation_alphabets: int = 0
+    split_seed: int = 0
+    datasets: str | None = None
+    mini_imagenet_dir: str | None = None
+    synthetic_size: int = 28
+    model: MetaNetConfig = MetaNetConfig()
+    eval_queries_per_class: int = 10
+    eval_ways: int | None = None
+    meta_batch: int = 1
+    steps: int = 1000
+    rotate: bool = True
+    rotations_as_classes: bool = False
+    seed: int = 0
+    eval_every: int = 500
+    eval_episodes: int = 200
+    test_episodes: int = 1000
+    mnist_test_episodes: int = 0
+    eval_batch: int = 50
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 50
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> RunSpec:
+        """The spec of flat flags (`{"workdir": ..., "ways": 5, "steps": 1000, ...}`).
+
+        Raises:
+          TypeError: a name that is no flag. ValueError: a model the flags do not allow
+            (`MetaNetConfig` validation, e.g. `learning_rate=0`).
+        """
+        return common.spec_from_flags(cls, flags, MODEL_FLAGS, MetaNetConfig())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
+        return common.spec_to_flags(self, MODEL_FLAGS)
+
+    def replace(self, **flags) -> RunSpec:
+        """A copy with some flat flags changed (model flags included)."""
+        return RunSpec.from_flags({**self.to_dict(), **flags})
+
+    def test_ways(self) -> int:
+        """The ways of validation and test episodes (`eval_ways`, else the model's ways)."""
+        return self.model.ways if self.eval_ways is None else self.eval_ways
+
+
+class WorkdirMismatch(ValueError):
+    """The workdir was created by a run with different model or data flags."""
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot be created or written (names the path and the system's reason)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+# ----------------------------------------------------------------------------- data
+def load_splits(spec: RunSpec) -> dict[str, np.ndarray]:
+    """The train/validation/test class arrays of `spec.dataset` (reads only; fails fast):
+    `{"train", "validation", "test"}` -> `[C, D, H, W, ch]` uint8 arrays (numpy).
+
+    Raises:
+      FileNotFoundError: a configured data folder or file is missing.
+    """
+    from metanet_jax import data
+
+    if spec.dataset == "omniglot":
+        parts = data.load_omniglot(
+            spec.split,
+            manual_dir=spec.datasets,
+            validation_classes=spec.validation_classes,
+            validation_alphabets=spec.validation_alphabets,
+            seed=spec.split_seed,
+        )
+        return {k: v.images for k, v in parts.items()}
+    if spec.dataset == "mini_imagenet":
+        folder = spec.mini_imagenet_dir
+        if not folder or not Path(folder).is_dir():
+            raise FileNotFoundError(
+                f"--mini_imagenet_dir={folder!r}: no such folder. Mini-ImageNet is not "
+                "distributed with this project; see docs/DATA.md for the expected layout "
+                "(Ravi & Larochelle's train/val/test CSVs and the images folder)."
+            )
+        names = {"train": "train", "validation": "val", "test": "test"}
+        return {k: data.load_mini_imagenet(folder, v).images for k, v in names.items()}
+    if spec.dataset == "synthetic":
+        s = spec.synthetic_size
+        return {
+            "train": synthetic_classes(10, 40, 20, s),
+            "validation": synthetic_classes(11, 20, 20, s),
+            "test": synthetic_classes(12, 20, 20, s),
+        }
+    raise ValueError(f"unknown dataset {spec.dataset!r}; expected one of {DATASETS}")
+
+
+def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
+    """The `MetaNetConfig` of a run: its model with the data's image shape."""
+    return dataclasses.replace(spec.model, image_shape=tuple(int(s) for s in image_shape))
+
+
+# ----------------------------------------------------------------------------- workdir
+def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's saved flags (config.json's `"flags"`) as `RunSpec` fields.
+
+    A field added after the run was saved counts as what the run did before the field
+    existed: its `LEGACY_RUN_VALUES` entry where it has one, else its default. Fields this
+    version does not know are dropped; a since-removed mode becomes the kept one that
+    computes the same numbers (`config.legacy_to_current`).
+    """
+    values = RunSpec(workdir="").to_dict()
+    names = set(values)
+    del values["workdir"]  # required: no default
+    values.update(LEGACY_RUN_VALUES)
+    values.update({k: v for k, v in flags.items() if k in names})
+    return legacy_to_current(values)
+
+
+def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
+    """Compares `spec` with an existing workdir's `config.json` (reads only).
+
+    Returns:
+      The saved config, or `None` when the workdir has none yet.
+
+    Raises:
+      WorkdirMismatch: a model or data field differs; the message names each one.
+    """
+    path = Path(spec.workdir) / "config.json"
+    if not path.exists():
+        return None
+    saved = json.loads(path.read_text())
+    was = saved_flags(saved.get("flags", {}))
+    now = spec.to_dict()
+    ignored = set(MUTABLE_FIELDS)
+    if not spec.model.resolved("batchnorm_layers"):
+        ignored.add("bn_statistics")  # no BatchNorm layer: the same model either way
+    diffs = [
+        f"{k} ({was[k]!r} -> {now[k]!r})"
+        for k in sorted(now)
+        if k not in ignored and was[k] != now[k]
+    ]
+    if diffs:
+        raise WorkdirMismatch(
+            f"workdir {spec.workdir} was created with different model/data flags: "
+            + ", ".join(diffs)
+            + "; use a new --workdir (only "
+            + ", ".join(sorted(MUTABLE_FIELDS - {"workdir"}))
+            + " may change)"
+        )
+    return saved
+
+
+def data_record(spec: RunSpec) -> dict[str, Any] | None:
+    """What identifies the run's data beyond its flags: for Mini-ImageNet the SHA-256 of the
+    split CSV files (`{"mini_imagenet_csv_sha256": {"train": ..., "val": ..., "test": ...}}`),
+    recorded in config.json; `None` for the other data sets."""
+    if spec.dataset != "mini_imagenet":
+        return None
+    from metanet_jax.data import mini_imagenet
+
+    sums = {
+        s: mini_imagenet.split_info(spec.mini_imagenet_dir, s)["sha256"]
+        for s in mini_imagenet.SPLIT_CLASSES
+    }
+    return {"mini_imagenet_csv_sha256": sums}
+
+
+def check_data_record(spec: RunSpec, saved: Mapping[str, Any] | None, record) -> None:
+    """Refuses to resume a workdir whose recorded data (`data_record`) differs from now.
+
+    Raises:
+      WorkdirMismatch: naming each file whose checksum changed.
+    """
+    was = (saved or {}).get("data") or {}
+    now = record or {}
+    changed = [
+        f"{group}/{name} ({old[:12]}... -> {now[group].get(name, 'missing')[:12]}...)"
+        for group, old_sums in was.items()
+        if group in now
+        for name, old in old_sums.items()
+        if now[group].get(name) != old
+    ]
+    if changed:
+        raise WorkdirMismatch(
+            f"workdir {spec.workdir} was trained on other data files: "
+            + ", ".join(changed)
+            + "; use a new --workdir"
+        )
+
+
+def write_workdir_config(
+    spec: RunSpec, config: MetaNetConfig, data: Mapping[str, Any] | None = None
+) -> None:
+    """Creates the workdir and writes its config.json.
+
+    Raises:
+      WorkdirError: the folder cannot be created or written (e.g. a file of that name, or
+        no permission), with the path and the reason in one line.
+    """
+    workdir = Path(spec.workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        record = {
+            "flags": spec.to_dict(),
+            "model_config": checkpointing.config_to_dict(config),
+            "versions": logging_utils.library_versions(),
+        }
+        if data:
+            record["data"] = dict(data)
+        logging_utils.write_json_atomic(workdir / "config.json", record)
+    except OSError as e:
+        raise WorkdirError(
+            f"--workdir={spec.workdir}: cannot create or write it ({e.strerror or e}"
+            + (f": {e.filename}" if e.filename else "")
+            + ")"
+        ) from e
+
+
+# ----------------------------------------------------------------------------- signals
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop polls (handlers restored by `close`)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._old = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        del frame
+        self.signal_name = signal.Signals(signum).name
+
+    def close(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+# ----------------------------------------------------------------------------- the run
+@functools.lru_cache(maxsize=8)
+def _cached_train_step(config: MetaNetConfig):
+    """One jitted train step per configuration, reused by later runs in the same process."""
+    return make_train_step(config, make_optimizer(config), validate=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_sharded_step(config: MetaNetConfig, mesh):
+    """The data-parallel train step over `mesh` (several devices or processes)."""
+    return parallel.make_sharded_train_step(config, make_optimizer(config), mesh)
+
+
+def is_sharded(mesh) -> bool:
+    """Whether a run on `mesh` uses the data-parallel step (more than one device or process);
+    a single device in a single process runs the single-device program unchanged."""
+    return mesh.size > 1 or jax.process_count() > 1
+
+
+def _local(tree):
+    """This process's copy of replicated arrays (on its first device) for evaluation."""
+
+    def local(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree.map(local, tree)
+
+
+class _NullWriter:
+    """The metrics writer of the processes other than process 0 (they write nothing)."""
+
+    def write(self, step, values) -> None:
+        del step, values
+
+    def close(self) -> None:
+        pass
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _eval_batches(images, cfg: MetaNetConfig, n: int, spec: RunSpec, seed: int, permutations=None):
+    from metanet_jax import data
+
+    return data.fixed_eval_episodes(
+        seed,
+        images,
+        cfg.ways,
+        cfg.shots,
+        cfg.queries_per_class,
+        n,
+        min(spec.eval_batch, n),
+        rotate=False,
+        permutations=permutations,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What every phase of a started run reads (none of it changes during the run)."""
+
+    spec: RunSpec
+    config: MetaNetConfig
+    splits: Mapping[str, np.ndarray]
+    mesh: Any
+    ckpt: checkpointing.Checkpointer
+    writer: Any  # logging_utils.MetricsWriter on process 0, else _NullWriter
+    stop: StopRequest
+    t_start: float  # when this process started the run
+    wall_before: float  # wall time of the run's earlier segments (before the resume)
+
+    def meta(self) -> dict[str, Any]:
+        """The metadata saved with a checkpoint."""
+        return {
+            "model_config": checkpointing.config_to_dict(self.config),
+            "flags": self.spec.to_dict(),
+            "wall_time_s": self.wall_before + time.time() - self.t_start,
+        }
+
+    def eval_config(self) -> MetaNetConfig:
+        """The model configuration of validation and test episodes."""
+        spec = self.spec
+        return evaluation.eval_config(
+            self.config, spec.test_ways(), spec.model.shots, spec.eval_queries_per_class
+        )
+
+
+@dataclasses.dataclass
+class _Loop:
+    """The training loop's state: the train state and what the logs and timers accumulate."""
+
+    state: TrainState
+    step_fn: Callable
+    sample: Callable
+    data_key: jax.Array  # step t's episodes: fold_in(data_key, t)
+    train_images: jax.Array
+    val_images: jax.Array
+    bar: logging_utils.ProgressBar
+    start: int  # the step this segment of the run began at
+    last_saved: int | None  # the step of the last checkpoint
+    t_segment: float = dataclasses.field(default_factory=time.time)
+    t_window: float = dataclasses.field(default_factory=time.time)
+    window: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    window_steps: int = 0
+    train_time: float = 0.0
+    eval_time: float = 0.0
+
+
+def train_and_evaluate(
+    spec: RunSpec,
+    *,
+    step_factory: Callable = make_train_step,
+    splits: Mapping[str, np.ndarray] | None = None,
+    mesh=None,
+) -> dict[str, Any]:
+    """Trains (or resumes) a run, then tests its best checkpoint; writes the workdir.
+
+    In a multi-process run every process calls this with the same spec (after
+    `parallel.initialize_distributed`).
+
+    Args:
+      spec: the run.
+      step_factory: `(config, optimizer, validate=...) -> train_step` (tests inject faults;
+        used as given, also on several devices).
+      splits: preloaded class arrays (default: `load_splits(spec)`).
+      mesh: the 1-D device mesh (default `parallel.make_mesh()`: all devices of all
+        processes); the meta-batch must be a multiple of its size.
+
+    Returns:
+      `{"status": "completed" | "interrupted" | "nan", ...}`; for "completed" the content of
+      `results.json`.
+
+    Raises:
+      WorkdirMismatch, WorkdirError, FileNotFoundError, checkpointing.CheckpointError:
+        before training.
+      ValueError: bad sizes, e.g. a meta-batch that the devices do not divide (at once).
+    """
+    t_start = time.time()
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    parallel.check_meta_batch(spec.meta_batch, mesh)  # before any work
+    logging.info(parallel.device_summary(mesh, spec.meta_batch))
+    splits = _load_data(spec) if splits is None else splits
+    run, state = _start_run(spec, splits, mesh, t_start)
+    try:
+        outcome = _train(run, state, step_factory)
+        if outcome["status"] != "completed":
+            return outcome
+        return _final_test(run, outcome)
+    finally:
+        run.stop.close()
+        run.writer.close()
+        run.ckpt.close()
+
+
+def _start_run(
+    spec: RunSpec, splits: Mapping[str, np.ndarray], mesh, t_start: float
+) -> tuple[_Run, TrainState]:
+    """Checks and writes the workdir, then restores the latest checkpoint (or starts anew);
+    opens the metrics writer and installs the signal handlers."""
+    config = _prepare_workdir(spec, splits)
+    ckpt = checkpointing.Checkpointer(
+        evaluation.checkpoint_dir(Path(spec.workdir)), keep=spec.keep_checkpoints
+    )
+    state, wall_before = _initial_state(spec, config, ckpt)
+    if parallel.is_primary():
+        writer = logging_utils.MetricsWriter(Path(spec.workdir), resume_step=int(state.step))
+    else:
+        writer = _NullWriter()
+    run = _Run(
+        spec=spec,
+        config=config,
+        splits=splits,
+        mesh=mesh,
+        ckpt=ckpt,
+        writer=writer,
+        stop=StopRequest(),
+        t_start=t_start,
+        wall_before=wall_before,
+    )
+    return run, state
+
+
+def _load_data(spec: RunSpec) -> dict[str, np.ndarray]:
+    """The run's class arrays; fails before any write. Process 0 prepares the data caches
+    before the others read them."""
+    splits = load_splits(spec) if parallel.is_primary() else None
+    _barrier("experiments.train:data")
+    return load_splits(spec) if splits is None else splits
+
+
+def _prepare_workdir(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> MetaNetConfig:
+    """Checks the sizes, the workdir's config.json and data record (refusing before writing
+    anything), then writes config.json (process 0). Returns the run's model configuration."""
+    config = model_config(spec, tuple(splits["train"].shape[2:]))
+    _check_pools(spec, config, splits)
+    saved = check_workdir(spec)
+    data_info = data_record(spec)
+    check_data_record(spec, saved, data_info)
+    _barrier("experiments.train:checked")  # every process read config.json before
+    if parallel.is_primary():
+        write_workdir_config(spec, config, data_info)
+    return config
+
+
+def _initial_state(
+    spec: RunSpec, config: MetaNetConfig, ckpt: checkpointing.Checkpointer
+) -> tuple[TrainState, float]:
+    """The latest good checkpoint's state, else a fresh one; and the wall time before it."""
+    root = jax.random.key(spec.seed)
+    params = init(jax.random.fold_in(root, 0), config)
+    state = init_train_state(params, make_optimizer(config), jax.random.fold_in(root, 1))
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+        logging.info("starting a new run in %s", spec.workdir)
+        return state, 0.0
+    state, meta = restored
+    logging.info("resumed from step %d (%s)", int(state.step), ckpt.step_path(int(state.step)))
+    return state, float(meta.get("wall_time_s", 0.0))
+
+
+def _check_pools(spec: RunSpec, config: MetaNetConfig, splits: Mapping[str, np.ndarray]) -> None:
+    units = config.output_units
+    if spec.test_ways() > units:
+        raise ValueError(
+            f"--eval_ways={spec.eval_ways} is more than the model's {units} output units "
+            "(--max_ways, else --ways)"
+        )
+    for name, images in splits.items():
+        if images.shape[0] == 0 and name != "validation":
+            raise ValueError(f"the {name} split of {spec.dataset}/{spec.split} is empty")
+        _check_pool(spec, name, images.shape)
+    if splits["validation"].shape[0] == 0:
+        raise ValueError(
+            f"split {spec.split!r} has no validation classes (--validation_classes=0?); "
+            "checkpoint selection needs them"
+        )
+
+
+def _check_pool(spec: RunSpec, name: str, shape: tuple[int, ...]) -> None:
+    """Whether the `name` split's classes `[C, D, ...]` hold the run's episodes."""
+    classes, per_class = shape[0], shape[1]
+    flag = "--ways" if spec.eval_ways is None else "--eval_ways"
+    pool = classes * (4 if spec.rotations_as_classes and name == "train" else 1)
+    if name == "train" and spec.model.ways > pool:
+        raise ValueError(f"--ways={spec.model.ways} is more than the {pool} training classes")
+    if name != "train" and classes and spec.test_ways() > classes:
+        raise ValueError(f"{flag}={spec.test_ways()} is more than the {classes} {name} classes")
+    need = spec.model.shots + max(spec.model.queries_per_class, spec.eval_queries_per_class)
+    if classes and need > per_class:
+        raise ValueError(
+            f"--shots + --queries_per_class/--eval_queries_per_class = {need} is more than "
+            f"the {per_class} examples per class"
+        )
+
+
+def _train(run: _Run, state: TrainState, step_factory: Callable) -> dict[str, Any]:
+    """The training loop from the state's step to `spec.steps`.
+
+    Returns:
+      `{"status": "completed", "segment_steps", "episodes_per_s", "train_time_s",
+      "eval_time_s"}`, or `{"status": "interrupted" | "nan", "step", ...}`.
+    """
+    loop = _start_loop(run, state, step_factory)
+    for step in range(loop.start, run.spec.steps):
+        stopped = _train_step(run, loop, step)
+        if stopped is not None:
+            loop.bar.close()
+            return stopped
+    loop.bar.close()
+    return _end_loop(run, loop)
+
+
+def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
+    from metanet_jax import data
+
+    sharded = is_sharded(run.mesh)
+    if step_factory is not make_train_step:
+        step_fn = step_factory(run.config, make_optimizer(run.config), validate=False)
+    elif sharded:
+        step_fn = _cached_sharded_step(run.config, run.mesh)
+    else:
+        step_fn = _cached_train_step(run.config)
+    if sharded:
+        state = parallel.replicate(state, run.mesh)
+        sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)
+    else:
+        sample = data.sample_episodes
+    out = None if parallel.is_primary() else io.StringIO()
+    return _Loop(
+        state=state,
+        step_fn=step_fn,
+        sample=sample,
+        data_key=jax.random.fold_in(jax.random.key(run.spec.seed), 2),
+        train_images=jax.device_put(run.splits["train"]),
+        val_images=jax.device_put(run.splits["validation"]),
+        bar=logging_utils.ProgressBar(run.spec.steps, out),
+        start=int(state.step),
+        last_saved=run.ckpt.latest_step(),
+    )
+
+
+def _train_step(run: _Run, loop: _Loop, step: int) -> dict[str, Any] | None:
+    """Step `step` (0-based) of the loop, then its logs, validation and checkpoint.
+
+    Returns:
+      `None` to go on, else the loop's outcome (a NaN loss or a signal).
+    """
+    t0 = time.time()
+    support, query = _episodes(run, loop, step)
+    loop.state, metrics = loop.step_fn(loop.state, support, query)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    loop.train_time += time.time() - t0
+    done = step + 1
+    if not math.isfinite(metrics["loss"]):
+        return _non_finite(run, loop, metrics["loss"], done)
+    _log(run, loop, metrics, done)
+    validated = None
+    if done % run.spec.eval_every == 0 or done == run.spec.steps:
+        validated = _validate(run, loop, done)
+    return _checkpoint(run, loop, done, validated)
+
+
+def _episodes(run: _Run, loop: _Loop, step: int):
+    """The meta-batch of step `step`: `fold_in(data_key, step)`, nothing else, decides it."""
+    from metanet_jax import data
+
+    spec, config = run.spec, run.config
+    step_key = jax.random.fold_in(loop.data_key, step)
+    support, query = loop.sample(
+        step_key,
+        loop.train_images,
+        config.ways,
+        config.shots,
+        config.queries_per_class,
+        spec.meta_batch,
+        rotate=spec.rotate,
+        rotations_as_classes=spec.rotations_as_classes,
+    )
+    if config.label_units == "any":  # train every output unit, not only the first `ways`
+        support, query = data.spread_labels(
+            jax.random.fold_in(step_key, 1), support, query, config.ways, config.output_units
+        )
+    return support, query
+
+
+def _non_finite(run: _Run, loop: _Loop, loss: float, done: int) -> dict[str, Any]:
+    last = loop.last_saved
+    where = (
+        f"the last good checkpoint is step {last} ({run.ckpt.step_path(last)})"
+        if last is not None
+        else "no checkpoint was saved yet"
+    )
+    logging.error("non-finite loss (%s) at step %d; stopping without saving; %s", loss, done, where)
+    return {"status": "nan", "step": done, "last_good_step": last}
+
+
+def _log(run: _Run, loop: _Loop, metrics: Mapping[str, float], done: int) -> None:
+    """Adds the step's metrics to the log window; writes the window's averages every
+    `--log_every` steps and at the last step."""
+    spec, total = run.spec, run.spec.steps
+    for k, v in metrics.items():
+        loop.window.setdefault(k, []).append(v)
+    loop.window_steps += 1
+    loop.bar.update(done, f"loss {metrics['loss']:.2f} acc {metrics['accuracy']:.3f}")
+    if done % spec.log_every and done != total:
+        return
+    now = time.time()
+    avg = {k: float(np.mean(v)) for k, v in loop.window.items()}
+    eps = loop.window_steps * spec.meta_batch / max(now - loop.t_window, 1e-9)
+    avg["episodes_per_s"] = eps
+    # The averages cover the steps of this window run by this process: after a resume in the
+    # middle of a window (or at the last step) fewer than --log_every.
+    avg["window_steps"] = loop.window_steps
+    run.writer.write(done, avg)
+    rate = (done - loop.start) / max(now - loop.t_segment, 1e-9)
+    line = logging_utils.progress_line(
+        done, total, eps, avg["loss"], avg["accuracy"], (total - done) / rate
+    )
+    note = logging_utils.window_note(loop.window_steps, spec.log_every, done, loop.start)
+    logging.info(line + note)
+    loop.window, loop.t_window, loop.window_steps = {}, now, 0
+
+
+def _validate(run: _Run, loop: _Loop, done: int) -> float:
+    """Validation accuracy of the current parameters (written to the metrics)."""
+    t0 = time.time()
+    cfg = run.eval_config()
+    batches = _eval_batches(loop.val_images, cfg, run.spec.eval_episodes, run.spec, VALIDATION_SEED)
+    result = evaluation.evaluate(_local(loop.state.params), cfg, batches)
+    loop.eval_time += time.time() - t0
+    loop.t_window += time.time() - t0  # episodes/s counts training time only
+    run.writer.write(done, {"validation_accuracy": result.mean, "validation_ci95": result.ci95})
+    logging.info("step %d validation %s", done, result.line())
+    return result.mean
+
+
+def _checkpoint(
+    run: _Run, loop: _Loop, done: int, validated: float | None
+) -> dict[str, Any] | None:
+    """Saves a checkpoint when due (or validated, or stopping); stops on a signal."""
+    # Every process stops at the same step (one SIGTERM reaches processes at different
+    # times), so that all of them take part in the same checkpoint save.
+    stopping = _any_process(run.stop.signal_name is not None)
+    if validated is not None or done % run.spec.checkpoint_every == 0 or stopping:
+        run.ckpt.save(loop.state, run.meta(), validation_accuracy=validated)
+        loop.last_saved = done
+    if not stopping or done >= run.spec.steps:
+        return None
+    signal_name = run.stop.signal_name or "a signal (on another process)"
+    logging.warning(
+        "%s received: saved the checkpoint of step %d in %s and stopped; run the same "
+        "command again to resume",
+        signal_name,
+        done,
+        run.ckpt.step_path(done),
+    )
+    return {"status": "interrupted", "step": done, "signal": signal_name}
+
+
+def _end_loop(run: _Run, loop: _Loop) -> dict[str, Any]:
+    total = run.spec.steps
+    if loop.start >= total:
+        logging.info("step %d already reached (--steps=%d): evaluating only", loop.start, total)
+    segment_steps = max(total - loop.start, 0)
+    if total > loop.start and run.ckpt.latest_step() != total:
+        run.ckpt.save(loop.state, run.meta())
+    eps = segment_steps * run.spec.meta_batch / loop.train_time if loop.train_time else None
+    return {
+        "status": "completed",
+        "segment_steps": segment_steps,
+        "episodes_per_s": eps,
+        "train_time_s": loop.train_time,
+        "eval_time_s": loop.eval_time,
+    }
+
+
+class _Interrupted(Exception):
+    """A signal arrived during the final test (raised between evaluation batches)."""
+
+
+def _interruptible(batches, stop: StopRequest):
+    """`batches`, stopping with `_Interrupted` before the next one once a signal arrived."""
+    for batch in batches:
+        if stop.signal_name is not None:
+            raise _Interrupted
+        yield batch
+    if stop.signal_name is not None:
+        raise _Interrupted
+
+
+def _interrupted_test(stop: StopRequest, ckpt: checkpointing.Checkpointer) -> dict[str, Any]:
+    step = ckpt.latest_step()
+    logging.warning(
+        "%s received during the final test: stopped it; training is complete (checkpoint of "
+        "step %d in %s); run the same command again to test",
+        stop.signal_name,
+        step,
+        ckpt.directory,
+    )
+    return {"status": "interrupted", "step": step, "signal": stop.signal_name, "phase": "test"}
+
+
+def _final_test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
+    """Tests the best checkpoint; writes results and plots (process 0). A signal during the
+    test stops it (the rerun tests)."""
+    try:
+        results = _test(run, outcome)
+    except _Interrupted:
+        return _interrupted_test(run.stop, run.ckpt)
+    if run.stop.signal_name is not None:
+        logging.warning(
+            "%s received after the final test: the results were written in full",
+            run.stop.signal_name,
+        )
+    return results
+
+
+def _test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
+    spec, config = run.spec, run.config
+    # The best good checkpoint: a corrupt one is set aside and the next best used.
+    restored = run.ckpt.restore_best(evaluation.fresh_state(config))
+    assert restored is not None  # the loop saved the last step at least
+    state, _ = restored
+    step = int(state.step)
+    test_cfg = run.eval_config()
+    t0 = time.time()
+    images = jax.device_put(run.splits["test"])
+    batches = _eval_batches(images, test_cfg, spec.test_episodes, spec, TEST_SEED)
+    test = evaluation.evaluate(
+        state.params, test_cfg, _interruptible(batches, run.stop), keep_first=True
+    )
+    logging.info("test (checkpoint of step %d) %s", step, test.line())
+    counts = parallel.device_counts(run.mesh)
+    results: dict[str, Any] = {
+        "config": spec.to_dict(),
+        "model_config": checkpointing.config_to_dict(config),
+        "steps": spec.steps,
+        "evaluated_step": step,
+        "test_ways": test_cfg.ways,
+        "best_validation_accuracy": run.ckpt.validation_accuracy(step),
+        "test_accuracy": test.mean,
+        "test_ci95": test.ci95,
+        "test_episodes": test.episodes,
+        "devices": counts["devices"],
+        "processes": counts["processes"],
+        "platform": counts["platform"],
+        "versions": logging_utils.library_versions(),
+        "episodes_per_s": outcome.get("episodes_per_s"),
+    }
+    if spec.mnist_test_episodes:
+        results.update(_mnist_out_of_domain(spec, config, state.params, run.stop))
+    results["wall_time_s"] = run.wall_before + time.time() - run.t_start
+    results["test_time_s"] = time.time() - t0
+    if parallel.is_primary():
+        _write_results(run, results, test)
+    return dict(results, status="completed")
+
+
+def _write_results(run: _Run, results: Mapping[str, Any], test) -> None:
+    """results.json/md, the learning curve and the first test episode's attention."""
+    workdir = Path(run.spec.workdir)
+    logging_utils.write_results(workdir, results)
+    records = logging_utils.read_metrics(workdir / "metrics.jsonl")
+    logging_utils.plot_learning_curve(records, workdir / "learning_curve.png")
+    support, query, attention = test.first
+    logging_utils.plot_attention(
+        attention, support.x, support.y, query.x, query.y, workdir / "attention.png"
+    )
+    run.writer.write(run.spec.steps, {"test_accuracy": test.mean})
+
+
+def _mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params, stop) -> dict[str, Any]:
+    from metanet_jax import data
+
+    mnist = data.load_mnist(manual_dir=spec.datasets)
+    cfg = evaluation.eval_config(config, 10, 1, spec.eval_queries_per_class)
+    images = jax.device_put(mnist["test"].images)
+    batches = _eval_batches(images, cfg, spec.mnist_test_episodes, spec, MNIST_SEED)
+    result = evaluation.evaluate(params, cfg, _interruptible(batches, stop))
+    logging.info("MNIST 10-way 1-shot (out of domain) %s", result.line())
+    return {"mnist_accuracy": result.mean, "mnist_ci95": result.ci95,
+            "mnist_episodes": result.episodes}  # fmt: skip
+
+
+def environment_summary() -> str:
+    """One line: devices and the data folders in use."""
+    return (
+        f"devices: {jax.device_count()} x {jax.devices()[0].platform}; "
+        f"METANET_DATASETS={os.environ.get('METANET_DATASETS', '<unset>')}; "
+        f"METANET_DATA_DIR={os.environ.get('METANET_DATA_DIR', '<default>')}"
+    )

@@ -1,0 +1,34 @@
+"""experiments.protocol: a run's test protocol and training command from its saved flags."""
+
+from __future__ import annotations
+
+from experiments import protocol, train
+
+
+def test_flag_overrides_and_training_command(tmp_path):
+    flagfile = tmp_path / "x.flags"
+    flagfile.write_text("# a comment\n--ways=5\n--learning_rate=0.002\n--rotate\n"
+                        "--norotations_as_classes\n--workdir=workdirs/x\n")  # fmt: skip
+    run = train.RunSpec.from_flags(
+        dict(workdir="elsewhere", ways=5, learning_rate=0.002, steps=7000)
+    )
+    assert protocol.flag_overrides(flagfile, run.to_dict()) == ["--steps=7000"]
+    run = train.RunSpec.from_flags(
+        dict(workdir="workdirs/x", ways=5, learning_rate=0.001, rotate=False)
+    )
+    assert protocol.flag_overrides(flagfile, run.to_dict()) == ["--learning_rate=0.001",
+                                                                  "--norotate"]  # fmt: skip
+    assert protocol.find_flagfile(run.to_dict(), tmp_path) == flagfile
+    assert protocol.find_flagfile({"workdir": "workdirs/y"}, tmp_path) is None
+    command = protocol.training_command(run.to_dict(), flagfile)
+    assert command == (f"python -m experiments.omniglot --flagfile={flagfile.as_posix()} "
+                       "--learning_rate=0.001 --norotate")  # fmt: skip
+
+
+def test_protocol_tests_eval_ways_as_the_training_run_did():
+    """A run trained 10-way and tested 5-way (`--eval_ways`, mini_imagenet_authors.flags) is
+    re-tested 5-way; without eval_ways, at its training ways."""
+    run = {"ways": 10, "max_ways": 10, "eval_ways": 5, "test_episodes": 7}
+    assert protocol.protocol(run)["ways"] == 5
+    assert protocol.protocol(run, "validation")["ways"] == 5
+    assert protocol.protocol({"ways": 10, "test_episodes": 7})["ways"] == 10
