@@ -8,6 +8,7 @@ from metanet_jax import synthetic
 from metanet_jax.batching import episode_loss, make_episode_loss, make_predict, predict
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.model import generators, layers, memory, networks
+from metanet_jax.model.networks import Networks
 from metanet_jax.model.episode import (
     base_learner_queries,
     base_meta_info,
@@ -29,6 +30,7 @@ from metanet_jax.types import Episode
 __all__ = [
     "Episode",
     "MetaNetConfig",
+    "Networks",
     "TrainState",
     "base_learner_queries",
     "base_meta_info",
