@@ -23,9 +23,9 @@ import pytest
 import metanet_jax as mn
 from metanet_jax import checkpointing, evaluation, experiment
 from metanet_jax.model import episode as ep
-from tests.model import reference
 from tests.conftest import tiny_batch, tiny_config
 from tests.experiments.conftest import replace, tiny_spec
+from tests.model import reference
 
 
 def _jit(fn, **kwargs):

@@ -12,8 +12,8 @@ from absl.testing import parameterized
 import metanet_jax as mn
 from metanet_jax.model import episode as ep
 from metanet_jax.model import networks
-from tests.model import reference
 from tests.conftest import episode_loss_fn, tiny_batch, tiny_config
+from tests.model import reference
 
 
 def _to64(tree):

@@ -279,7 +279,10 @@ def test_init_writes_the_fast_template_of_the_augmented_layers_only():
     x = jnp.ones((2, 4, 4, 1))
     variables = _Net().init(jax.random.key(0), x)
     shapes = jax.tree.map(jnp.shape, variables)
-    assert shapes["fast"] == {"a": {"kernel": (3, 3, 1, 2)}, "_Head_0": {"out": {"kernel": (32, 3)}}}
+    assert shapes["fast"] == {
+        "a": {"kernel": (3, 3, 1, 2)},
+        "_Head_0": {"out": {"kernel": (32, 3)}},
+    }
     assert set(shapes["params"]) == {"a", "plain", "_Head_0"}
     assert all(not np.any(leaf) for leaf in jax.tree.leaves(variables["fast"]))
     # Zero fast weights add nothing (relu(0) = 0 and a zero linear path).
