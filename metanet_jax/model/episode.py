@@ -472,6 +472,7 @@ def task_forward(
       (`[L, output_units]` logits with `label_units="any"`, see `episode_logits`).
     """
     b, u = nets.learners(config, networks)
+    query_path(config)  # a path the library lacks fails here, before any work
     dtype = _DTYPES[config.compute_dtype]
     out_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 results
     stop = (lambda t: t) if config.second_order else lax.stop_gradient

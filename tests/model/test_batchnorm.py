@@ -62,7 +62,7 @@ def _random_bn(params, seed):
         ("authors", 1, "metanet+", "patches"),
         # BatchNorm inside an augmented layer too (conv_1): every example or chunk runs the
         # whole support set through the augmented layers.
-        ("authors", 2, "metanet", "per_query"),
+        ("authors", 2, "metanet", "stacked"),
         ("per_pass", 2, "metanet+", "stacked"),
     ],
 )
