@@ -1,4 +1,4 @@
-"""One MetaNet episode, end to end (paper, Algorithm 1), per task and over a task batch.
+"""One MetaNet task, end to end (paper, Algorithm 1).
 
 Per task (`task_forward`):
 

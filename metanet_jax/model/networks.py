@@ -215,6 +215,12 @@ def resolve(config: MetaNetConfig, networks: Networks | None) -> Networks:
         return builtin(config)
     if not isinstance(networks, Networks):
         raise ValueError(f"networks must be a metanet_jax.Networks, got {type(networks)}")
+    try:
+        hash(networks)
+    except TypeError as err:  # jit keys its compilations on it; so does `describe`
+        raise ValueError(
+            f"networks must be hashable (module fields as tuples, not lists): {err}"
+        ) from err
     if config.augment_base is not None or config.augment_representation is not None:
         raise ValueError(
             "augment_base / augment_representation choose layers of the built-in networks; "

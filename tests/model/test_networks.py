@@ -119,6 +119,16 @@ def test_bad_user_networks_raise():
         mn.init(key, config.replace(augment_base=("out",)), networks=mn.Networks(_Base(), _Base()))
     with pytest.raises(ValueError, match="metanet_jax.Networks"):
         mn.init(key, config, networks=(_Base(), _Keys()))
+    with pytest.raises(ValueError, match="hashable"):
+        mn.init(key, config, networks=mn.Networks(_Listy([3]), _Keys()))
+
+
+class _Listy(nn.Module):
+    sizes: list
+
+    @nn.compact
+    def __call__(self, x):
+        return layers.AugmentedDense(self.sizes[-1])(x.reshape(x.shape[0], -1))
 
 
 def test_init_is_deterministic_and_follows_the_network_init():
