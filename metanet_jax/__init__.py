@@ -8,7 +8,6 @@ from metanet_jax import synthetic
 from metanet_jax.batching import episode_loss, make_episode_loss, make_predict, predict
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.model import generators, layers, memory, networks
-from metanet_jax.model.networks import Networks
 from metanet_jax.model.episode import (
     base_learner_queries,
     base_meta_info,
@@ -18,6 +17,7 @@ from metanet_jax.model.episode import (
     task_loss,
 )
 from metanet_jax.model.generators import example_fast_weights, task_fast_weights
+from metanet_jax.model.networks import Networks
 from metanet_jax.training import (
     TrainState,
     init_train_state,
