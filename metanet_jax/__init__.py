@@ -17,6 +17,7 @@ from metanet_jax.model.episode import (
     task_loss,
 )
 from metanet_jax.model.generators import example_fast_weights, task_fast_weights
+from metanet_jax.model.networks import Networks
 from metanet_jax.training import (
     TrainState,
     init_train_state,
@@ -29,6 +30,7 @@ from metanet_jax.types import Episode
 __all__ = [
     "Episode",
     "MetaNetConfig",
+    "Networks",
     "TrainState",
     "base_learner_queries",
     "base_meta_info",

@@ -1,4 +1,4 @@
-"""One MetaNet episode, end to end (paper, Algorithm 1), per task and over a task batch.
+"""One MetaNet task, end to end (paper, Algorithm 1).
 
 Per task (`task_forward`):
 
@@ -11,7 +11,10 @@ Per task (`task_forward`):
 7. attention read a_j = softmax(cos(R, r_j)), W*_j = a_j M;
 8. logits_j = b(W, W*_j, x_j); loss = sum_j CE(logits_j, y_j).
 
-`episode_loss` maps that over the task batch (`vmap`, or a sequential `lax.map`).
+b and u are Flax modules (`networks.Networks`; `None`: the built-in ones of
+`config.architecture`). Every function here takes them as `networks=` and reads what it needs
+(the augmented layers, BatchNorm) with `networks.learners`. `metanet_jax.batching` maps these
+per-task functions over a task batch.
 
 BatchNorm statistics (Mini-ImageNet network; `MetaNetConfig.bn_statistics`). "authors", as
 the authors' MetaNetPartial.py: steps 1 and 3 (and MetaNet+'s chunks of b) normalise with the
@@ -34,8 +37,9 @@ import numpy as np
 from jax import lax
 
 from metanet_jax.config import MetaNetConfig
-from metanet_jax.model import generators, memory
-from metanet_jax.model import networks as net
+from metanet_jax.model import generators, layers, memory
+from metanet_jax.model import networks as nets
+from metanet_jax.model.networks import Learner, Networks
 from metanet_jax.types import Array, Episode, FastWeights, Params, PRNGKey
 
 GROUPS = ("base", "representation", "example_generator", "task_generator")
@@ -43,47 +47,34 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.floa
 
 
 # ----------------------------------------------------------------------------- init
-def _builtin_only(networks) -> None:
-    # Transitional (issue 9, in progress): user networks arrive with the Flax layers.
-    if networks is not None:
-        raise ValueError("networks= is not supported yet; pass None for the built-in ones")
-
-
-def _kinds(specs, names) -> tuple[str, ...]:
-    kinds = {s.kind for s in specs if s.name in names}
-    return tuple(k for k in ("conv", "dense") if k in kinds)
-
-
-def init(key: PRNGKey, config: MetaNetConfig, *, networks=None) -> Params:
+def init(key: PRNGKey, config: MetaNetConfig, *, networks: Networks | None = None) -> Params:
     """Slow weights theta = {W, Q, Z, G} as a Flax-style params dict.
 
-    Depends only on the architecture (output units, image shape, architecture, variant,
-    augmented layers, generator sizes): never on shots or query counts.
+    Depends only on the networks and the architecture fields of `config` (output units, image
+    shape, variant, generator sizes): never on shots or query counts. Same key, same numbers.
 
     Args:
       key: a typed PRNG key (`jax.random.key`).
       config: the model configuration.
+      networks: b and u as Flax modules, or `None` for the built-in ones.
 
     Returns:
-      `{"base": W, "representation": Q, "example_generator": Z, "task_generator": G}`.
+      `{"base": W, "representation": Q, "example_generator": Z, "task_generator": G}`; Q holds
+      u's module params and the representation head `"head"` `[D, output_units]`.
     """
-    _builtin_only(networks)
     if not jnp.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key):
         raise ValueError("init expects a typed PRNG key from jax.random.key(seed)")
+    b, u = nets.learners(config, networks)
     kb, kq, kz, kg = (jax.random.fold_in(key, i) for i in range(4))
-    b_specs, u_specs = net.base_specs(config), net.representation_specs(config)
-    b_aug = net.augmented_names(config, "base")
-    u_aug = net.augmented_names(config, "representation")
-    b_in = config.image_shape if config.base_input == "x" else (u_specs[-1].features,)
-    net_init, gen_init = config.network_init, config.generator_init
-    base = net.init_network(kb, b_specs, b_in, init=net_init)
-    rep = net.init_network(
-        kq, u_specs, config.image_shape, extra_head=config.output_units, init=net_init
+    base = b.init(kb)
+    rep = u.init(kq)
+    rep[nets.HEAD_LAYER] = nets.init_head(
+        kq, u.out_shape[-1], config.output_units, config.network_init
     )
-    hid = config.generator_hidden
+    hid, gen_init = config.generator_hidden, config.generator_init
     example_gen = {
         kind: generators.init_mlp_generator(jax.random.fold_in(kz, i), hid, gen_init)
-        for i, kind in enumerate(_kinds(b_specs, b_aug))
+        for i, kind in enumerate(b.kinds)
     }
     task_gen = {}
     if config.has_task_fast_weights:
@@ -91,14 +82,14 @@ def init(key: PRNGKey, config: MetaNetConfig, *, networks=None) -> Params:
             kind: generators.init_lstm_generator(
                 jax.random.fold_in(kg, i), config.lstm_hidden, gen_init
             )
-            for i, kind in enumerate(_kinds(u_specs, u_aug))
+            for i, kind in enumerate(u.kinds)
         }
     if config.variant == "metanet+":
         task_gen["base"] = {
             kind: generators.init_lstm_generator(
                 jax.random.fold_in(kg, 10 + i), config.lstm_hidden, gen_init
             )
-            for i, kind in enumerate(_kinds(b_specs, b_aug))
+            for i, kind in enumerate(b.kinds)
         }
     return {
         "base": base,
@@ -168,7 +159,7 @@ def pair_layout(n: int, chunks: int) -> tuple[np.ndarray, np.ndarray]:
     return pairs[index], mask
 
 
-def _map_chunks(fn, shared, args, mask: np.ndarray, specs):
+def _map_chunks(fn, shared, args, mask: np.ndarray, learner: Learner):
     """`fn(shared, *chunk_args, weights)` for every chunk, outputs stacked on a new axis 0.
 
     One `vmap` over the padded chunks (`args` `[C, S, ...]`, padding at the end, `mask`
@@ -176,7 +167,7 @@ def _map_chunks(fn, shared, args, mask: np.ndarray, specs):
     its statistics, which must span the chunk's own examples only: then, when the chunks
     differ in size, each chunk runs alone, without its padding.
     """
-    if mask.all() or not net.has_batchnorm(specs):
+    if mask.all() or not learner.has_batchnorm:
         in_axes = (None,) + (0,) * (len(args) + 1)
         return jax.vmap(fn, in_axes)(shared, *args, jnp.asarray(mask))
     outs = []
@@ -191,12 +182,6 @@ def _weighted_cross_entropy(logits: Array, labels: Array, w: Array) -> Array:
     return jnp.sum(cross_entropy(logits, labels) * w) / jnp.sum(w)
 
 
-def _ce_chunk_loss(specs, config, q_full, x, y, w, support_y):
-    key_slow = net.apply_network(specs, q_full, x)
-    logits = episode_logits(net.representation_head(q_full, key_slow), config, support_y)
-    return _weighted_cross_entropy(logits, y, w)
-
-
 def _contrastive(config, ea, eb, same, w):
     ea, eb = (e.astype(jnp.promote_types(e.dtype, jnp.float32)) for e in (ea, eb))
     d2 = jnp.sum(jnp.square(ea - eb), axis=-1)
@@ -205,67 +190,50 @@ def _contrastive(config, ea, eb, same, w):
     return jnp.sum(loss * w) / jnp.sum(w)
 
 
-def _contrastive_chunk_loss(specs, config, q_full, xa, xb, same, w):
-    ea = net.apply_network(specs, q_full, xa)
-    eb = net.apply_network(specs, q_full, xb)
-    return _contrastive(config, ea, eb, same, w)
-
-
-def support_statistics(config: MetaNetConfig, specs) -> bool:
-    """Whether the support-set passes through the network `specs` normalise with the whole
-    support set's statistics: `bn_statistics == "authors"` and a layer has BatchNorm (without
+def support_statistics(config: MetaNetConfig, learner: Learner) -> bool:
+    """Whether the support-set passes through `learner` normalise with the whole support
+    set's statistics: `bn_statistics == "authors"` and the network has BatchNorm (without
     BatchNorm both settings run the same per-pass program)."""
-    return config.bn_statistics == "authors" and net.has_batchnorm(specs)
+    return config.bn_statistics == "authors" and learner.has_batchnorm
 
 
-def _support_statistics_grads(specs, params, names, x, group_loss, *group_args):
-    """Per-group loss and gradient w.r.t. the subtree `names`, with whole-set statistics.
+def _support_statistics_grads(learner: Learner, params, x, group_loss, *group_args):
+    """Per-group loss and gradient w.r.t. the augmented kernels, with whole-set statistics.
 
     Each group's loss (one support example, or one chunk) sees the network's output rows as
     computed in one pass over all of `x` (BatchNorm statistics of the whole set, themselves
-    functions of the weights and differentiated through, as Chainer's backward does). The
-    layers before the first layer of `names` do not depend on the subtree and run once on all
-    of `x`; after them, when no layer normalises, the rows are independent and a group runs
-    only its own rows, otherwise every group runs the whole set through the remaining layers.
+    functions of the weights and differentiated through, as Chainer's backward does). The pass
+    depends on no mapped argument, so under the `vmap` over groups it runs once, unbatched;
+    its layers before the first augmented one do not depend on the differentiated kernels
+    either, so no group's backward pass enters them.
 
     Args:
-      specs: the network's layers.
+      learner: the network.
       params: its slow weights.
-      names: the subtree to differentiate (the augmented layers).
       x: `[N, *input]` the support inputs.
       group_loss: `(embed, *args) -> scalar`; `embed(index [S]) -> [S, F]` gives the
         network's output on those rows.
       *group_args: arrays with a leading group axis `[C, ...]`, mapped over.
 
     Returns:
-      `(losses [C], grads {name: {"kernel": [C, *k]}})`.
+      `(losses [C], grads)`, the grads `[C, *k]` per augmented kernel.
     """
-    start = net.first_augmented_index(specs, names)
-    h = net.apply_network(specs, params, x, stop=start)
-    independent = not net.has_batchnorm(specs, start)
 
     def loss(sub, *args):
-        full = {**params, **sub}
-        if independent:
-
-            def embed(index):
-                return net.apply_network(specs, full, h[index], start=start)
-
-        else:
-            out = net.apply_network(specs, full, h, start=start)
-
-            def embed(index):
-                return out[index]
-
-        return group_loss(embed, *args)
+        out = learner.apply(learner.merge(params, sub), x)
+        return group_loss(lambda index: out[index], *args)
 
     in_axes = (None,) + (0,) * len(group_args)
-    sub = net.subtree(params, names)
-    return jax.vmap(jax.value_and_grad(loss), in_axes)(sub, *group_args)
+    return jax.vmap(jax.value_and_grad(loss), in_axes)(learner.subtree(params), *group_args)
 
 
 def representation_meta_info(
-    rep_params: Params, support: Episode, config: MetaNetConfig, key: PRNGKey | None = None
+    rep_params: Params,
+    support: Episode,
+    config: MetaNetConfig,
+    key: PRNGKey | None = None,
+    *,
+    networks: Networks | None = None,
 ) -> tuple[FastWeights, Array]:
     """Task-level meta information: gradients of u's representation loss (Alg. 1, l. 2-4).
 
@@ -280,32 +248,37 @@ def representation_meta_info(
       support: one task, `x [N, *image_shape]`, `y [N]`.
       config: the configuration.
       key: optional typed key; samples T pairs for the contrastive loss.
+      networks: b and u, or `None` for the built-in ones.
 
     Returns:
-      `(grads, losses)`: `{name: {"kernel": [C, *k]}}` per-chunk gradients w.r.t. the
-      augmented subtree of Q, and the `[C]` chunk losses.
+      `(grads, losses)`: per-chunk gradients `[C, *k]` w.r.t. u's augmented kernels (a tree
+      that mirrors them), and the `[C]` chunk losses.
     """
-    specs = net.representation_specs(config)
-    aug = net.augmented_names(config, "representation")
-    q_aug = net.subtree(rep_params, aug)
+    _, u = nets.learners(config, networks)
     x = support.x
-    whole_set = support_statistics(config, specs)
+    whole_set = support_statistics(config, u)
+
+    def keys(q, xi):
+        return u.apply(q, xi)
+
     if not config.uses_contrastive:
         index, mask = chunk_layout(x.shape[0], config.rep_chunks)
+
+        def head_loss(key_slow, labels, w, q):
+            logits = episode_logits(nets.representation_head(q, key_slow), config, support.y)
+            return _weighted_cross_entropy(logits, labels, w)
+
         if whole_set:
-
-            def ce_loss(embed, idx, w):
-                head = net.representation_head(rep_params, embed(idx))
-                logits = episode_logits(head, config, support.y)
-                return _weighted_cross_entropy(logits, support.y[idx], w)
-
             losses, grads = _support_statistics_grads(
-                specs, rep_params, aug, x, ce_loss, jnp.asarray(index), jnp.asarray(mask)
-            )
+                u, rep_params, x,
+                lambda embed, idx, w: head_loss(embed(idx), support.y[idx], w, rep_params),
+                jnp.asarray(index), jnp.asarray(mask),
+            )  # fmt: skip
             return grads, losses
 
         def loss(qa, xi, yi, w):
-            return _ce_chunk_loss(specs, config, {**rep_params, **qa}, xi, yi, w, support.y)
+            q = u.merge(rep_params, qa)
+            return head_loss(keys(q, xi), yi, w, q)
 
         args = (x[index], support.y[index])
     else:
@@ -327,20 +300,26 @@ def representation_meta_info(
                 return _contrastive(config, embed(p[:, 0]), embed(p[:, 1]), s, w)
 
             losses, grads = _support_statistics_grads(
-                specs, rep_params, aug, x, pair_loss, pairs, same, mask
+                u, rep_params, x, pair_loss, pairs, same, mask
             )
             return grads, losses
 
         def loss(qa, xa, xb, s, w):
-            return _contrastive_chunk_loss(specs, config, {**rep_params, **qa}, xa, xb, s, w)
+            q = u.merge(rep_params, qa)
+            return _contrastive(config, keys(q, xa), keys(q, xb), s, w)
 
         args = (x[pairs[..., 0]], x[pairs[..., 1]], same)
-    losses, grads = _map_chunks(jax.value_and_grad(loss), q_aug, args, mask, specs)
+    losses, grads = _map_chunks(jax.value_and_grad(loss), u.subtree(rep_params), args, mask, u)
     return grads, losses
 
 
 def base_meta_info(
-    base_params: Params, inputs: Array, labels: Array, config: MetaNetConfig
+    base_params: Params,
+    inputs: Array,
+    labels: Array,
+    config: MetaNetConfig,
+    *,
+    networks: Networks | None = None,
 ) -> FastWeights:
     """Example-level meta information: per-example gradients of b's loss (Alg. 1, l. 7-8).
 
@@ -354,59 +333,74 @@ def base_meta_info(
       inputs: `[N, *input]` support inputs of b (x', or r' when `base_input == "r"`).
       labels: `[N]`.
       config: the configuration.
+      networks: b and u, or `None` for the built-in ones.
 
     Returns:
-      `{name: {"kernel": [N, *k]}}` gradients w.r.t. the augmented subtree of W.
+      Gradients `[N, *k]` w.r.t. b's augmented kernels (a tree that mirrors them).
     """
-    specs = net.base_specs(config)
-    names = net.augmented_names(config, "base")
-    if support_statistics(config, specs):
+    b, _ = nets.learners(config, networks)
+    if support_statistics(config, b):
 
         def example_loss(embed, idx):
             logits = episode_logits(embed(idx), config, labels)
             return cross_entropy(logits, labels[idx])[0]
 
         index = jnp.arange(inputs.shape[0])[:, None]
-        return _support_statistics_grads(specs, base_params, names, inputs, example_loss, index)[1]
-    w_aug = net.subtree(base_params, names)
+        return _support_statistics_grads(b, base_params, inputs, example_loss, index)[1]
 
     def loss(wa, xi, yi):
-        logits = net.apply_network(specs, {**base_params, **wa}, xi[None])
+        logits = b.apply(b.merge(base_params, wa), xi[None])
         return cross_entropy(episode_logits(logits, config, labels), yi[None])[0]
 
-    return jax.vmap(jax.grad(loss), (None, 0, 0))(w_aug, inputs, labels)
+    return jax.vmap(jax.grad(loss), (None, 0, 0))(b.subtree(base_params), inputs, labels)
 
 
 def base_task_meta_info(
-    base_params: Params, inputs: Array, labels: Array, config: MetaNetConfig
+    base_params: Params,
+    inputs: Array,
+    labels: Array,
+    config: MetaNetConfig,
+    *,
+    networks: Networks | None = None,
 ) -> FastWeights:
-    """MetaNet+ (our reading): chunk gradients of b's task loss w.r.t. W, `[C, ...]`.
+    """MetaNet+ (our reading): chunk gradients of b's task loss w.r.t. W, `[C, *k]`.
 
     BatchNorm statistics as in `representation_meta_info`: the whole support set's or each
     chunk's (`bn_statistics`).
     """
-    specs = net.base_specs(config)
-    names = net.augmented_names(config, "base")
-    w_aug = net.subtree(base_params, names)
+    b, _ = nets.learners(config, networks)
     index, mask = chunk_layout(inputs.shape[0], config.rep_chunks)
-    if support_statistics(config, specs):
+    if support_statistics(config, b):
 
         def chunk_loss(embed, idx, w):
             logits = episode_logits(embed(idx), config, labels)
             return _weighted_cross_entropy(logits, labels[idx], w)
 
         return _support_statistics_grads(
-            specs, base_params, names, inputs, chunk_loss, jnp.asarray(index), jnp.asarray(mask)
+            b, base_params, inputs, chunk_loss, jnp.asarray(index), jnp.asarray(mask)
         )[1]
 
     def loss(wa, xi, yi, w):
-        logits = episode_logits(net.apply_network(specs, {**base_params, **wa}, xi), config, labels)
+        logits = episode_logits(b.apply(b.merge(base_params, wa), xi), config, labels)
         return _weighted_cross_entropy(logits, yi, w)
 
-    return _map_chunks(jax.grad(loss), w_aug, (inputs[index], labels[index]), mask, specs)
+    args = (inputs[index], labels[index])
+    return _map_chunks(jax.grad(loss), b.subtree(base_params), args, mask, b)
 
 
 # ----------------------------------------------------------------------------- query path
+def query_path(config: MetaNetConfig) -> str:
+    """The memory mode of b's query pass: "stacked" or "patches" (`config.query_path`,
+    "auto" by backend)."""
+    path = config.resolved_query_path()
+    if path not in layers.MEMORY_MODES:
+        raise ValueError(
+            f"query_path {path!r} is not a query path of the library; use "
+            "'stacked' or 'patches' (or 'auto')"
+        )
+    return path
+
+
 def base_learner_queries(
     base_params: Params,
     values: FastWeights,
@@ -414,45 +408,33 @@ def base_learner_queries(
     inputs: Array,
     config: MetaNetConfig,
     task_fast: FastWeights | None = None,
+    *,
+    networks: Networks | None = None,
 ) -> Array:
     """b(W, W*_j, x_j) for every query j, with W*_j = sum_i a_ji M_i (Alg. 1, l. 13-15).
 
-    "stacked": each augmented layer runs one conv with the N memory kernels stacked along the
-    output channels and mixes the N outputs with a_j (linearity). "patches": each augmented
-    conv builds W*_j and runs it as a batched matmul over the query's 3x3 patches (dense
-    layers stack). "per_query": W*_j is built explicitly and b is `vmap`ped over queries
-    (grouped convolutions). "auto" resolves by backend (`MetaNetConfig.resolved_query_path`).
+    b's augmented layers read the memory per query (`layers`): "stacked", each augmented
+    layer runs one conv with the N memory kernels stacked along the output channels and mixes
+    the N outputs with a_j (linearity); "patches", each augmented conv builds W*_j and runs it
+    as a batched matmul over the query's patches (dense layers stack). "auto" resolves by
+    backend (`MetaNetConfig.resolved_query_path`). The literal per-query oracle (W*_j built,
+    b mapped over queries) lives in the tests.
 
     Args:
       base_params: W.
-      values: memory values `{name: {"kernel": [N, *k]}}`.
+      values: memory values `[N, *k]` per augmented kernel of b.
       attention: `[L, N]`.
       inputs: `[L, *input]` query inputs of b.
       config: the configuration.
       task_fast: MetaNet+ task-level fast weights of b, or `None`.
+      networks: b and u, or `None` for the built-in ones.
 
     Returns:
       `[L, output_units]` logits.
     """
-    specs = net.base_specs(config)
-    path = config.resolved_query_path()
-    if path in ("stacked", "patches"):
-        return net.apply_network(
-            specs, base_params, inputs, task_fast=task_fast, memory=values, mix=attention,
-            memory_mode=path,
-        )  # fmt: skip
-    start = net.first_augmented_index(specs, net.augmented_names(config, "base"))
-    h = net.apply_network(specs, base_params, inputs, stop=start)
-    per_query = memory.read(values, attention)
-
-    def one(hj, fast_j):
-        out = net.apply_network(
-            specs, base_params, hj[None], fast=fast_j, task_fast=task_fast,
-            start=start, bn_axis_name="queries",
-        )  # fmt: skip
-        return out[0]
-
-    return jax.vmap(one, axis_name="queries")(h, per_query)
+    b, _ = nets.learners(config, networks)
+    with layers.options(memory_mode=query_path(config)):
+        return b.apply(base_params, inputs, task_fast=task_fast, memory=values, mix=attention)
 
 
 # ----------------------------------------------------------------------------- one task
@@ -483,12 +465,14 @@ def task_forward(
       query_x: `[L, *image_shape]`.
       config: the configuration.
       key: optional typed key (sampled contrastive pairs).
+      networks: b and u as Flax modules (`networks.Networks`), or `None` for the built-in ones.
 
     Returns:
       `(logits [L, ways], aux)` with `attention [L, N]`, `rep_loss`, norms and entropy
       (`[L, output_units]` logits with `label_units="any"`, see `episode_logits`).
     """
-    _builtin_only(networks)
+    b, u = nets.learners(config, networks)
+    query_path(config)  # a path the library lacks fails here, before any work
     dtype = _DTYPES[config.compute_dtype]
     out_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 results
     stop = (lambda t: t) if config.second_order else lax.stop_gradient
@@ -498,7 +482,9 @@ def task_forward(
     n = xs.shape[0]
 
     # 1-2. task level: Q* = d(G, chunk gradients of the representation loss).
-    rep_grads, rep_losses = representation_meta_info(rep, Episode(xs, support.y), config, key)
+    rep_grads, rep_losses = representation_meta_info(
+        rep, Episode(xs, support.y), config, key, networks=networks
+    )
     q_star = None
     if config.has_task_fast_weights:
         q_star = generators.task_fast_weights(
@@ -507,12 +493,11 @@ def task_forward(
 
     # 5-6. keys for the support set (memory) and the queries: one pass through u, or (the
     # authors' BatchNorm statistics) one pass for each set, each normalised by itself.
-    u_specs = net.representation_specs(config)
-    if support_statistics(config, u_specs):
-        r_support = net.apply_network(u_specs, rep, xs, fast=q_star).astype(out_dtype)
-        r_query = net.apply_network(u_specs, rep, xq, fast=q_star).astype(out_dtype)
+    if support_statistics(config, u):
+        r_support = u.apply(rep, xs, fast=q_star).astype(out_dtype)
+        r_query = u.apply(rep, xq, fast=q_star).astype(out_dtype)
     else:
-        r_all = net.apply_network(u_specs, rep, jnp.concatenate([xs, xq]), fast=q_star)
+        r_all = u.apply(rep, jnp.concatenate([xs, xq]), fast=q_star)
         r_all = r_all.astype(out_dtype)
         r_support, r_query = r_all[:n], r_all[n:]
     if config.base_input == "x":
@@ -521,13 +506,13 @@ def task_forward(
         b_support, b_query = r_support.astype(dtype), r_query.astype(dtype)
 
     # 3-4. example level: W*_i = m(Z, per-example gradients of b's loss).
-    base_grads = base_meta_info(base, b_support, support.y, config)
+    base_grads = base_meta_info(base, b_support, support.y, config, networks=networks)
     values = generators.example_fast_weights(
         params["example_generator"], stop(base_grads), config.grad_p, out_dtype
     )
     task_fast = None
     if config.variant == "metanet+":
-        chunk_grads = base_task_meta_info(base, b_support, support.y, config)
+        chunk_grads = base_task_meta_info(base, b_support, support.y, config, networks=networks)
         task_fast = generators.task_fast_weights(
             params["task_generator"]["base"], stop(chunk_grads), config.grad_p, out_dtype
         )
@@ -537,7 +522,9 @@ def task_forward(
     attention = memory.cosine_attention(r_query, mem_keys)
 
     # 8. augmented forward of b on the queries.
-    logits = base_learner_queries(base, values, attention, b_query, config, task_fast)
+    logits = base_learner_queries(
+        base, values, attention, b_query, config, task_fast, networks=networks
+    )
     logits = episode_logits(logits, config, support.y).astype(out_dtype)
     entropy = -jnp.sum(attention * jnp.log(attention + 1e-12), axis=-1).mean()
     aux = {
@@ -560,6 +547,8 @@ def task_loss(
     networks=None,
 ) -> tuple[Array, dict[str, Any]]:
     """One task's loss: the sum over queries of cross-entropy (authors' code sums).
+
+    Arguments as `task_forward`, with `query` `x [L, *image_shape]`, `y [L]`.
 
     Returns:
       `(loss, aux)`; aux holds `logits [L, ways]`, `accuracy`, `attention [L, N]`, ...

@@ -5,8 +5,9 @@ independent input, and all coordinates share the generator's weights. The code k
 generator for conv kernels and one for dense kernels (authors' code); so do we.
 
 Generators are pure functions `(gen_params, meta_info) -> fast_weights`, where `meta_info`
-and the output mirror an augmented subtree of the slow params (`{name: {"kernel": ...}}`),
-the meta information with a leading axis (N support examples for m, T chunks for d).
+and the output mirror the augmented kernels of a network's params (`{..., layer: {"kernel":
+...}}`, nested as the network's modules are), the meta
+information with a leading axis (N support examples for m, T chunks for d).
 
 Layout: the inputs keep coordinates on the *last* axis (`[features, P]`). Internally the MLP
 stays feature-major and the LSTM works coordinate-major (`[P, 4H]`), whichever measured faster.
@@ -289,31 +290,37 @@ def lstm_generator(params: Params, features: Array) -> Array:
 
 
 # ----------------------------------------------------------------------------- pytrees
+# The trees mirror the augmented params of any network (nested as its modules are); their
+# leaves are the kernels, with `lead` leading axes (N examples, T chunks). A leaf's kind is
+# its kernel's rank: 4 (conv, HWIO) or 2 (dense). The generators are coordinate-wise, so the
+# order in which the leaves are concatenated changes nothing but the layout.
 def _kind(kernel: Array, lead: int) -> str:
     return "conv" if kernel.ndim - lead == 4 else "dense"
 
 
 def kinds_in(tree: FastWeights, lead: int = 0) -> tuple[str, ...]:
     """Which generator kinds ("conv", "dense") a subtree needs."""
-    kinds = {_kind(v["kernel"], lead) for v in tree.values()}
+    kinds = {_kind(leaf, lead) for leaf in jax.tree.leaves(tree)}
     return tuple(k for k in ("conv", "dense") if k in kinds)
 
 
-def _flatten(tree: FastWeights, kind: str, lead: int):
-    names = [n for n in sorted(tree) if _kind(tree[n]["kernel"], lead) == kind]
-    leaves = [tree[n]["kernel"] for n in names]
-    lead_shape = leaves[0].shape[:lead]
-    flat = jnp.concatenate([x.reshape(lead_shape + (-1,)) for x in leaves], axis=-1)
-    return names, [x.shape[lead:] for x in leaves], flat
-
-
-def _unflatten(flat: Array, names, shapes, lead_shape) -> FastWeights:
-    out, offset = {}, 0
-    for name, shape in zip(names, shapes, strict=True):
-        size = int(np.prod(shape))
-        out[name] = {"kernel": flat[..., offset : offset + size].reshape(lead_shape + shape)}
-        offset += size
-    return out
+def _generate(tree: FastWeights, lead: int, generate) -> FastWeights:
+    """Applies `generate(kind, flat [*lead, P]) -> [*out_lead, P]` to the leaves of each kind,
+    concatenated, and puts the results back in the tree's structure."""
+    leaves, treedef = jax.tree.flatten(tree)
+    out = list(leaves)
+    for kind in kinds_in(tree, lead):
+        index = [i for i, leaf in enumerate(leaves) if _kind(leaf, lead) == kind]
+        lead_shape = leaves[index[0]].shape[:lead]
+        flat = jnp.concatenate([leaves[i].reshape(lead_shape + (-1,)) for i in index], axis=-1)
+        values = generate(kind, flat).astype(flat.dtype)
+        offset = 0
+        for i in index:
+            shape = leaves[i].shape[lead:]
+            size = int(np.prod(shape))
+            out[i] = values[..., offset : offset + size].reshape(values.shape[:-1] + shape)
+            offset += size
+    return jax.tree.unflatten(treedef, out)
 
 
 def example_fast_weights(
@@ -323,23 +330,22 @@ def example_fast_weights(
 
     Args:
       gen_params: Z, `{"conv": mlp, "dense": mlp}` (kinds that occur).
-      meta_info: `{name: {"kernel": [N, *k]}}` per-example gradients of b's loss.
+      meta_info: `{..., layer: {"kernel": [N, *k]}}` per-example gradients of b's loss
+        (mirroring b's augmented params).
       p: preprocessing constant.
       dtype: compute dtype of the generator (default: the gradients' dtype).
 
     Returns:
-      `{name: {"kernel": [N, *k]}}`: the memory values M = [W*_1 .. W*_N].
+      `{..., layer: {"kernel": [N, *k]}}`: the memory values M = [W*_1 .. W*_N].
     """
-    out = {}
-    for kind in kinds_in(meta_info, lead=1):
-        names, shapes, flat = _flatten(meta_info, kind, lead=1)  # [N, P]
-        n = flat.shape[0]
+
+    def generate(kind, flat):  # [N, P] -> [N, P]
         feats = preprocess_gradients(flat.reshape(-1), p)
         if dtype is not None:
             feats = feats.astype(dtype)
-        values = mlp_generator(gen_params[kind], feats).reshape(n, -1)
-        out.update(_unflatten(values.astype(flat.dtype), names, shapes, (n,)))
-    return out
+        return mlp_generator(gen_params[kind], feats).reshape(flat.shape[0], -1)
+
+    return _generate(meta_info, 1, generate)
 
 
 def task_fast_weights(
@@ -349,20 +355,19 @@ def task_fast_weights(
 
     Args:
       gen_params: G's part for this learner, `{"conv": lstm, "dense": lstm}`.
-      meta_info: `{name: {"kernel": [T, *k]}}` chunk gradients of the representation loss
+      meta_info: `{..., layer: {"kernel": [T, *k]}}` chunk gradients of the representation loss
         (or of b's task loss, for MetaNet+).
       p: preprocessing constant.
       dtype: compute dtype of the generator (default: the gradients' dtype).
 
     Returns:
-      `{name: {"kernel": k}}` shaped like the augmented slow subtree.
+      `{..., layer: {"kernel": k}}` shaped like the augmented slow subtree.
     """
-    out = {}
-    for kind in kinds_in(meta_info, lead=1):
-        names, shapes, flat = _flatten(meta_info, kind, lead=1)  # [T, P]
+
+    def generate(kind, flat):  # [T, P] -> [P]
         feats = jnp.moveaxis(preprocess_gradients(flat, p), 0, 1)  # [T, 2, P]
         if dtype is not None:
             feats = feats.astype(dtype)
-        values = lstm_generator(gen_params[kind], feats)
-        out.update(_unflatten(values.astype(flat.dtype), names, shapes, ()))
-    return out
+        return lstm_generator(gen_params[kind], feats)
+
+    return _generate(meta_info, 1, generate)

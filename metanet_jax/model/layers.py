@@ -4,30 +4,98 @@ An augmented layer computes `relu(slow(h)) + relu(fast(h))` (plus `relu(task_fas
 MetaNet+); a linear augmented layer (b's output layer, u's key layer) sums the linear outputs
 instead. No layer has a bias (authors' code).
 
-Fast weights come in two forms:
+`AugmentedConv` and `AugmentedDense` are Flax linen modules. Their slow kernel is the Flax
+param `kernel`; their fast weights arrive in the variable collection `"fast"`, passed to
+`apply` beside `"params"` and mirroring the augmented params (`{..., layer: {"kernel": ...}}`,
+see `fast_collection`). A layer's entry in `"fast"` holds any of:
 
-* a single kernel shared by every example in `h` (task-level fast weights, or a query's own
-  weights inside a `vmap` over queries: the "per_query" path);
-* a *memory* `M` with a leading slot axis `[S, ...]` plus mixing weights `mix` `[n, S]`
-  (attention): by linearity, `conv(h_j, sum_s a_js M_s) = sum_s a_js conv(h_j, M_s)`, so one
-  convolution with the S memory kernels stacked along the output channels, then a mix with
-  `a`, gives every example its own read-out fast weights (the "stacked" path). The slow and
-  task kernels ride in the same convolution, so each layer is a single dense conv.
+* `"kernel"` `[*k]`: one fast kernel shared by every example in `h` (task level, Q*);
+* `"kernel"` `[n, *k]`: one fast kernel per example;
+* `"kernel"` `[S, *k]` with `"mix"` `[n, S]`: a memory of S values read per example by the
+  attention, `W*_j = sum_s mix[j, s] kernel[s]`. By linearity
+  `conv(h_j, sum_s a_js M_s) = sum_s a_js conv(h_j, M_s)`: one convolution with the S memory
+  kernels stacked along the output channels, then a mix with `a` (the "stacked" mode), or
+  `W*_j` built and run as a batched matmul over `h_j`'s patches ("patches", fewer FLOPs);
+* `"task_kernel"` `[*k]`: a second task-level kernel (MetaNet+ for b).
+
+No entry (or no `"fast"` collection) means the plain slow layer. At `init` an augmented layer
+writes a zero `"kernel"` into `"fast"`: the template that says which layers are augmented and
+what their kernels look like (`networks.describe` reads it; zero fast weights add nothing).
+
+The memory mode and a `vmap` axis for the BatchNorm statistics are static choices of the code
+that applies the network, not of the user's module: the context manager `options` sets them
+while the network is traced (`episode.base_learner_queries` sets the query path).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from jax import lax
 
-from metanet_jax.types import Array
+from metanet_jax.types import Array, FastWeights
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
+FAST = "fast"  # the variable collection of the fast weights
+MEMORY_MODES = ("stacked", "patches")
 
 
+# ----------------------------------------------------------------------------- options
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static choices of how augmented layers run (set by `options`).
+
+    Attributes:
+      memory_mode: how a conv layer reads a memory: "stacked" or "patches".
+      bn_axis_name: a `vmap` axis that `BatchNorm` averages its statistics over, or `None`.
+    """
+
+    memory_mode: str = "stacked"
+    bn_axis_name: str | None = None
+
+
+_DEFAULT_OPTIONS = Options()
+_OPTIONS: contextvars.ContextVar[Options | None] = contextvars.ContextVar(
+    "metanet_layer_options", default=None
+)
+
+
+@contextlib.contextmanager
+def options(*, memory_mode: str = "stacked", bn_axis_name: str | None = None) -> Iterator[None]:
+    """Sets how the augmented layers traced inside the block run.
+
+    A context manager rather than a module attribute or a `__call__` argument: the choice
+    belongs to the code applying the network (the episode's query path), and the user's
+    `__call__(self, x)` stays free of it. It acts while the network is traced (inside
+    `jax.jit`, at trace time), so a compiled function keeps the choice it was traced with.
+
+    Args:
+      memory_mode: "stacked" or "patches" (module docstring).
+      bn_axis_name: see `batch_norm`.
+    """
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    token = _OPTIONS.set(Options(memory_mode, bn_axis_name))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+def current_options() -> Options:
+    """The options in force (`Options()` outside any `options` block)."""
+    return _OPTIONS.get() or _DEFAULT_OPTIONS
+
+
+# ----------------------------------------------------------------------------- functional core
 def conv2d(h: Array, kernel: Array) -> Array:
-    """3x3 (or any) convolution, stride 1, 'SAME' padding (the paper's padding 1).
+    """Convolution, stride 1, 'SAME' padding (the paper's padding 1 for 3x3 kernels).
 
     Args:
       h: `[n, H, W, C]`.
@@ -62,6 +130,22 @@ def patches(h: Array, kh: int, kw: int) -> Array:
     return jnp.stack(cols, axis=3).reshape(n, height * width, kh * kw * channels)
 
 
+def per_example_kernels_conv2d(h: Array, kernels: Array) -> Array:
+    """`conv(h_j, kernels[j])` for every example j, as one batched matmul over the patches.
+
+    Args:
+      h: `[n, H, W, C]`.
+      kernels: `[n, kh, kw, C, F]`.
+
+    Returns:
+      `[n, H, W, F]`.
+    """
+    n, kh, kw, _, features = kernels.shape
+    flat = kernels.astype(h.dtype).reshape(n, -1, features)  # [n, kh*kw*C, F]
+    out = jnp.einsum("npk,nkf->npf", patches(h, kh, kw), flat)
+    return out.reshape(h.shape[:3] + (features,))
+
+
 def per_example_conv2d(h: Array, memory: Array, mix: Array) -> Array:
     """`conv(h_j, sum_s mix[j, s] memory[s])` for every example j, as one batched matmul.
 
@@ -73,11 +157,8 @@ def per_example_conv2d(h: Array, memory: Array, mix: Array) -> Array:
     Returns:
       `[n, H, W, F]`.
     """
-    slots, kh, kw, _, features = memory.shape
-    flat = memory.astype(h.dtype).reshape(slots, -1, features)  # [S, kh*kw*C, F]
-    kernels = jnp.einsum("ns,skf->nkf", mix.astype(h.dtype), flat)  # W*_j, [n, kh*kw*C, F]
-    out = jnp.einsum("npk,nkf->npf", patches(h, kh, kw), kernels)
-    return out.reshape(h.shape[:3] + (features,))
+    kernels = jnp.einsum("ns,s...->n...", mix.astype(h.dtype), memory.astype(h.dtype))  # W*_j
+    return per_example_kernels_conv2d(h, kernels)
 
 
 def max_pool(h: Array) -> Array:
@@ -132,6 +213,12 @@ def _linear(h: Array, kernel: Array, kind: str) -> Array:
     return h @ kernel.astype(h.dtype)
 
 
+def _per_example(h: Array, kernels: Array, kind: str) -> Array:
+    if kind == "conv":
+        return per_example_kernels_conv2d(h, kernels)
+    return jnp.einsum("n...d,ndf->n...f", h, kernels.astype(h.dtype))
+
+
 def augmented_layer(
     kind: str,
     h: Array,
@@ -139,57 +226,65 @@ def augmented_layer(
     fast_kernel: Array | None = None,
     task_kernel: Array | None = None,
     *,
+    per_example_kernel: Array | None = None,
     memory: Array | None = None,
     mix: Array | None = None,
     memory_mode: str = "stacked",
     relu: bool = True,
-    bn: tuple[Array, Array] | None = None,
-    bn_axis_name: str | None = None,
+    normalize: Callable[[Array], Array] | None = None,
 ) -> Array:
-    """One augmented conv or dense layer (paper, section 3.3; authors' code).
+    """One augmented conv or dense layer, as a function (paper, section 3.3; authors' code).
 
     `out = act(slow(h)) + act(fast(h)) [+ act(task(h))]` with `act` = ReLU, or identity for a
-    linear layer (`relu=False`: b's output layer, u's key layer).
+    linear layer (`relu=False`: b's output layer, u's key layer). The slow, shared fast, task
+    and (in "stacked" mode) memory kernels are concatenated along the output channels and run
+    as one conv / matmul.
 
     Args:
-      kind: "conv" (`h` `[n, H, W, C]`, kernels `[kh, kw, C, F]`) or "dense" (`h` `[n, D]`,
+      kind: "conv" (`h` `[n, H, W, C]`, kernels `[kh, kw, C, F]`) or "dense" (`h` `[n, ..., D]`,
         kernels `[D, F]`).
       h: the layer input.
       slow_kernel: the slow weight (W or Q).
       fast_kernel: a fast kernel shared by all `n` examples, or `None`.
       task_kernel: a task-level fast kernel (MetaNet+ for b), or `None`.
+      per_example_kernel: `[n, *kernel]`, example j's own fast kernel, or `None`.
       memory: `[S, *kernel]` memory values; with `mix` `[n, S]`, example j's fast kernel is
-        `sum_s mix[j, s] memory[s]` (computed by linearity; exclusive with `fast_kernel`).
+        `sum_s mix[j, s] memory[s]` (computed by linearity).
       mix: `[n, S]` attention weights for `memory`.
       memory_mode: how a conv layer reads `memory`: "stacked" (the S kernels stacked along
         the output channels of the one conv, then mixed) or "patches"
         (`per_example_conv2d`). Dense layers always stack (a matmul is cheap either way).
       relu: ReLU on each path (hidden layers) or linear paths (output / key layers).
-      bn: `(scale, offset)` of a batch normalisation applied to the slow path, or `None`.
-      bn_axis_name: see `batch_norm`.
+      normalize: applied to the slow path before the activation (per-episode BatchNorm), or
+        `None`.
 
     Returns:
-      `[n, H, W, F]` or `[n, F]`.
+      `[n, H, W, F]` or `[n, ..., F]`.
     """
     if (memory is None) != (mix is None):
         raise ValueError("memory and mix go together")
-    if memory is not None and fast_kernel is not None:
-        raise ValueError("give either fast_kernel or memory, not both")
-    if memory_mode not in ("stacked", "patches"):
-        raise ValueError(f"memory_mode must be 'stacked' or 'patches', got {memory_mode!r}")
-    per_example = None
-    if memory is not None and kind == "conv" and memory_mode == "patches":
-        per_example = per_example_conv2d(h, memory, mix)
+    if sum(k is not None for k in (fast_kernel, per_example_kernel, memory)) > 1:
+        raise ValueError("give at most one of fast_kernel, per_example_kernel and memory")
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    if kind not in ("conv", "dense"):
+        raise ValueError(f"kind must be 'conv' or 'dense', got {kind!r}")
+    separate = None  # a fast path computed apart from the shared conv / matmul
+    if per_example_kernel is not None:
+        separate = _per_example(h, per_example_kernel, kind)
+    elif memory is not None and kind == "conv" and memory_mode == "patches":
+        separate = per_example_conv2d(h, memory, mix)
         memory = mix = None  # read: the shared conv below carries the other kernels only
     features = slow_kernel.shape[-1]
     kernels = [slow_kernel]
     for extra in (fast_kernel, task_kernel):
         if extra is not None:
-            kernels.append(extra)
+            kernels.append(extra.astype(slow_kernel.dtype))
     if memory is not None:
         # [S, *k, F] -> [*k, S*F]: the S memory kernels stacked along the output channels.
         slots = memory.shape[0]
-        kernels.append(jnp.moveaxis(memory, 0, -2).reshape(memory.shape[1:-1] + (-1,)))
+        stacked_kernel = jnp.moveaxis(memory, 0, -2).reshape(memory.shape[1:-1] + (-1,))
+        kernels.append(stacked_kernel.astype(slow_kernel.dtype))
     kernel = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=-1)
     out = _linear(h, kernel, kind)  # one conv / matmul for every path
     n_plain = len(kernels) - (memory is not None)
@@ -199,13 +294,241 @@ def augmented_layer(
         stacked = stacked.reshape(stacked.shape[:-1] + (slots, features))
         mixed = jnp.einsum("n...sf,ns->n...f", stacked, mix.astype(stacked.dtype))
         paths.append(mixed)
-    if per_example is not None:
-        paths.append(per_example)
-    if bn is not None:
-        paths[0] = batch_norm(paths[0], *bn, axis_name=bn_axis_name)
+    if separate is not None:
+        paths.append(separate)
+    if normalize is not None:
+        paths[0] = normalize(paths[0])
     if relu:
         paths = [jax.nn.relu(p) for p in paths]
     result = paths[0]
     for p in paths[1:]:
         result = result + p
     return result
+
+
+# ----------------------------------------------------------------------------- Flax modules
+Initializer = Callable[..., Array]
+he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
+lecun_normal = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+
+
+class BatchNorm(nn.Module):
+    """Per-episode BatchNorm: statistics of the examples passing through (`batch_norm`).
+
+    No running averages, so no mutable state: training and evaluation normalise alike. The
+    `vmap` axis of `options(bn_axis_name=...)` joins the statistics. The episode code finds
+    the networks that normalise over examples by this module (`networks.describe`), so a
+    network whose examples interact must use it rather than another normalisation.
+
+    Attributes:
+      eps: variance floor.
+    """
+
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        """`[n, ..., C] -> [n, ..., C]`."""
+        channels = h.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        offset = self.param("offset", nn.initializers.zeros, (channels,), jnp.float32)
+        return batch_norm(h, scale, offset, current_options().bn_axis_name, self.eps)
+
+
+class _Augmented(nn.Module):
+    """The shared part of `AugmentedConv` and `AugmentedDense` (see their docstrings); the
+    fields are declared in each, so that `AugmentedConv(32, (3, 3))` reads as Flax's `Conv`
+    (a dataclass field keeps the position where a base class first declared it)."""
+
+    def _run(self, kind: str, h: Array, kernel_shape: tuple[int, ...]) -> Array:
+        if self.batchnorm and self.norm is not None:
+            raise ValueError("give batchnorm=True or norm=, not both")
+        init = self.kernel_init or (lecun_normal if self.linear else he_normal)
+        slow = self.param("kernel", init, kernel_shape, jnp.float32)
+        normalize = self.norm
+        if self.batchnorm:
+            normalize = BatchNorm(name="bn")
+        fast = self._fast_weights(slow.shape, h.shape[0])
+        return augmented_layer(
+            kind, h, slow, **fast, memory_mode=current_options().memory_mode,
+            relu=not self.linear, normalize=normalize,
+        )  # fmt: skip
+
+    def _fast_weights(self, shape: tuple[int, ...], n: int) -> dict[str, Array]:
+        """This layer's entry of the `"fast"` collection, as `augmented_layer` arguments."""
+        if self.is_initializing():
+            if self.augmented:  # the template: which layers are augmented, their kernels
+                self.variable(FAST, "kernel", jnp.zeros, shape, jnp.float32)
+            return {}
+        given = {k for k in ("kernel", "mix", "task_kernel") if self.has_variable(FAST, k)}
+        if given and not self.augmented:
+            raise ValueError(
+                f"fast weights {sorted(given)} given to the non-augmented layer "
+                f"{self.path_name()!r}"
+            )
+        args = {}
+        if "task_kernel" in given:
+            args["task_kernel"] = self._checked("task_kernel", shape)
+        if "mix" in given:
+            if "kernel" not in given:
+                raise ValueError(f"layer {self.path_name()!r}: 'mix' without memory 'kernel'")
+            memory = self.get_variable(FAST, "kernel")
+            mix = self.get_variable(FAST, "mix")
+            if memory.shape[1:] != shape or mix.shape != (n, memory.shape[0]):
+                raise ValueError(
+                    f"layer {self.path_name()!r}: memory {memory.shape} and mix {mix.shape} "
+                    f"do not fit a kernel {shape} and {n} examples ([S, *kernel], [n, S])"
+                )
+            args["memory"], args["mix"] = memory, mix
+        elif "kernel" in given:
+            kernel = self.get_variable(FAST, "kernel")
+            if kernel.shape == shape:
+                args["fast_kernel"] = kernel
+            elif kernel.shape == (n,) + shape:
+                args["per_example_kernel"] = kernel
+            else:
+                raise ValueError(
+                    f"layer {self.path_name()!r}: fast kernel {kernel.shape} is neither the "
+                    f"kernel's shape {shape} nor one per example {(n,) + shape}"
+                )
+        return args
+
+    def _checked(self, name: str, shape: tuple[int, ...]) -> Array:
+        value = self.get_variable(FAST, name)
+        if value.shape != shape:
+            raise ValueError(
+                f"layer {self.path_name()!r}: fast {name!r} {value.shape} is not "
+                f"the kernel's shape {shape}"
+            )
+        return value
+
+    def path_name(self) -> str:
+        return "/".join(self.scope.path) if self.scope is not None else type(self).__name__
+
+
+class AugmentedConv(_Augmented):
+    """An augmented convolution (stride 1, 'SAME' padding, no bias; paper, section 3.3).
+
+    `relu(BN?(conv(h, W))) + relu(conv(h, W*))` (`+ relu(conv(h, W+))` with a task kernel),
+    or the plain sum of the paths when `linear`. The fast weights come from the `"fast"`
+    collection (module docstring); without them the layer is a plain slow convolution.
+
+    Attributes:
+      features: output channels F.
+      kernel_size: `(kh, kw)`; a 1-D convolution over a sequence is a `(k, 1)` kernel on
+        `[n, L, 1, C]` inputs.
+      linear: sum the paths without ReLU.
+      batchnorm: per-episode `BatchNorm` (owned by this layer, params `bn/{scale,offset}`) on
+        the slow path before the activation.
+      norm: a normalisation module owned elsewhere, applied like `batchnorm` (the built-in
+        networks pass their `bn_conv_<i>` modules so that the params tree keeps its form).
+      augmented: `False` for a plain slow layer that takes no fast weights (the built-in
+        networks' non-augmented layers).
+      kernel_init: the slow kernel's initialiser; default He-normal (truncated) before a
+        ReLU, LeCun-normal for a linear layer.
+    """
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+    linear: bool = False
+    batchnorm: bool = False
+    norm: nn.Module | None = None
+    augmented: bool = True
+    kernel_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        """`[n, H, W, C] -> [n, H, W, F]`."""
+        if len(self.kernel_size) != 2:
+            raise ValueError(
+                f"kernel_size must be (kh, kw), got {self.kernel_size!r} (a 1-D "
+                "convolution is a (k, 1) kernel on [n, L, 1, C] inputs)"
+            )
+        if h.ndim != 4:
+            raise ValueError(f"AugmentedConv expects [n, H, W, C] inputs, got {h.shape}")
+        shape = (*self.kernel_size, h.shape[-1], self.features)
+        return self._run("conv", h, tuple(int(s) for s in shape))
+
+
+class AugmentedDense(_Augmented):
+    """An augmented dense layer (no bias; paper, section 3.3): as `AugmentedConv` with a
+    matmul over the last axis, `[n, ..., D] -> [n, ..., F]`.
+
+    Attributes:
+      features: output units F.
+      linear, batchnorm, norm, augmented, kernel_init: see `AugmentedConv`.
+    """
+
+    features: int
+    linear: bool = False
+    batchnorm: bool = False
+    norm: nn.Module | None = None
+    augmented: bool = True
+    kernel_init: Initializer | None = None
+
+    @nn.compact
+    def __call__(self, h: Array) -> Array:
+        """`[n, ..., D] -> [n, ..., F]`."""
+        if h.ndim < 2:
+            raise ValueError(f"AugmentedDense expects [n, ..., D] inputs, got {h.shape}")
+        return self._run("dense", h, (int(h.shape[-1]), self.features))
+
+
+# ----------------------------------------------------------------------------- fast pytrees
+def _module_paths(tree: FastWeights, what: str) -> list[tuple[tuple[str, ...], Array]]:
+    """`(module path, kernel)` for every leaf of a tree that mirrors augmented params."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = tuple(str(getattr(k, "key", k)) for k in path)
+        if not keys or keys[-1] != "kernel":
+            raise ValueError(
+                f"{what} must mirror the augmented params ({{..., layer: "
+                f"{{'kernel': ...}}}}); found a leaf at {'/'.join(keys)!r}"
+            )
+        out.append((keys[:-1], leaf))
+    return out
+
+
+def _put(out: dict, module: tuple[str, ...], name: str, value: Array) -> None:
+    node = out
+    for key in module:
+        node = node.setdefault(key, {})
+    node[name] = value
+
+
+def fast_collection(
+    fast: FastWeights | None = None,
+    task_fast: FastWeights | None = None,
+    memory: FastWeights | None = None,
+    mix: Array | None = None,
+) -> dict:
+    """The `"fast"` collection for `apply` from fast-weight trees that mirror the params.
+
+    Args:
+      fast: `{..., layer: {"kernel": k}}`, shared (`[*k]`) or per-example (`[n, *k]`) kernels.
+      task_fast: task-level kernels `[*k]` of a second kind (MetaNet+ for b).
+      memory: memory values `{..., layer: {"kernel": [S, *k]}}`, read per example by `mix`.
+      mix: `[n, S]` attention weights (with `memory`).
+
+    Returns:
+      `{..., layer: {"kernel", "mix", "task_kernel"}}` (the entries given).
+    """
+    if (memory is None) != (mix is None):
+        raise ValueError("memory and mix go together")
+    if fast is not None and memory is not None:
+        both = {m for m, _ in _module_paths(fast, "fast")} & {
+            m for m, _ in _module_paths(memory, "memory")
+        }
+        if both:
+            raise ValueError(f"layers {sorted(both)} have both a fast kernel and a memory")
+    out: dict = {}
+    for tree, name, is_memory in (
+        (fast, "kernel", False), (memory, "kernel", True), (task_fast, "task_kernel", False)
+    ):  # fmt: skip
+        if tree is None:
+            continue
+        for module, leaf in _module_paths(tree, name):
+            _put(out, module, name, leaf)
+            if is_memory:
+                _put(out, module, "mix", mix)
+    return out

@@ -1,31 +1,40 @@
 """The base learner b (slow weights W) and the representation learner u (slow weights Q).
 
-Networks are described by a tuple of `LayerSpec`s (static) and a params dict in Flax's
-convention (`{"conv_0": {"kernel": ...}, ...}`), so that fast weights are plain pytrees that
-mirror the augmented subtrees of the params and are passed to `apply` as arguments.
+b and u are Flax linen modules built from the augmented layers of `layers`
+(`AugmentedConv`, `AugmentedDense`): any such module works (`Networks`), and the built-in
+ones below are selected by `MetaNetConfig.architecture` when none is given. Which layers are
+augmented is decided by which layers the module writes as augmented; `describe` finds them
+(and their kinds, conv or dense) in the `"fast"` template the layers write at init, and finds
+per-episode BatchNorm by its module (`layers.BatchNorm`).
 
-Architectures (METANET.md):
+u returns the key r; MetaNet adds u's head for the representation loss outside the module
+(`representation_head`, params `"head"` beside the module's own).
+
+Built-in architectures (METANET.md):
 
 * "omniglot_cnn": 5 x [conv 3x3, 64, no bias, ReLU, 2x2 max-pool ceil] -> 64 features; b:
   FC 64 -> 64 (ReLU), FC 64 -> ways; u: key FC 64 -> 64 (linear), head FC 64 -> ways.
 * "mini_imagenet_cnn": 5 x conv 3x3 32 channels, per-episode BatchNorm in blocks 1-3, 84x84
   -> 288 features; b: FC 288 -> 288 (ReLU), FC -> ways; u: key FC 288 -> 288.
 * "mlp": b: FC 64 -> FC 64 -> ways (ReLU); u: FC 64 (ReLU) -> key FC 64 (linear) -> head.
+* `base_input="r"`: b is an MLP (FC -> out) on u's key r.
 
-BatchNorm normalises with the statistics of the examples in the array passed to
-`apply_network` (no running averages); which examples the episode passes together is
-`MetaNetConfig.bn_statistics` (`episode.task_forward`).
+Their params keep the form checkpoints were written in: `{"conv_0": {"kernel"},
+"bn_conv_0": {"scale", "offset"}, "fc_0", "out"}` for b, `{..., "key", "head"}` for u.
+
+BatchNorm normalises with the statistics of the examples in the array passed to `apply` (no
+running averages); which examples the episode passes together is `MetaNetConfig.bn_statistics`
+(`episode.task_forward`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 import zlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from metanet_jax.config import MetaNetConfig
@@ -35,81 +44,43 @@ from metanet_jax.types import Array, FastWeights, Params
 KEY_LAYER = "key"
 HEAD_LAYER = "head"
 OUTPUT_LAYER = "out"
+KINDS = ("conv", "dense")
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
-    """One layer of a network.
-
-    Attributes:
-      name: params key (`conv_0`, `fc_0`, `out`, `key`, ...).
-      kind: "conv" or "dense".
-      features: output channels / units.
-      relu: ReLU activation on each path (`False`: linear layer).
-      pool: 2x2 max-pool after the activation (conv layers).
-      batchnorm: per-episode BatchNorm on the slow path before the activation.
-    """
-
-    name: str
-    kind: str
-    features: int
-    relu: bool = True
-    pool: bool = False
-    batchnorm: bool = False
-
-
-def _trunk(config: MetaNetConfig) -> list[LayerSpec]:
+# ----------------------------------------------------------------------------- built-in layers
+def layer_names(config: MetaNetConfig, which: str) -> tuple[str, ...]:
+    """The layers of the built-in b (`which="base"`) or u (`"representation"`, up to its key
+    layer; the head is separate), in order."""
+    hidden_layers = config.num_hidden_layers
+    convs = []
+    if config.architecture != "mlp":
+        convs = [f"conv_{i}" for i in range(config.resolved("num_conv_layers"))]
+    if which == "base":
+        if config.base_input == "r":
+            return ("fc_0", OUTPUT_LAYER)
+        if config.architecture == "mlp":
+            return tuple(f"fc_{i}" for i in range(hidden_layers)) + (OUTPUT_LAYER,)
+        return (*convs, "fc_0", OUTPUT_LAYER)
     if config.architecture == "mlp":
-        return []
-    n_conv = config.resolved("num_conv_layers")
-    channels = config.resolved("conv_channels")
-    n_bn = config.resolved("batchnorm_layers")
-    return [
-        LayerSpec(f"conv_{i}", "conv", channels, relu=True, pool=True, batchnorm=i < n_bn)
-        for i in range(n_conv)
-    ]
-
-
-def base_specs(config: MetaNetConfig) -> tuple[LayerSpec, ...]:
-    """Layers of the base learner b (its input is x, or r when `base_input == "r"`)."""
-    hidden = config.resolved("hidden_units")
-    if config.base_input == "r":
-        # MetaNetPartialU: b is an MLP on u's representation.
-        specs = [LayerSpec("fc_0", "dense", hidden)]
-    elif config.architecture == "mlp":
-        specs = [LayerSpec(f"fc_{i}", "dense", hidden) for i in range(config.num_hidden_layers)]
-    else:
-        specs = _trunk(config) + [LayerSpec("fc_0", "dense", hidden)]
-    specs.append(LayerSpec(OUTPUT_LAYER, "dense", config.output_units, relu=False))
-    return tuple(specs)
-
-
-def representation_specs(config: MetaNetConfig) -> tuple[LayerSpec, ...]:
-    """Layers of u up to its key layer (the representation r, linear); the head is separate."""
-    hidden = config.resolved("hidden_units")
-    if config.architecture == "mlp":
-        specs = [LayerSpec(f"fc_{i}", "dense", hidden) for i in range(config.num_hidden_layers - 1)]
-    else:
-        specs = _trunk(config)
-    specs.append(LayerSpec(KEY_LAYER, "dense", hidden, relu=False))
-    return tuple(specs)
+        return tuple(f"fc_{i}" for i in range(hidden_layers - 1)) + (KEY_LAYER,)
+    return (*convs, KEY_LAYER)
 
 
 def default_augmented(config: MetaNetConfig, which: str) -> tuple[str, ...]:
     """METANET.md's augmented layers: all of b and u's trunk + key (Omniglot, MLP); for
     Mini-ImageNet conv4, conv5 and the FC layers."""
-    specs = base_specs(config) if which == "base" else representation_specs(config)
+    names = layer_names(config, which)
     if config.architecture == "mini_imagenet_cnn":
-        convs = [s.name for s in specs if s.kind == "conv"]
-        return tuple(convs[-2:]) + tuple(s.name for s in specs if s.kind == "dense")
-    return tuple(s.name for s in specs)
+        convs = [n for n in names if n.startswith("conv_")]
+        return tuple(convs[-2:]) + tuple(n for n in names if not n.startswith("conv_"))
+    return names
 
 
 def augmented_names(config: MetaNetConfig, which: str) -> tuple[str, ...]:
-    """The augmented layers of b (`which="base"`) or u (`"representation"`), validated."""
+    """The augmented layers of the built-in b (`which="base"`) or u (`"representation"`),
+    validated against the architecture's layers."""
     chosen = config.augment_base if which == "base" else config.augment_representation
-    specs = base_specs(config) if which == "base" else representation_specs(config)
-    names = [s.name for s in specs]
+    names = layer_names(config, which)
     if chosen is None:
         return default_augmented(config, which)
     unknown = [n for n in chosen if n not in names]
@@ -118,142 +89,329 @@ def augmented_names(config: MetaNetConfig, which: str) -> tuple[str, ...]:
     return tuple(n for n in names if n in chosen)
 
 
+def _kernel_init(init: str):
+    """None: the layers' default (He before a ReLU, LeCun for linear layers, truncated)."""
+    if init == "he":
+        return None
+    if init == "authors":  # Chainer v1's default for every layer, as the authors' code
+        return nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+    raise ValueError(f"unknown network init {init!r}; expected 'he' or 'authors'")
+
+
+class _Builtin(nn.Module):
+    """Shared fields and layer helpers of the built-in b and u (module docstring)."""
+
+    architecture: str = "omniglot_cnn"
+    conv_layers: int = 5
+    channels: int = 64
+    batchnorm_layers: int = 0
+    hidden: int = 64
+    hidden_layers: int = 2
+    augmented: tuple[str, ...] = ()
+    weight_init: str = "he"
+
+    def _dense(self, name: str, features: int, h: Array, linear: bool = False) -> Array:
+        if h.ndim > 2:
+            h = h.reshape(h.shape[0], -1)
+        return layers.AugmentedDense(
+            features, linear=linear, augmented=name in self.augmented,
+            kernel_init=_kernel_init(self.weight_init), name=name,
+        )(h)  # fmt: skip
+
+    def _trunk(self, h: Array) -> Array:
+        """conv 3x3 [-> BatchNorm on the slow path] -> ReLU -> 2x2 max-pool, per block."""
+        for i in range(self.conv_layers):
+            name = f"conv_{i}"
+            # Owned here (params `bn_conv_<i>` beside `conv_<i>`, the checkpoints' form).
+            norm = layers.BatchNorm(name=f"bn_{name}") if i < self.batchnorm_layers else None
+            h = layers.AugmentedConv(
+                self.channels, (3, 3), norm=norm, augmented=name in self.augmented,
+                kernel_init=_kernel_init(self.weight_init), name=name,
+            )(h)  # fmt: skip
+            h = layers.max_pool(h)
+        return h
+
+
+class BaseLearner(_Builtin):
+    """The built-in b: conv trunk (or MLP) -> FC (ReLU) -> output (linear).
+
+    Attributes:
+      outputs: output units (`config.output_units`).
+      on_keys: b is an MLP on u's key r (`base_input="r"`).
+    """
+
+    outputs: int = 5
+    on_keys: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """`[n, *image_shape]` (or `[n, D]` keys) -> `[n, outputs]` logits."""
+        h = x
+        if self.on_keys:
+            hidden = ["fc_0"]
+        elif self.architecture == "mlp":
+            hidden = [f"fc_{i}" for i in range(self.hidden_layers)]
+        else:
+            h = self._trunk(h)
+            hidden = ["fc_0"]
+        for name in hidden:
+            h = self._dense(name, self.hidden, h)
+        return self._dense(OUTPUT_LAYER, self.outputs, h, linear=True)
+
+
+class RepresentationLearner(_Builtin):
+    """The built-in u up to its key layer: conv trunk (or MLP) -> key FC (linear)."""
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """`[n, *image_shape]` -> `[n, hidden]` keys r."""
+        h = x
+        if self.architecture == "mlp":
+            for i in range(self.hidden_layers - 1):
+                h = self._dense(f"fc_{i}", self.hidden, h)
+        else:
+            h = self._trunk(h)
+        return self._dense(KEY_LAYER, self.hidden, h, linear=True)
+
+
+# ----------------------------------------------------------------------------- Networks
+@dataclasses.dataclass(frozen=True)
+class Networks:
+    """MetaNet's two learners as Flax modules (hashable: a static value for `jax.jit`).
+
+    Attributes:
+      base: b, `[n, *input] -> [n, output_units]` logits; its input is x, or u's key r with
+        `base_input="r"`.
+      representation: u, `[n, *image_shape] -> [n, D]` keys r (MetaNet adds the head).
+    """
+
+    base: nn.Module
+    representation: nn.Module
+
+
+def builtin(config: MetaNetConfig) -> Networks:
+    """The built-in b and u of `config.architecture` (module docstring)."""
+    shared = dict(
+        architecture=config.architecture, hidden=config.resolved("hidden_units"),
+        hidden_layers=config.num_hidden_layers, weight_init=config.network_init,
+    )  # fmt: skip
+    if config.architecture != "mlp":
+        shared.update(
+            conv_layers=config.resolved("num_conv_layers"),
+            channels=config.resolved("conv_channels"),
+            batchnorm_layers=config.resolved("batchnorm_layers") or 0,
+        )
+    base = BaseLearner(
+        **shared, augmented=augmented_names(config, "base"), outputs=config.output_units,
+        on_keys=config.base_input == "r",
+    )  # fmt: skip
+    rep = RepresentationLearner(**shared, augmented=augmented_names(config, "representation"))
+    return Networks(base, rep)
+
+
+def resolve(config: MetaNetConfig, networks: Networks | None) -> Networks:
+    """`networks`, or the built-in ones when `None`."""
+    if networks is None:
+        return builtin(config)
+    if not isinstance(networks, Networks):
+        raise ValueError(f"networks must be a metanet_jax.Networks, got {type(networks)}")
+    try:
+        hash(networks)
+    except TypeError as err:  # jit keys its compilations on it; so does `describe`
+        raise ValueError(
+            f"networks must be hashable (module fields as tuples, not lists): {err}"
+        ) from err
+    if config.augment_base is not None or config.augment_representation is not None:
+        raise ValueError(
+            "augment_base / augment_representation choose layers of the built-in networks; "
+            "in your own networks write the augmented layers as layers.AugmentedConv / "
+            "AugmentedDense and the others as plain Flax layers"
+        )
+    return networks
+
+
+# ----------------------------------------------------------------------------- one learner
+def _select(params: Params, template: FastWeights, path: str = "") -> Params:
+    out = {}
+    for key, sub in template.items():
+        if key not in params:
+            raise ValueError(
+                f"params have no {path + key!r}, which the network's augmented layers need"
+            )
+        out[key] = (
+            _select(params[key], sub, f"{path}{key}/") if isinstance(sub, dict) else (params[key])
+        )
+    return out
+
+
+def _merge(params: Params, sub: Params) -> Params:
+    out = dict(params)
+    for key, value in sub.items():
+        out[key] = _merge(params[key], value) if isinstance(value, dict) else value
+    return out
+
+
+def _plain(tree):
+    """Flax's variables as plain nested dicts."""
+    if isinstance(tree, dict) or hasattr(tree, "items"):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Learner:
+    """One learner (b or u) as the episode uses it: the module and what `describe` found.
+
+    Attributes:
+      module: the Flax module.
+      in_shape: one input's shape (no batch axis).
+      augmented: the augmented kernels, `{..., layer: {"kernel": ShapeDtypeStruct}}` (the
+        template the fast weights, the meta information and the generators mirror).
+      kinds: the generator kinds the augmented kernels need ("conv": 4-D, "dense": 2-D).
+      has_batchnorm: whether a `layers.BatchNorm` mixes the examples of a pass.
+      out_shape: the output of one input (no batch axis).
+      extra: params names outside the module (u's head), dropped before `apply`.
+    """
+
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    augmented: FastWeights
+    kinds: tuple[str, ...]
+    has_batchnorm: bool
+    out_shape: tuple[int, ...]
+    extra: tuple[str, ...] = ()
+
+    def apply(
+        self,
+        params: Params,
+        x: Array,
+        *,
+        fast: FastWeights | None = None,
+        task_fast: FastWeights | None = None,
+        memory: FastWeights | None = None,
+        mix: Array | None = None,
+    ) -> Array:
+        """The network on `x` `[n, *in_shape]` with optional fast weights (see
+        `layers.fast_collection` for the forms); the memory mode and BatchNorm axis come from
+        `layers.options`."""
+        variables = {"params": {k: v for k, v in params.items() if k not in self.extra}}
+        collection = layers.fast_collection(fast, task_fast, memory, mix)
+        if collection:
+            variables[layers.FAST] = collection
+        return self.module.apply(variables, x)
+
+    def subtree(self, params: Params) -> Params:
+        """The augmented kernels of `params` (the subtree meta information differentiates)."""
+        return _select(params, self.augmented)
+
+    def merge(self, params: Params, sub: Params) -> Params:
+        """`params` with the augmented kernels replaced by `sub`."""
+        return _merge(params, sub)
+
+    def init(self, key: Array) -> Params:
+        """The module's params (no fast template), as plain nested dicts."""
+        variables = self.module.init(key, jnp.zeros((1,) + self.in_shape, jnp.float32))
+        return _plain(variables["params"])
+
+
+def _is_batchnorm(module: nn.Module, _method: str) -> bool:
+    return isinstance(module, layers.BatchNorm)
+
+
+@functools.lru_cache(maxsize=64)
+def describe(module: nn.Module, in_shape: tuple[int, ...], extra: tuple[str, ...] = ()) -> Learner:
+    """Finds a module's augmented layers and BatchNorm by tracing its init (shapes only).
+
+    Raises:
+      ValueError: when the module keeps variables other than params (MetaNet's networks have
+        no state: per-episode BatchNorm is `layers.BatchNorm`), or names a layer as `extra`.
+    """
+    in_shape = tuple(int(s) for s in in_shape)
+
+    def run():
+        return module.init_with_output(
+            jax.random.key(0), jnp.zeros((2,) + in_shape, jnp.float32),
+            capture_intermediates=_is_batchnorm, mutable=True,
+        )  # fmt: skip
+
+    try:
+        out, variables = jax.eval_shape(run)
+    except ValueError:
+        raise
+    except Exception as err:  # a module that does not take this input
+        raise ValueError(f"{type(module).__name__} cannot run on inputs {in_shape}: {err}") from err
+    variables = _plain(variables)
+    other = set(variables) - {"params", layers.FAST, "intermediates"}
+    if other:
+        raise ValueError(
+            f"{type(module).__name__} keeps variables {sorted(other)}; MetaNet's networks keep "
+            "only params (per-episode BatchNorm: layers.BatchNorm, no running statistics)"
+        )
+    clash = [name for name in extra if name in variables.get("params", {})]
+    if clash:
+        raise ValueError(
+            f"{type(module).__name__} has a layer named {clash}, which MetaNet "
+            "adds itself (u's head); rename it"
+        )
+    template = variables.get(layers.FAST, {})
+    kinds = set()
+    for leaf in jax.tree.leaves(template):
+        kinds.add("conv" if leaf.ndim == 4 else "dense")
+    return Learner(
+        module=module, in_shape=in_shape, augmented=template,
+        kinds=tuple(k for k in KINDS if k in kinds),
+        has_batchnorm=bool(jax.tree.leaves(variables.get("intermediates", {}))),
+        out_shape=tuple(out.shape[1:]), extra=extra,
+    )  # fmt: skip
+
+
+def learners(config: MetaNetConfig, networks: Networks | None = None) -> tuple[Learner, Learner]:
+    """`(b, u)` for a configuration: the given networks or the built-in ones, validated.
+
+    Raises:
+      ValueError: u's keys are not `[n, D]`, b's logits not `[n, output_units]`, or b has no
+        augmented layer (or u none while the variant has task-level fast weights).
+    """
+    nets = resolve(config, networks)
+    u = describe(nets.representation, tuple(config.image_shape), (HEAD_LAYER,))
+    if len(u.out_shape) != 1:
+        raise ValueError(
+            f"the representation network must return keys [n, D], got "
+            f"[n, {', '.join(map(str, u.out_shape))}]"
+        )
+    b_in = tuple(config.image_shape) if config.base_input == "x" else u.out_shape
+    b = describe(nets.base, b_in)
+    if b.out_shape != (config.output_units,):
+        raise ValueError(
+            f"the base network must return logits [n, {config.output_units}] "
+            f"(output_units), got [n, {', '.join(map(str, b.out_shape))}]"
+        )
+    if not b.kinds:
+        raise ValueError(
+            "the base network has no augmented layer (layers.AugmentedConv / "
+            "AugmentedDense); MetaNet's memory needs at least one"
+        )
+    if not u.kinds and config.has_task_fast_weights:
+        raise ValueError(
+            f"the representation network has no augmented layer, which variant "
+            f"{config.variant!r} needs for its task-level fast weights"
+        )
+    return b, u
+
+
 def _stable_id(name: str) -> int:
     # Python's str hash is salted per process; crc32 keeps init deterministic.
     return zlib.crc32(name.encode()) % (2**31)
 
 
-def _flat_dim(specs, in_shape) -> list[tuple[int, ...]]:
-    """Input shape (without batch) of every layer."""
-    shapes = []
-    shape = tuple(in_shape)
-    for spec in specs:
-        if spec.kind == "dense" and len(shape) > 1:
-            shape = (int(np.prod(shape)),)
-        shapes.append(shape)
-        if spec.kind == "conv":
-            h, w = shape[0], shape[1]
-            if spec.pool:
-                h, w = math.ceil(h / 2), math.ceil(w / 2)
-            shape = (h, w, spec.features)
-        else:
-            shape = (spec.features,)
-    return shapes
-
-
-def init_network(
-    key: Array, specs, in_shape, extra_head: int | None = None, init: str = "he"
-) -> Params:
-    """Kernels by fan-in, no biases; BatchNorm scale 1, offset 0.
-
-    Args:
-      key: a typed PRNG key.
-      specs: the layers.
-      in_shape: shape of one input (no batch axis).
-      extra_head: add u's representation head `[features_of_last, extra_head]`.
-      init: "he" (He-normal, truncated, before a ReLU; LeCun-normal otherwise) or "authors"
-        (Chainer v1's default for every layer, as the authors' code: N(0, 1/fan_in)).
-    """
-    params = {}
-    shapes = _flat_dim(specs, in_shape)
+def init_head(key: Array, features: int, outputs: int, init: str = "he") -> Params:
+    """u's representation head `[features, outputs]` (LeCun-normal, or Chainer's default)."""
     if init == "he":
-        he = nn.initializers.variance_scaling(2.0, "fan_in", "truncated_normal")
-        lecun = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-    elif init == "authors":
-        he = lecun = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+        head_init = layers.lecun_normal
     else:
-        raise ValueError(f"unknown network init {init!r}; expected 'he' or 'authors'")
-    for spec, shape in zip(specs, shapes, strict=True):
-        sub = jax.random.fold_in(key, _stable_id(spec.name))
-        layer_init = he if spec.relu else lecun
-        if spec.kind == "conv":
-            kshape = (3, 3, shape[-1], spec.features)
-        else:
-            kshape = (shape[0], spec.features)
-        layer = {"kernel": layer_init(sub, kshape, jnp.float32)}
-        params[spec.name] = layer
-        if spec.batchnorm:
-            params[f"bn_{spec.name}"] = {
-                "scale": jnp.ones((spec.features,), jnp.float32),
-                "offset": jnp.zeros((spec.features,), jnp.float32),
-            }
-    if extra_head is not None:
-        sub = jax.random.fold_in(key, _stable_id(HEAD_LAYER))
-        params[HEAD_LAYER] = {"kernel": lecun(sub, (specs[-1].features, extra_head), jnp.float32)}
-    return params
-
-
-def has_batchnorm(specs, start: int = 0) -> bool:
-    """Whether any of the layers `start:` normalises with batch statistics (if none does, the
-    examples of a batch are independent from layer `start` on)."""
-    return any(spec.batchnorm for spec in specs[start:])
-
-
-def first_augmented_index(specs, augmented: tuple[str, ...]) -> int:
-    """Index of the first augmented layer (layers before it never see fast weights)."""
-    for i, spec in enumerate(specs):
-        if spec.name in augmented:
-            return i
-    return len(specs)
-
-
-def apply_network(
-    specs,
-    params: Params,
-    h: Array,
-    fast: FastWeights | None = None,
-    task_fast: FastWeights | None = None,
-    *,
-    memory: FastWeights | None = None,
-    mix: Array | None = None,
-    memory_mode: str = "stacked",
-    start: int = 0,
-    stop: int | None = None,
-    bn_axis_name: str | None = None,
-) -> Array:
-    """Run layers `start:stop` of a network with optional fast weights.
-
-    Args:
-      specs: the network's `LayerSpec`s.
-      params: slow weights, `{name: {"kernel": ...}}` (+ `bn_<name>`).
-      h: `[n, H, W, C]` images (or the activation entering layer `start`).
-      fast: `{name: {"kernel": k}}` fast kernels shared by all n examples (may cover a subset
-        of the layers).
-      task_fast: task-level fast kernels (MetaNet+ for b), same form.
-      memory: `{name: {"kernel": [S, *k]}}` memory values, read out per example by `mix`.
-      mix: `[n, S]` attention weights.
-      memory_mode: how conv layers read `memory` ("stacked" or "patches", see
-        `layers.augmented_layer`).
-      start, stop: the layer range (used to share non-augmented prefixes).
-      bn_axis_name: vmap axis for batch statistics (see `layers.batch_norm`).
-
-    Returns:
-      The activation after layer `stop - 1` (`[n, F]` at the end of the network).
-    """
-    stop = len(specs) if stop is None else stop
-    for spec in specs[start:stop]:
-        if spec.kind == "dense" and h.ndim > 2:
-            h = h.reshape(h.shape[0], -1)
-        name = spec.name
-        bn = None
-        if spec.batchnorm:
-            bn = (params[f"bn_{name}"]["scale"], params[f"bn_{name}"]["offset"])
-        h = layers.augmented_layer(
-            spec.kind,
-            h,
-            params[name]["kernel"],
-            None if fast is None or name not in fast else fast[name]["kernel"],
-            None if task_fast is None or name not in task_fast else task_fast[name]["kernel"],
-            memory=None if memory is None or name not in memory else memory[name]["kernel"],
-            mix=None if memory is None or name not in memory else mix,
-            memory_mode=memory_mode,
-            relu=spec.relu,
-            bn=bn,
-            bn_axis_name=bn_axis_name,
-        )
-        if spec.pool:
-            h = layers.max_pool(h)
-    return h
+        head_init = _kernel_init(init)
+    sub = jax.random.fold_in(key, _stable_id(HEAD_LAYER))
+    return {"kernel": head_init(sub, (features, outputs), jnp.float32)}
 
 
 def representation_head(params: Params, key_slow: Array) -> Array:
@@ -267,8 +425,3 @@ def representation_head(params: Params, key_slow: Array) -> Array:
       `[n, output_units]` logits.
     """
     return jax.nn.relu(key_slow) @ params[HEAD_LAYER]["kernel"].astype(key_slow.dtype)
-
-
-def subtree(params: Params, names) -> Params:
-    """The sub-dict of `params` with the given layer names (an augmented subtree)."""
-    return {name: params[name] for name in names}

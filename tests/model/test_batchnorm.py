@@ -12,20 +12,16 @@ and for saved configurations that lack the field (they mean "per_pass").
 
 from __future__ import annotations
 
-import json
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import metanet_jax as mn
-from metanet_jax import checkpointing, evaluation, experiment
+from metanet_jax import checkpointing, evaluation
 from metanet_jax.model import episode as ep
-from tests.model import reference
 from tests.conftest import tiny_batch, tiny_config
-from tests.experiments.conftest import replace, tiny_spec
+from tests.model import reference
 
 
 def _jit(fn, **kwargs):
@@ -62,7 +58,7 @@ def _random_bn(params, seed):
         ("authors", 1, "metanet+", "patches"),
         # BatchNorm inside an augmented layer too (conv_1): every example or chunk runs the
         # whole support set through the augmented layers.
-        ("authors", 2, "metanet", "per_query"),
+        ("authors", 2, "metanet", "stacked"),
         ("per_pass", 2, "metanet+", "stacked"),
     ],
 )
@@ -226,26 +222,3 @@ def test_a_checkpoint_saved_without_the_field_loads_as_per_pass(tmp_path):
     # the two settings give different numbers).
     assert loaded == config
     assert jax.tree.all(jax.tree.map(np.array_equal, params, state.params))
-
-
-def _write_old_config(spec):
-    """A config.json as written before `bn_statistics` and `eval_ways` existed."""
-    flags = spec.to_dict()
-    del flags["bn_statistics"], flags["eval_ways"]
-    os.makedirs(spec.workdir, exist_ok=True)
-    with open(os.path.join(spec.workdir, "config.json"), "w") as f:
-        json.dump({"flags": flags}, f)
-
-
-def test_an_old_workdir_resumes_with_per_pass_or_is_refused(tmp_path):
-    mini = tiny_spec(tmp_path / "mini", architecture="mini_imagenet_cnn", num_conv_layers=3)
-    _write_old_config(mini)
-    with pytest.raises(
-        experiment.WorkdirMismatch, match=r"bn_statistics \('per_pass' -> 'authors'"
-    ):
-        experiment.check_workdir(mini)  # the new default would change the model: refused
-    assert experiment.check_workdir(replace(mini, bn_statistics="per_pass"))
-    # Without BatchNorm layers the statistics change nothing: an old Omniglot run resumes.
-    omniglot = tiny_spec(tmp_path / "omniglot")
-    _write_old_config(omniglot)
-    assert experiment.check_workdir(omniglot)

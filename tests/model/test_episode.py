@@ -12,8 +12,8 @@ from absl.testing import parameterized
 import metanet_jax as mn
 from metanet_jax.model import episode as ep
 from metanet_jax.model import networks
-from tests.model import reference
 from tests.conftest import episode_loss_fn, tiny_batch, tiny_config
+from tests.model import oracle, reference
 
 
 def _to64(tree):
@@ -21,7 +21,7 @@ def _to64(tree):
 
 
 @pytest.mark.parametrize("variant", ["metanet", "metanet-", "metanet+"])
-@pytest.mark.parametrize("query_path", ["stacked", "patches", "per_query"])
+@pytest.mark.parametrize("query_path", ["stacked", "patches"])
 def test_matches_loop_reference_float64(x64, variant, query_path):
     config = tiny_config(
         variant=variant, query_path=query_path, compute_dtype="float64", queries_per_class=1
@@ -53,17 +53,16 @@ def test_output_shapes_and_fast_weight_structure():
     chex.assert_tree_all_finite((loss, aux))
 
     # Fast weights mirror the augmented slow subtrees.
+    b, u = networks.learners(config)
     task = mn.Episode(support.x[0], support.y[0])
     grads_u, losses = mn.representation_meta_info(params["representation"], task, config)
     chex.assert_shape(losses, (min(config.rep_chunks, n),))
     q_star = mn.task_fast_weights(params["task_generator"]["representation"], grads_u)
-    u_aug = networks.subtree(
-        params["representation"], networks.augmented_names(config, "representation")
-    )
-    chex.assert_trees_all_equal_shapes(q_star, u_aug)
+    chex.assert_trees_all_equal_shapes(q_star, u.subtree(params["representation"]))
     grads_b = mn.base_meta_info(params["base"], task.x, task.y, config)
     values = mn.example_fast_weights(params["example_generator"], grads_b)
-    w_aug = networks.subtree(params["base"], networks.augmented_names(config, "base"))
+    w_aug = b.subtree(params["base"])
+    assert list(w_aug) == list(networks.augmented_names(config, "base"))
     chex.assert_trees_all_equal_shapes(
         values, jax.tree.map(lambda w: jnp.zeros((n,) + w.shape), w_aug)
     )
@@ -77,14 +76,40 @@ def test_query_paths_agree_float32():
     params = mn.init(jax.random.key(1), config)
     support, query = tiny_batch(config, batch=2, seed=3)
     outs = {}
-    for path in ("stacked", "patches", "per_query"):
+    for path in ("stacked", "patches"):
         c = config.replace(query_path=path)
         outs[path] = jax.jit(
             jax.value_and_grad(lambda p: mn.episode_loss(p, support, query, c)[0])
         )(params)
-    for path in ("patches", "per_query"):
-        np.testing.assert_allclose(outs["stacked"][0], outs[path][0], rtol=1e-5)
-        chex.assert_trees_all_close(outs["stacked"][1], outs[path][1], rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(outs["stacked"][0], outs["patches"][0], rtol=1e-5)
+    chex.assert_trees_all_close(outs["stacked"][1], outs["patches"][1], rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["omniglot_cnn", "mini_imagenet_cnn"])
+def test_builtin_query_paths_agree_with_the_per_query_oracle(x64, architecture):
+    # Mini-ImageNet: BatchNorm inside an augmented layer (conv_1) and before them (conv_0).
+    config = tiny_config(
+        architecture=architecture, image_shape=(7, 7, 3), num_conv_layers=3,
+        batchnorm_layers=2 if architecture == "mini_imagenet_cnn" else None,
+        variant="metanet+", compute_dtype="float64",
+    )  # fmt: skip
+    params = _to64(mn.init(jax.random.key(0), config))
+    b, _ = networks.learners(config)
+    n, length = 3, 5
+    ks = iter(jax.random.split(jax.random.key(1), 32))
+    values = jax.tree.map(lambda s: jax.random.normal(next(ks), (n,) + s.shape), b.augmented)
+    task = jax.tree.map(lambda s: 0.3 * jax.random.normal(next(ks), s.shape), b.augmented)
+    attention = jax.nn.softmax(jax.random.normal(next(ks), (length, n)) * 2)
+    inputs = jax.random.normal(next(ks), (length, 7, 7, 3))
+    want = oracle.per_query_logits(b, params["base"], values, attention, inputs, task)
+    for path in ("stacked", "patches"):
+        c = config.replace(query_path=path)
+
+        def library(w, v, a, t, c=c):
+            return ep.base_learner_queries(w, v, a, inputs, c, t)
+
+        got = jax.jit(library)(params["base"], values, attention, task)
+        assert reference.relative_error(got, want) < 1e-10
 
 
 def test_task_batching_modes_agree():
@@ -102,14 +127,6 @@ def test_task_batching_modes_agree():
     chex.assert_trees_all_close(loop_aux, vmap_aux, rtol=1e-4, atol=1e-6)
     logits = mn.make_predict(config.replace(task_batching="loop"))(params, support, query.x)
     np.testing.assert_allclose(logits, vmap_aux["logits"], rtol=1e-4, atol=1e-5)
-    results = {}
-    for mode in ("vmap", "scan"):
-        c = config.replace(task_batching=mode)
-        results[mode] = jax.jit(
-            lambda p, c=c: mn.training.loss_and_grads(p, support, query, c, None)
-        )(params)
-    np.testing.assert_allclose(results["vmap"][0], results["scan"][0], rtol=1e-5)
-    chex.assert_trees_all_close(results["vmap"][2], results["scan"][2], rtol=1e-4, atol=1e-6)
 
 
 def test_contrastive_rep_loss_and_sampled_pairs():
@@ -159,9 +176,8 @@ def test_other_architectures(architecture):
         assert networks.augmented_names(config, "base") == ("conv_1", "conv_2", "fc_0", "out")
     support, query = tiny_batch(config)
     outs = {}
-    for path in ("stacked", "patches", "per_query"):
+    for path in ("stacked", "patches"):
         outs[path] = episode_loss_fn(config.replace(query_path=path))(params, support, query)
-    np.testing.assert_allclose(outs["stacked"][0], outs["per_query"][0], rtol=1e-4)
     np.testing.assert_allclose(outs["stacked"][0], outs["patches"][0], rtol=1e-4)
     chex.assert_tree_all_finite(outs["stacked"])
 
@@ -170,7 +186,13 @@ def test_auto_query_path_resolves_by_backend():
     config = tiny_config(query_path="auto")
     assert config.resolved_query_path("cpu") == "patches"
     assert config.resolved_query_path("gpu") == "stacked"
-    assert config.replace(query_path="per_query").resolved_query_path("cpu") == "per_query"
+    # The per-query path left the library (tests/model/oracle.py is its literal form): asking
+    # for it raises, when the configuration is made or when the episode runs.
+    params = mn.init(jax.random.key(0), config)
+    support, query = tiny_batch(config)
+    with pytest.raises(ValueError, match="query_path"):
+        c = config.replace(query_path="per_query")
+        mn.episode_loss(params, support, query, c)
 
 
 def test_init_depends_only_on_architecture():

@@ -37,14 +37,6 @@ def ref_lstm(params, features):
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture
-def enable_x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", previous)
-
-
 def _randomize(params, key, dtype):
     """Non-trivial weights (biases too), so that every gradient is exercised."""
     leaves, tree = jax.tree.flatten(params)
@@ -87,7 +79,7 @@ def _check(fast, ref, params, feats, rtol_value, rtol_grad):
 
 # ----------------------------------------------------------------------------- tests
 @pytest.mark.parametrize("block", [None, 7])  # 7: several blocks, the last one shorter
-def test_mlp_matches_reference_x64(enable_x64, monkeypatch, block):
+def test_mlp_matches_reference_x64(x64, monkeypatch, block):
     if block is not None:
         monkeypatch.setattr(gen, "_MLP_BLOCK", block)
     params = _randomize(
@@ -99,7 +91,7 @@ def test_mlp_matches_reference_x64(enable_x64, monkeypatch, block):
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_lstm_matches_reference_x64(enable_x64, steps):
+def test_lstm_matches_reference_x64(x64, steps):
     params = _randomize(
         gen.init_lstm_generator(jax.random.key(0), 4), jax.random.key(1), jnp.float64
     )
@@ -124,7 +116,7 @@ def test_float32_matches_reference(monkeypatch):
     _check(gen.lstm_generator, ref_lstm, lstm, feats, 1e-5, 1e-4)
 
 
-def test_vmap_over_tasks(enable_x64, monkeypatch):
+def test_vmap_over_tasks(x64, monkeypatch):
     monkeypatch.setattr(gen, "_MLP_BLOCK", 9)
     mlp = _randomize(gen.init_mlp_generator(jax.random.key(0), 3), jax.random.key(1), jnp.float64)
     lstm = _randomize(gen.init_lstm_generator(jax.random.key(2), 3), jax.random.key(3), jnp.float64)
@@ -152,7 +144,7 @@ def test_vmap_over_tasks(enable_x64, monkeypatch):
         _assert_close(jax.vmap(fast)(pb, x), jax.vmap(ref)(pb, x), 1e-12)
 
 
-def test_second_order_reverse_over_reverse(enable_x64):
+def test_second_order_reverse_over_reverse(x64):
     """A gradient of a gradient through the hand-written VJP (MAML-style uses)."""
     lstm = _randomize(gen.init_lstm_generator(jax.random.key(0), 3), jax.random.key(1), jnp.float64)
     feats = jnp.moveaxis(_features(jax.random.key(2), (2, 7), jnp.float64), 0, 1)

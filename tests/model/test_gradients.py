@@ -20,8 +20,8 @@ import pytest
 
 import metanet_jax as mn
 from metanet_jax.model import episode as ep
-from tests.model import reference
 from tests.conftest import tiny_batch, tiny_config
+from tests.model import reference
 
 GRAD_RTOL = 1e-8
 
