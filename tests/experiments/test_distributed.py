@@ -56,11 +56,12 @@ FLAGS = [
 ]
 # What bfloat16 compute changes in these runs (one device, the same flags), relative to
 # float32: the largest change of a logged value over the STEPS steps, measured with
-# --seed=0, 1, 2 (seed 0: 6.2e-4, 1.3e-3, 2.7e-3). Bounds: the maxima plus half.
+# --seed=0, 1, 2, 3 after the Flax-module networks (whose init draws other numbers):
+# seed 0 (the test's): 2.7e-4, 8.3e-4, 7.4e-3. Bounds: the maxima plus half.
 BF16_MEASURED = {
-    "loss": 1.2e-3,
-    "example_fast_weight_norm": 3.4e-2,
-    "task_fast_weight_norm": 2.7e-3,
+    "loss": 1.4e-3,
+    "example_fast_weight_norm": 2.4e-3,
+    "task_fast_weight_norm": 1.4e-2,
 }
 
 
