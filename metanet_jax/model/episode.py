@@ -42,7 +42,6 @@ from metanet_jax.model import networks as nets
 from metanet_jax.model.networks import Learner, Networks
 from metanet_jax.types import Array, Episode, FastWeights, Params, PRNGKey
 
-GROUPS = ("base", "representation", "example_generator", "task_generator")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 
 
