@@ -209,7 +209,8 @@ def fail(message: str) -> None:
 
 class _DropLibraryInfo:
     """A logging filter: drops orbax's INFO chatter (warnings and errors still pass), its
-    warnings that a checkpoint folder opened for reading is read-only (by design), and JAX's
+    warnings that a checkpoint folder opened for reading is read-only (by design), asyncio's
+    reports of orbax's background reads of a checkpoint already reported corrupt, and JAX's
     INFO records on backends it probed and did not find (e.g. "Unable to initialize backend
     'tpu'" on every machine without a TPU)."""
 
@@ -219,6 +220,10 @@ class _DropLibraryInfo:
         info = record.levelno < std_logging.WARNING
         if record.name.startswith("jax._src.xla_bridge"):
             return not info
+        if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
+            # orbax's background reads of a damaged checkpoint fail again after the restore
+            # has failed and been reported (checkpointing names the file and the cause).
+            return False
         noisy = "/orbax/" in record.pathname or "/tensorstore/" in record.pathname
         msg = str(record.msg)
         if noisy and "tracked_metric" in msg:
