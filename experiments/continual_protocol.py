@@ -11,6 +11,7 @@ permutations of the 10 digits (50 give 500 classes).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,11 +21,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import common
+from experiments import common, train
 from metanet_jax import evaluation, logging_utils
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.model.episode import init
-from metanet_jax.training import init_train_state, make_optimizer, make_train_step
+from metanet_jax.training import init_train_state, make_optimizer
 
 SHARED = ("example_generator", "task_generator")
 TASK_SPECIFIC = ("base", "representation")
@@ -70,39 +71,36 @@ def switch_task(params, fresh) -> dict[str, Any]:
 
 
 def _train(spec, state, images, key, steps, name, permutations=None, on_step=None):
-    """`steps` updates of `state` on episodes of `images` (MNIST: pixel-permuted classes)."""
+    """`steps` updates of `state` on episodes of `images` (MNIST: pixel-permuted classes)
+    through the training program's loop (`train.run_loop`); `on_step(done, state)` after
+    each."""
     from metanet_jax import data
 
-    config = spec.model
-    step_fn = make_train_step(config, make_optimizer(config), validate=False)
     perms = None if permutations is None else jax.device_put(permutations)
+    episodes = train.episode_source(
+        data.sample_episodes, key, images, spec.model, spec.meta_batch,
+        rotate=permutations is None, permutations=perms,
+    )  # fmt: skip
+    loop = train.Loop(state, train.jitted_train_step(spec.model), episodes)
     t0 = time.time()
-    for i in range(steps):
-        support, query = data.sample_episodes(
-            jax.random.fold_in(key, i),
-            images,
-            config.ways,
-            config.shots,
-            config.queries_per_class,
-            spec.meta_batch,
-            rotate=permutations is None,
-            permutations=perms,
-        )
-        state, metrics = step_fn(state, support, query)
-        if (i + 1) % spec.log_every == 0 or i + 1 == steps:
-            _log(name, i + 1, steps, jax.device_get(metrics), spec.meta_batch, t0)
+
+    def after_step(done, metrics):
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"{name}: non-finite loss at step {done}")
+        if done % spec.log_every == 0 or done == steps:
+            _log(name, done, steps, metrics, spec.meta_batch, t0)
         if on_step is not None:
-            on_step(i + 1, state)
-    return state
+            on_step(done, loop.state)
+
+    train.run_loop(loop, steps, after_step)
+    return loop.state
 
 
 def _log(name: str, done: int, steps: int, metrics, meta_batch: int, t0: float) -> None:
-    if not np.isfinite(metrics["loss"]):
-        raise FloatingPointError(f"{name}: non-finite loss at step {done}")
     rate = done * meta_batch / (time.time() - t0)
     logging.info(
         "%s step %d/%d  episodes/s %.1f  loss %.3f  train acc %.3f",
-        name, done, steps, rate, float(metrics["loss"]), float(metrics["accuracy"]),
+        name, done, steps, rate, metrics["loss"], metrics["accuracy"],
     )  # fmt: skip
 
 

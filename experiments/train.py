@@ -3,7 +3,8 @@
 `RunSpec` is the complete, frozen description of a run: the program's flags, the model's as
 a nested `MetaNetConfig` (`RunSpec.from_flags` / `RunSpec.to_dict` convert from and to the
 flat flags). `train_and_evaluate(spec)` does the work; the program only parses and validates
-flags.
+flags. Its training loop, `run_loop` (over a `Loop`, with the episodes of `episode_source`),
+is the one loop of the programs: the continual-learning protocol trains through it too.
 
 Workdir layout (`spec.workdir`):
 
@@ -372,8 +373,9 @@ class StopRequest:
 
 # ----------------------------------------------------------------------------- the run
 @functools.lru_cache(maxsize=8)
-def _cached_train_step(config: MetaNetConfig):
-    """One jitted train step per configuration, reused by later runs in the same process."""
+def jitted_train_step(config: MetaNetConfig):
+    """The single-device train step of `config` (labels unchecked: the sampler makes them),
+    jitted once per configuration and reused by later runs in the same process."""
     return make_train_step(config, make_optimizer(config), validate=False)
 
 
@@ -473,23 +475,36 @@ class _Run:
 
 
 @dataclasses.dataclass
-class _Loop:
-    """The training loop's state: the train state and what the logs and timers accumulate."""
+class Loop:
+    """What the training loop (`run_loop`) reads and updates: the state, how a step trains,
+    and on what.
+
+    Attributes:
+      state: the train state, replaced by every step.
+      step_fn: `(state, support, query) -> (state, metrics)`, a jitted train step.
+      episodes: step t (0-based) -> its meta-batch `(support, query)` (`episode_source`).
+      start: the first step to run (the step `state` is at).
+      train_time: seconds spent sampling episodes and in `step_fn` (not after the steps).
+    """
 
     state: TrainState
     step_fn: Callable
-    sample: Callable
-    data_key: jax.Array  # step t's episodes: fold_in(data_key, t)
-    train_images: jax.Array
+    episodes: Callable[[int], tuple[Any, Any]]
+    start: int = 0
+    train_time: float = 0.0
+
+
+@dataclasses.dataclass(kw_only=True)
+class _Loop(Loop):
+    """`train_and_evaluate`'s loop: what its logs, validation and checkpoints accumulate."""
+
     val_images: jax.Array
     bar: logging_utils.ProgressBar
-    start: int  # the step this segment of the run began at
     last_saved: int | None  # the step of the last checkpoint
     t_segment: float = dataclasses.field(default_factory=time.time)
     t_window: float = dataclasses.field(default_factory=time.time)
     window: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     window_steps: int = 0
-    train_time: float = 0.0
     eval_time: float = 0.0
 
 
@@ -640,6 +655,68 @@ def _check_pool(spec: RunSpec, name: str, shape: tuple[int, ...]) -> None:
         )
 
 
+def run_loop(loop: Loop, steps: int, after_step: Callable[[int, dict[str, float]], Any]) -> Any:
+    """The training loop of the programs: steps `loop.start` to `steps - 1` (0-based).
+
+    Step t trains `loop.state` on `loop.episodes(t)`; then `after_step(t + 1, metrics)`, with
+    the step's metrics as floats, checks, logs, evaluates or saves. A result other than
+    `None` stops the loop.
+
+    Returns:
+      The result that stopped the loop, else `None` once `steps` is reached.
+    """
+    for step in range(loop.start, steps):
+        t0 = time.time()
+        support, query = loop.episodes(step)
+        loop.state, metrics = loop.step_fn(loop.state, support, query)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        loop.train_time += time.time() - t0
+        outcome = after_step(step + 1, metrics)
+        if outcome is not None:
+            return outcome
+    return None
+
+
+def episode_source(
+    sample: Callable, data_key, images, config: MetaNetConfig, meta_batch: int, **options
+) -> Callable[[int], tuple[Any, Any]]:
+    """The episodes of a run: step t's meta-batch, decided by `fold_in(data_key, t)` alone
+    (so a resumed run draws what the uninterrupted one would have).
+
+    Args:
+      sample: `data.sample_episodes`, or `parallel.sample_process_episodes` bound to a mesh.
+      data_key: the run's episode key.
+      images: the training classes `[C, D, H, W, ch]`.
+      config: the model: its ways, shots and queries per class; `label_units="any"` spreads
+        the labels over all its output units.
+      meta_batch: tasks per step.
+      **options: the sampler's options (`rotate`, `rotations_as_classes`, `permutations`).
+
+    Returns:
+      `episodes(t) -> (support, query)`.
+    """
+    from metanet_jax import data
+
+    def episodes(step: int):
+        step_key = jax.random.fold_in(data_key, step)
+        support, query = sample(
+            step_key,
+            images,
+            config.ways,
+            config.shots,
+            config.queries_per_class,
+            meta_batch,
+            **options,
+        )
+        if config.label_units == "any":  # train every output unit, not only the first `ways`
+            support, query = data.spread_labels(
+                jax.random.fold_in(step_key, 1), support, query, config.ways, config.output_units
+            )
+        return support, query
+
+    return episodes
+
+
 def _train(run: _Run, state: TrainState, step_factory: Callable) -> dict[str, Any]:
     """The training loop from the state's step to `spec.steps`.
 
@@ -648,56 +725,55 @@ def _train(run: _Run, state: TrainState, step_factory: Callable) -> dict[str, An
       "eval_time_s"}`, or `{"status": "interrupted" | "nan", "step", ...}`.
     """
     loop = _start_loop(run, state, step_factory)
-    for step in range(loop.start, run.spec.steps):
-        stopped = _train_step(run, loop, step)
-        if stopped is not None:
-            loop.bar.close()
-            return stopped
+    stopped = run_loop(loop, run.spec.steps, functools.partial(_after_step, run, loop))
     loop.bar.close()
-    return _end_loop(run, loop)
+    return _end_loop(run, loop) if stopped is None else stopped
 
 
 def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
     from metanet_jax import data
 
-    sharded = is_sharded(run.mesh)
+    spec, sharded = run.spec, is_sharded(run.mesh)
     if step_factory is not make_train_step:
         step_fn = step_factory(run.config, make_optimizer(run.config), validate=False)
     elif sharded:
         step_fn = _cached_sharded_step(run.config, run.mesh)
     else:
-        step_fn = _cached_train_step(run.config)
+        step_fn = jitted_train_step(run.config)
     if sharded:
         state = parallel.replicate(state, run.mesh)
         sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)
     else:
         sample = data.sample_episodes
+    episodes = episode_source(
+        sample,
+        jax.random.fold_in(jax.random.key(spec.seed), 2),
+        jax.device_put(run.splits["train"]),
+        run.config,
+        spec.meta_batch,
+        rotate=spec.rotate,
+        rotations_as_classes=spec.rotations_as_classes,
+    )
     out = None if parallel.is_primary() else io.StringIO()
     return _Loop(
         state=state,
         step_fn=step_fn,
-        sample=sample,
-        data_key=jax.random.fold_in(jax.random.key(run.spec.seed), 2),
-        train_images=jax.device_put(run.splits["train"]),
-        val_images=jax.device_put(run.splits["validation"]),
-        bar=logging_utils.ProgressBar(run.spec.steps, out),
+        episodes=episodes,
         start=int(state.step),
+        val_images=jax.device_put(run.splits["validation"]),
+        bar=logging_utils.ProgressBar(spec.steps, out),
         last_saved=run.ckpt.latest_step(),
     )
 
 
-def _train_step(run: _Run, loop: _Loop, step: int) -> dict[str, Any] | None:
-    """Step `step` (0-based) of the loop, then its logs, validation and checkpoint.
+def _after_step(
+    run: _Run, loop: _Loop, done: int, metrics: Mapping[str, float]
+) -> dict[str, Any] | None:
+    """What follows step `done` (1-based): its logs, validation and checkpoint.
 
     Returns:
       `None` to go on, else the loop's outcome (a NaN loss or a signal).
     """
-    t0 = time.time()
-    support, query = _episodes(run, loop, step)
-    loop.state, metrics = loop.step_fn(loop.state, support, query)
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    loop.train_time += time.time() - t0
-    done = step + 1
     if not math.isfinite(metrics["loss"]):
         return _non_finite(run, loop, metrics["loss"], done)
     _log(run, loop, metrics, done)
@@ -705,29 +781,6 @@ def _train_step(run: _Run, loop: _Loop, step: int) -> dict[str, Any] | None:
     if done % run.spec.eval_every == 0 or done == run.spec.steps:
         validated = _validate(run, loop, done)
     return _checkpoint(run, loop, done, validated)
-
-
-def _episodes(run: _Run, loop: _Loop, step: int):
-    """The meta-batch of step `step`: `fold_in(data_key, step)`, nothing else, decides it."""
-    from metanet_jax import data
-
-    spec, config = run.spec, run.config
-    step_key = jax.random.fold_in(loop.data_key, step)
-    support, query = loop.sample(
-        step_key,
-        loop.train_images,
-        config.ways,
-        config.shots,
-        config.queries_per_class,
-        spec.meta_batch,
-        rotate=spec.rotate,
-        rotations_as_classes=spec.rotations_as_classes,
-    )
-    if config.label_units == "any":  # train every output unit, not only the first `ways`
-        support, query = data.spread_labels(
-            jax.random.fold_in(step_key, 1), support, query, config.ways, config.output_units
-        )
-    return support, query
 
 
 def _non_finite(run: _Run, loop: _Loop, loss: float, done: int) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def test_an_old_workdir_resumes_with_per_pass_or_is_refused(tmp_path):
 
 def _faulty(at_step, fault):
     def factory(config, optimizer, validate=False):
-        inner = train._cached_train_step(config)  # shares the compiled step
+        inner = train.jitted_train_step(config)  # shares the compiled step
 
         def step(state, support, query):
             state, metrics = inner(state, support, query)
