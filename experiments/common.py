@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from absl import flags
 
@@ -190,15 +190,30 @@ def start_distributed(flag_values=flags.FLAGS) -> None:
         logging.set_verbosity(logging.WARNING)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """`app.run`'s `flags_parser`: one-line error and exit status 1 on any bad flag."""
+def parse_flags(argv: list[str], refused: Mapping[str, str] | None = None) -> list[str]:
+    """`app.run`'s `flags_parser`: one-line error and exit status 1 on any bad flag.
+
+    Args:
+      argv: the command line.
+      refused: flags the program refuses before absl reads any (`{name: why}`), e.g.
+        absl's own `--flagfile` where a user would mean another flag of the program.
+    """
+    prog = os.path.basename(argv[0]) if argv else "program"
+    for arg in argv[1:]:
+        if arg == "--":  # absl reads no flag after it
+            break
+        name = arg.lstrip("-").split("=", 1)[0]
+        if arg.startswith("-") and name in (refused or {}):
+            _flag_error(prog, f"--{name} is refused: {refused[name]}")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        prog = os.path.basename(argv[0]) if argv else "program"
-        message = " ".join(str(e).split())
-        sys.stderr.write(f"{prog}: error: {message}\n")
-        sys.exit(1)
+        _flag_error(prog, str(e))
+
+
+def _flag_error(prog: str, message: str) -> NoReturn:
+    sys.stderr.write(f"{prog}: error: {' '.join(message.split())}\n")
+    sys.exit(1)
 
 
 def fail(message: str) -> None:

@@ -12,13 +12,22 @@ training run's steps, wall time, hardware and its own test numbers (`training_ru
 source is a run folder (`--checkpoint=best|latest`) or a pretrained-format folder (e.g. one
 written by `benchmarks/reproduce_gpu.sh`), which is then re-measured here.
 
-`--flagfile` and `--command` record how the model was trained; by default the flagfile whose
-`--workdir` is the run's workdir, with the flags the run changed. Then
-`python -m experiments.report pretrained` rebuilds docs/RESULTS.md and README's table.
+`--run_flagfile` and `--command` record how the model was trained; by default the flagfile
+whose `--workdir` is the run's workdir (compared as absolute paths: `workdirs/cpu_2h` in a
+flagfile and a run started with `--workdir=/abs/repo/workdirs/cpu_2h` from the repository root
+match), with the flags the run changed:
+
+  python -m experiments.export_pretrained --workdir=workdirs/cpu_2h --name=cpu_2h \
+      --run_flagfile=experiments/flags/cpu_2h.flags
+
+absl's own `--flagfile` is refused: it would read the training flagfile's flags as this
+program's. Then `python -m experiments.report pretrained` rebuilds docs/RESULTS.md and
+README's table.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 from absl import app, flags, logging
@@ -26,6 +35,13 @@ from absl import app, flags, logging
 from experiments import common
 
 FLAGS = flags.FLAGS
+
+# absl reads `--flagfile=<file>` itself, as this program's flags: a training flagfile's
+# `--ways=...` would stop it with "Unknown command line flag" (issue 11).
+REFUSED = {
+    "flagfile": "this program takes the training flagfile as --run_flagfile=<path> (absl's "
+    "--flagfile would read its training flags as this program's)"
+}
 
 common.define_run_folder("The trained run's folder, or a pretrained-format folder.")
 flags.DEFINE_string("name", None, "The model's name: the folder pretrained/<name>.")
@@ -39,9 +55,9 @@ flags.DEFINE_enum("checkpoint", "best", ("best", "latest"), "Which checkpoint (r
 flags.DEFINE_string("hardware", None,
                     "What the model trained on, e.g. '2-core CPU (AMD EPYC)' or '1 x NVIDIA "
                     "H200' (default: what the run recorded).")  # fmt: skip
-flags.DEFINE_string("flagfile", None,
-                    "The flagfile it was trained with (default: the one whose --workdir is the "
-                    "run's).")  # fmt: skip
+flags.DEFINE_string("run_flagfile", None,
+                    "The flagfile it was trained with (default: the one in experiments/flags "
+                    "whose --workdir is the run's).")  # fmt: skip
 flags.DEFINE_string("command", None, "The training command (default: from the flagfile).")
 common.define_folder("datasets", None, "Offline data folder (default: $METANET_DATASETS).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing pretrained/<name>.")
@@ -57,13 +73,13 @@ def main(argv):
     dest = os.path.join(FLAGS.pretrained_dir, FLAGS.name)
     if os.path.exists(dest) and not FLAGS.overwrite:
         common.fail(f"{dest} exists; pass --overwrite to replace it")
-    if FLAGS.flagfile and not os.path.isfile(FLAGS.flagfile):
-        common.fail(f"--flagfile={FLAGS.flagfile}: no such file")
+    if FLAGS.run_flagfile and not os.path.isfile(FLAGS.run_flagfile):
+        common.fail(f"--run_flagfile={FLAGS.run_flagfile}: no such file")
     try:
         _, _, meta = pretrained.load_model(FLAGS.workdir, FLAGS.checkpoint)
         run = meta.get("flags") or {}
         recorded = (meta.get("results") or {}) if pretrained.is_pretrained(FLAGS.workdir) else {}
-        flagfile = FLAGS.flagfile or recorded.get("flagfile") or protocol.find_flagfile(run)
+        flagfile = FLAGS.run_flagfile or recorded.get("flagfile") or protocol.find_flagfile(run)
         info = {"flagfile": None if flagfile is None else str(flagfile).replace(os.sep, "/")}
         info["command"] = (
             FLAGS.command or recorded.get("command") or protocol.training_command(run, flagfile)
@@ -98,4 +114,4 @@ def main(argv):
 
 if __name__ == "__main__":
     logging.set_verbosity(logging.INFO)
-    app.run(main, flags_parser=common.parse_flags)
+    app.run(main, flags_parser=functools.partial(common.parse_flags, refused=REFUSED))

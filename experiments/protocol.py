@@ -173,16 +173,25 @@ def find_flagfile(
     run_flags: Mapping[str, Any], flags_dir: str | os.PathLike = "experiments/flags"
 ) -> Path | None:
     """The flagfile whose `--workdir` is the run's workdir (the flagfiles' convention
-    `workdirs/<name>`), or None."""
+    `workdirs/<name>`), or None.
+
+    The two are compared as absolute paths with links resolved, a relative one taken from
+    the current folder (the repository root, where the programs run): a run started with
+    `--workdir=/abs/repo/workdirs/x` is the run of a flagfile's `--workdir=workdirs/x`.
+    """
     workdir = run_flags.get("workdir")
     if not workdir or not Path(flags_dir).is_dir():
         return None
-    want = os.path.normpath(str(workdir))
+    want = _resolved(workdir)
     for path in sorted(Path(flags_dir).glob("*.flags")):
         value = parse_flagfile(path).get("workdir")
-        if isinstance(value, str) and os.path.normpath(value) == want:
+        if isinstance(value, str) and _resolved(value) == want:
             return path
     return None
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
 
 
 def training_command(run_flags: Mapping[str, Any], flagfile: str | os.PathLike | None) -> str:

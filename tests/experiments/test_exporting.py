@@ -18,7 +18,7 @@ import pytest
 import metanet_jax as mn
 from experiments import exporting, train
 from metanet_jax import evaluation
-from tests.experiments.conftest import tiny_spec
+from tests.experiments.conftest import TINY_FLAGS, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,3 +98,47 @@ def test_evaluate_program_reproduces_the_recorded_accuracy(trained, tmp_path):
     saved = json.loads((folder / "eval_synthetic_test_3way1shot.json").read_text())
     assert saved["checkpoint"] == "pretrained" and saved["batch"] == 4
     assert "tpu" not in out.stderr.lower()
+
+
+def test_export_program_records_the_flagfile_of_an_absolute_workdir(trained, tmp_path):
+    """Issue 11: a run started with an absolute `--workdir` is exported with the flagfile
+    whose `--workdir` names the same folder relative to the current folder (recorded with
+    the training command it gives); `--run_flagfile` is the program's flag for it, and absl's
+    `--flagfile` (which read the training flags as the exporter's) is refused in one line."""
+    spec, _, _, _ = trained
+    run = Path(spec.workdir)
+    assert run.is_absolute()
+    flags_dir = run.parent / "experiments" / "flags"
+    flags_dir.mkdir(parents=True, exist_ok=True)
+    flagfile = flags_dir / "tiny.flags"
+    flagfile.write_text("\n".join([*TINY_FLAGS, "--max_ways=4", "--seed=3", "--workdir=run"]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+
+    def export(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "experiments.export_pretrained", f"--workdir={run}",
+             f"--pretrained_dir={tmp_path}", *args],
+            cwd=run.parent, capture_output=True, text=True, timeout=300, env=env,
+        )  # fmt: skip
+
+    out = export("--name=found")
+    assert out.returncode == 0, out.stderr
+    saved = json.loads((tmp_path / "found" / "results.json").read_text())
+    assert saved["flagfile"] == "experiments/flags/tiny.flags"
+    # The flagfile holds every flag the run set: the command adds none.
+    assert (
+        saved["command"] == "python -m experiments.omniglot --flagfile=experiments/flags/tiny.flags"
+    )
+    # absl's --flagfile: one line naming --run_flagfile, nothing written.
+    out = export("--name=refused", f"--flagfile={flagfile}")
+    assert out.returncode == 1
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "--flagfile is refused" in lines[0], out.stderr
+    assert "--run_flagfile=<path>" in lines[0]
+    assert not (tmp_path / "refused").exists()
+    out = export("--name=missing", "--run_flagfile=/no/such.flags")
+    assert out.returncode == 1
+    assert "--run_flagfile=/no/such.flags: no such file" in out.stderr
+    assert not (tmp_path / "missing").exists()

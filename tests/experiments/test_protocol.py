@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from experiments import protocol, train
 
 
@@ -23,6 +26,25 @@ def test_flag_overrides_and_training_command(tmp_path):
     command = protocol.training_command(run.to_dict(), flagfile)
     assert command == (f"python -m experiments.omniglot --flagfile={flagfile.as_posix()} "
                        "--learning_rate=0.001 --norotate")  # fmt: skip
+
+
+def test_find_flagfile_compares_workdirs_as_resolved_absolute_paths(tmp_path, monkeypatch):
+    """Issue 11: a run started with `--workdir=/abs/repo/workdirs/b` (or through a link to
+    that folder) is the run of the flagfile saying `--workdir=workdirs/b`, taken from the
+    repository root where the programs run; a folder of the same name elsewhere is not."""
+    flags_dir = tmp_path / "experiments" / "flags"
+    flags_dir.mkdir(parents=True)
+    (flags_dir / "a.flags").write_text("--ways=5\n--workdir=workdirs/a\n")
+    (flags_dir / "b.flags").write_text("--ways=5\n--workdir=workdirs/b/\n")
+    (tmp_path / "workdirs" / "b").mkdir(parents=True)
+    os.symlink(tmp_path / "workdirs", tmp_path / "link")
+    monkeypatch.chdir(tmp_path)
+    b = Path("experiments/flags/b.flags")
+    assert protocol.find_flagfile({"workdir": str(tmp_path / "workdirs" / "b")}) == b
+    assert protocol.find_flagfile({"workdir": str(tmp_path / "link" / "b")}) == b
+    assert protocol.find_flagfile({"workdir": "./workdirs/a"}) == Path("experiments/flags/a.flags")
+    assert protocol.find_flagfile({"workdir": str(tmp_path / "other" / "workdirs" / "b")}) is None
+    assert protocol.find_flagfile({"workdir": "workdirs/b"}, tmp_path / "nothing") is None
 
 
 def test_protocol_tests_eval_ways_as_the_training_run_did():
