@@ -7,9 +7,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn, TypeVar
 
 from absl import flags
 
@@ -257,26 +258,193 @@ def quiet_libraries() -> None:
 
 
 # ----------------------------------------------------------------------------- specs
-def spec_from_flags(cls, flags: Mapping[str, Any], model_flags: Iterable[str], model):
-    """A program's spec (a frozen dataclass whose `model` field is a `MetaNetConfig`) from its
-    flat flags: the names in `model_flags` set fields of `model`, the others the spec's.
+# A program's spec is a frozen dataclass whose fields are its flags: a field's default is its
+# flag's, and its `Flag` (in the field's metadata) the flag's checks and help, so that the
+# program defines its flags from the spec (`Spec.define_flags`) and each is stated once.
+_FLAG = "flag"
 
-    Raises:
-      TypeError: a name that is no field. ValueError: a model the config refuses.
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How a value is defined as a command-line flag (its default comes from the spec).
+
+    Attributes:
+      kind: "int" (in `[lo, hi]`), "float" (in `(lo, hi]`), "enum" (one of `choices`),
+        "bool", "folder" (a folder that exists when set and `must_exist`) or "workdir" (must
+        be set, to a folder this user can create or write: `register_workdir_validator`).
+      help: the flag's help text.
+      lo, hi: the bounds of "int" and "float".
+      choices: the values of "enum".
+      unset: an "int" that may be `None` (its default only: absl parses no `None`).
+      must_exist: whether a set "folder" must exist.
     """
-    model_flags = set(model_flags)
-    values = {k: v for k, v in flags.items() if k in model_flags}
-    run = {k: v for k, v in flags.items() if k not in model_flags}
-    return cls(model=dataclasses.replace(model, **values), **run)
 
+    kind: str
+    help: str
+    lo: float | None = None
+    hi: float | None = None
+    choices: tuple[str, ...] = ()
+    unset: bool = False
+    must_exist: bool = True
 
-def spec_to_flags(spec, model_flags: Iterable[str]) -> dict[str, Any]:
-    """The flat flags of a spec, the inverse of `spec_from_flags` (the model's flags where
-    the spec holds its `model`)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(spec):
-        if f.name == "model":
-            out.update({k: getattr(spec.model, k) for k in model_flags})
+    def define(self, name: str, default: Any, flag_values=flags.FLAGS) -> None:
+        """Defines `--name` with `default` and registers its checks."""
+        fv = flag_values
+        if self.kind == "int":
+            define_int(name, default, self.lo, self.hi, self.help, allow_none=self.unset,
+                       flag_values=fv)  # fmt: skip
+        elif self.kind == "float":
+            define_float(name, default, self.lo, self.hi, self.help, flag_values=fv)
+        elif self.kind == "enum":
+            flags.DEFINE_enum(name, default, self.choices, self.help, flag_values=fv)
+        elif self.kind == "bool":
+            flags.DEFINE_bool(name, default, self.help, flag_values=fv)
+        elif self.kind == "folder":
+            define_folder(name, default, self.help, must_exist=self.must_exist, flag_values=fv)
+        elif self.kind == "workdir":
+            flags.DEFINE_string(name, default, self.help, flag_values=fv)
+            register_workdir_validator(name, flag_values=fv)
         else:
-            out[f.name] = getattr(spec, f.name)
+            raise ValueError(f"--{name}: unknown flag kind {self.kind!r}")
+
+
+def int_field(default: int | None, lo: int, hi: int, help_text: str, *, unset: bool = False):
+    """A spec field that is an integer flag in `[lo, hi]` (or `None` when `unset`)."""
+    return _field(default, Flag("int", help_text, lo=lo, hi=hi, unset=unset))
+
+
+def float_field(default: float, lo: float, hi: float, help_text: str):
+    """A spec field that is a number flag in `(lo, hi]`."""
+    return _field(default, Flag("float", help_text, lo=lo, hi=hi))
+
+
+def enum_field(default: str, choices: Iterable[str], help_text: str):
+    """A spec field that is one of `choices`."""
+    return _field(default, Flag("enum", help_text, choices=tuple(choices)))
+
+
+def bool_field(default: bool, help_text: str):
+    """A spec field that is a boolean flag (`--name` / `--noname`)."""
+    return _field(default, Flag("bool", help_text))
+
+
+def folder_field(default: str | None, help_text: str, *, must_exist: bool = True):
+    """A spec field that names a folder (existing, when set and `must_exist`)."""
+    return _field(default, Flag("folder", help_text, must_exist=must_exist))
+
+
+def workdir_field(help_text: str):
+    """The spec's required run folder: a folder this user can create or write."""
+    return dataclasses.field(metadata={_FLAG: Flag("workdir", help_text)})
+
+
+def _field(default: Any, flag: Flag):
+    return dataclasses.field(default=default, metadata={_FLAG: flag})
+
+
+def config_flags(config_cls, table: Mapping[str, str | tuple[str, float, float]]):
+    """The flags of a configuration dataclass's fields: `{name: Flag}`, in `table`'s order.
+
+    Args:
+      config_cls: the dataclass (e.g. `MetaNetConfig`); each flag's kind comes from its
+        field's type: a `Literal` is an "enum" of its values, `bool` a "bool", `float` a
+        "float", `int` an "int" (`int | None`: one that may be unset).
+      table: `{name: help}`, or `{name: (help, lo, hi)}` for the numbers.
+    """
+    types = typing.get_type_hints(config_cls)
+    out = {}
+    for name, entry in table.items():
+        help_text, lo, hi = (entry, None, None) if isinstance(entry, str) else entry
+        kind, choices, unset = _kind(types[name])
+        out[name] = Flag(kind, help_text, lo=lo, hi=hi, choices=choices, unset=unset)
     return out
+
+
+def _kind(annotation) -> tuple[str, tuple[str, ...], bool]:
+    """A field type's flag kind, its choices and whether it may be unset (`None`)."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return "enum", typing.get_args(annotation), False
+    args = typing.get_args(annotation)
+    unset = type(None) in args
+    if unset:
+        (annotation,) = [a for a in args if a is not type(None)]
+    kinds = {bool: "bool", float: "float", int: "int"}
+    if annotation not in kinds:
+        raise TypeError(f"no flag kind for a field of type {annotation!r}")
+    return kinds[annotation], (), unset
+
+
+_S = TypeVar("_S", bound="Spec")
+
+
+class Spec:
+    """The base of the programs' specs: frozen dataclasses of `*_field`s and a `model`.
+
+    `MODEL_FLAGS` (`{name: Flag}`, in flag order) are the `MetaNetConfig` fields the program
+    sets by flags; the spec holds them in its `model` field, whose default gives theirs.
+    """
+
+    MODEL_FLAGS: ClassVar[Mapping[str, Flag]] = {}
+
+    @classmethod
+    def from_flags(cls: type[_S], flags: Mapping[str, Any]) -> _S:
+        """The spec of flat flags (`{"workdir": ..., "ways": 5, ...}`): the names in
+        `MODEL_FLAGS` set fields of the default `model`, the others the spec's.
+
+        Raises:
+          TypeError: a name that is no flag. ValueError: a model the flags do not allow
+            (`MetaNetConfig` validation, e.g. `learning_rate=0`).
+        """
+        run = {k: v for k, v in flags.items() if k not in cls.MODEL_FLAGS}
+        for f in dataclasses.fields(cls):
+            if f.name == "model":
+                model = {k: v for k, v in flags.items() if k in cls.MODEL_FLAGS}
+                run["model"] = dataclasses.replace(f.default, **model)
+        return cls(**run)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "model":
+                out.update({k: getattr(self.model, k) for k in self.MODEL_FLAGS})
+            else:
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    @classmethod
+    def flag_names(cls) -> list[str]:
+        """The flat flags' names, in the order of `to_dict`."""
+        names = []
+        for f in dataclasses.fields(cls):
+            names.extend(cls.MODEL_FLAGS if f.name == "model" else [f.name])
+        return names
+
+    @classmethod
+    def flag_field(cls, name: str, default: Any = dataclasses.MISSING):
+        """A field of another program's spec that is this spec's flag `name` (its checks and
+        help), with `default` or this spec's."""
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        default = field.default if default is dataclasses.MISSING else default
+        return dataclasses.field(default=default, metadata=field.metadata)
+
+    @classmethod
+    def define_flags(cls, flag_values=flags.FLAGS) -> None:
+        """Defines a flag for every field (for `model`, one per `MODEL_FLAGS`), with the
+        field's default."""
+        for f in dataclasses.fields(cls):
+            if f.name == "model":
+                for name, flag in cls.MODEL_FLAGS.items():
+                    flag.define(name, getattr(f.default, name), flag_values)
+            else:
+                default = None if f.default is dataclasses.MISSING else f.default
+                f.metadata[_FLAG].define(f.name, default, flag_values)
+
+    @classmethod
+    def from_flag_values(cls: type[_S], flag_values=flags.FLAGS) -> _S:
+        """The spec of the parsed flags that `define_flags` defined.
+
+        Raises:
+          ValueError: a model the flags do not allow.
+        """
+        return cls.from_flags({k: flag_values[k].value for k in cls.flag_names()})

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -31,38 +31,47 @@ SHARED = ("example_generator", "task_generator")
 TASK_SPECIFIC = ("base", "representation")
 
 
-# The `MetaNetConfig` fields the program sets by flags; the model is the 3-layer MLP MetaNet
-# of the continual-learning runs (METANET.md) on 28x28 images.
-MODEL_FLAGS = ("ways", "shots", "queries_per_class", "variant", "hidden_units", "learning_rate")
+# The `MetaNetConfig` fields the program sets by flags: the training program's flags
+# (`train.MODEL_FLAGS`), within this program's bounds. The model is the 3-layer MLP MetaNet of
+# the continual-learning runs (METANET.md) on 28x28 images.
+MODEL_FLAGS = {
+    "ways": dataclasses.replace(train.MODEL_FLAGS["ways"], hi=100),
+    "shots": dataclasses.replace(train.MODEL_FLAGS["shots"], hi=10),
+    "queries_per_class": dataclasses.replace(
+        train.MODEL_FLAGS["queries_per_class"],
+        hi=19,
+        help="Query examples per class (training and measurements).",
+    ),
+    "variant": train.MODEL_FLAGS["variant"],
+    "hidden_units": common.Flag("int", "MLP width of b and u.", lo=1, hi=4096),
+    "learning_rate": train.MODEL_FLAGS["learning_rate"],
+}
 _MODEL = MetaNetConfig(ways=10, image_shape=(28, 28, 1), architecture="mlp", hidden_units=64)
 
 
 @dataclasses.dataclass(frozen=True)
-class ContinualSpec:
-    """The flags of `experiments/continual.py`; the model's (`MODEL_FLAGS`) in `model`."""
+class ContinualSpec(common.Spec):
+    """The flags of `experiments/continual.py`, each field with its flag's default, checks
+    and help (`common.Spec`); the model's (`MODEL_FLAGS`) in `model`. The flags it shares
+    with the training program are that program's (`train.RunSpec`)."""
 
-    workdir: str
-    split: str = "previous"
-    datasets: str | None = None
+    MODEL_FLAGS: ClassVar[Mapping[str, common.Flag]] = MODEL_FLAGS
+
+    workdir: str = common.workdir_field("Output folder.")
+    split: str = train.RunSpec.flag_field("split", "previous")
+    datasets: str | None = train.RunSpec.flag_field("datasets")
     model: MetaNetConfig = _MODEL
-    omniglot_steps: int = 5000
-    mnist_steps: int = 5000
-    measure_every: int = 500
-    permutations: int = 50
-    eval_episodes: int = 400
-    eval_batch: int = 50
-    meta_batch: int = 1
-    seed: int = 0
-    log_every: int = 100
-
-    @classmethod
-    def from_flags(cls, flags: Mapping[str, Any]) -> ContinualSpec:
-        """The spec of flat flags (`{"workdir": ..., "ways": 10, "omniglot_steps": ...}`)."""
-        return common.spec_from_flags(cls, flags, MODEL_FLAGS, _MODEL)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
-        return common.spec_to_flags(self, MODEL_FLAGS)
+    omniglot_steps: int = common.int_field(5000, 1, 10**8, "Omniglot updates.")
+    mnist_steps: int = common.int_field(5000, 1, 10**8, "MNIST updates (trials).")
+    measure_every: int = common.int_field(
+        500, 1, 10**8, "Measure Omniglot accuracy every this many MNIST trials."
+    )
+    permutations: int = common.int_field(50, 1, 1000, "Pixel permutations of MNIST (x10 classes).")
+    eval_episodes: int = common.int_field(400, 1, 10**6, "Episodes per measurement.")
+    eval_batch: int = train.RunSpec.flag_field("eval_batch")
+    meta_batch: int = train.RunSpec.flag_field("meta_batch")
+    seed: int = train.RunSpec.flag_field("seed")
+    log_every: int = train.RunSpec.flag_field("log_every", 100)
 
 
 def switch_task(params, fresh) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -46,6 +46,7 @@ from absl import logging
 from experiments import common
 from metanet_jax import checkpointing, evaluation, logging_utils, parallel
 from metanet_jax.config import LEGACY_VALUES, MetaNetConfig, legacy_to_current
+from metanet_jax.data import SPLIT_SCHEMES
 from metanet_jax.model.episode import init
 from metanet_jax.synthetic import synthetic_classes
 from metanet_jax.training import TrainState, init_train_state, make_optimizer, make_train_step
@@ -86,40 +87,59 @@ LEGACY_RUN_VALUES = {
 }
 
 
-# The `MetaNetConfig` fields the program sets by flags (in the order of its flags); the other
-# fields keep their defaults and `image_shape` comes from the data.
-MODEL_FLAGS = (
-    "ways",
-    "shots",
-    "queries_per_class",
-    "max_ways",
-    "learning_rate",
-    "clip_norm",
-    "lr_schedule",
-    "warmup_steps",
-    "schedule_steps",
-    "generator_init",
-    "network_init",
-    "label_units",
-    "variant",
-    "base_input",
-    "architecture",
-    "conv_channels",
-    "num_conv_layers",
-    "hidden_units",
-    "rep_chunks",
-    "second_order",
-    "rep_loss_in_objective",
-    "task_batching",
-    "query_path",
-    "compute_dtype",
-    "bn_statistics",
+# The `MetaNetConfig` fields the programs set by flags, in the order of the training
+# program's flags: their help and bounds; their kinds and choices are the fields' types and
+# their defaults the spec's `model`. The other fields keep their defaults and `image_shape`
+# comes from the data.
+MODEL_FLAGS = common.config_flags(
+    MetaNetConfig,
+    {
+        "ways": ("Classes per episode (N-way).", 2, 1000),
+        "shots": ("Support examples per class (K-shot).", 1, 100),
+        "queries_per_class": ("Training query examples per class.", 1, 100),
+        "max_ways": ("Output units of b (>= ways), to test on more ways than trained.", 2, 1000),
+        "learning_rate": ("Adam learning rate.", 0.0, 1.0),
+        "clip_norm": ("Global-norm gradient clipping.", 0.0, 1e6),
+        "lr_schedule": "Learning rate: constant (the authors') or cosine decay to 0 at "
+        "--schedule_steps, both after --warmup_steps of linear warm-up.",
+        "warmup_steps": ("Linear learning-rate warm-up.", 0, 10**8),
+        "schedule_steps": (
+            "Length of the cosine schedule (recorded; independent of --steps, so a finished "
+            "run can be continued without changing its past schedule).",
+            0,
+            10**8,
+        ),
+        "generator_init": "Initialisation of m and d: authors (Chainer v1 defaults, as the "
+        "authors' code) or small (fast weights start as a small perturbation).",
+        "network_init": "Initialisation of b and u: authors (N(0, 1/fan_in), Chainer v1) or he.",
+        "label_units": "Training labels: first (0..ways-1, the first --ways output units) or "
+        "any (a random --ways of the --max_ways units per episode: all are trained).",
+        "variant": "MetaNet variant.",
+        "base_input": "Input of the base learner: x (image) or r (representation).",
+        "architecture": "Networks b and u.",
+        "conv_channels": ("Conv channels (unset: architecture default).", 1, 1024),
+        "num_conv_layers": ("Conv blocks (unset: architecture default).", 1, 8),
+        "hidden_units": ("FC width (unset: architecture default).", 1, 4096),
+        "rep_chunks": ("T: support chunks for d.", 1, 100),
+        "second_order": "Differentiate through meta information.",
+        "rep_loss_in_objective": "Add the representation loss to the training objective.",
+        "task_batching": "Tasks of a meta-batch: auto (loop on CPU, vmap on accelerators), loop "
+        "(a host loop over one per-task program) or vmap.",
+        "query_path": "How queries read their own fast weights: auto (patches on CPU, stacked "
+        "on accelerators), stacked or patches (README).",
+        "compute_dtype": "Activation dtype.",
+        "bn_statistics": "BatchNorm statistics (Mini-ImageNet network): authors (the whole "
+        "support set for the meta-gradients, support set and queries apart for the keys) or "
+        "per_pass (the examples of each pass: what runs made before this flag used); see "
+        "MetaNetConfig.bn_statistics.",
+    },
 )
 
 
 @dataclasses.dataclass(frozen=True)
-class RunSpec:
-    """Everything that defines a training run (the flags of `experiments/omniglot.py`).
+class RunSpec(common.Spec):
+    """Everything that defines a training run: the flags of `experiments/omniglot.py`, each
+    field with its flag's default, checks and help (`common.Spec`).
 
     `model` holds the model's flags (`MODEL_FLAGS`; its `image_shape` is replaced by the
     data's when the run starts). Model sizes left at `None` take the architecture's defaults
@@ -128,45 +148,65 @@ class RunSpec:
     (`evaluation.eval_config`). Build one from flat flags with `RunSpec.from_flags`.
     """
 
-    workdir: str
-    dataset: str = "omniglot"
-    split: str = "standard"
-    validation_classes: int = 100
-    validation_alphabets: int = 0
-    split_seed: int = 0
-    datasets: str | None = None
-    mini_imagenet_dir: str | None = None
-    synthetic_size: int = 28
+    MODEL_FLAGS: ClassVar[Mapping[str, common.Flag]] = MODEL_FLAGS
+
+    # --- where
+    workdir: str = common.workdir_field("Run folder (config.json, checkpoints, metrics, results).")
+    dataset: str = common.enum_field("omniglot", DATASETS, "Data set.")
+    split: str = common.enum_field(
+        "standard", SPLIT_SCHEMES, "Omniglot class split scheme (docs/DATA.md)."
+    )
+    validation_classes: int = common.int_field(
+        100, 1, 500, "Omniglot background characters held out for validation."
+    )
+    validation_alphabets: int = common.int_field(
+        0, 0, 29, "Hold out this many whole background alphabets for validation instead of "
+        "--validation_classes characters (standard and small splits; 0: off).",
+    )  # fmt: skip
+    split_seed: int = common.int_field(0, 0, common.MAX_INT, "Seed of the class split.")
+    datasets: str | None = common.folder_field(
+        None, "Offline data folder holding omniglot/ and mnist/ (default: $METANET_DATASETS, "
+        "else TFDS downloads).",
+    )  # fmt: skip
+    mini_imagenet_dir: str | None = common.folder_field(
+        None, "Mini-ImageNet folder (CSV splits + images), --dataset=mini_imagenet only.",
+        must_exist=False,
+    )  # fmt: skip
+    synthetic_size: int = common.int_field(
+        28, 4, 128, "Image size of --dataset=synthetic (smoke tests)."
+    )
+    # --- the model (MODEL_FLAGS) and the episodes
     model: MetaNetConfig = MetaNetConfig()
-    eval_queries_per_class: int = 10
-    eval_ways: int | None = None
-    meta_batch: int = 1
-    steps: int = 1000
-    rotate: bool = True
-    rotations_as_classes: bool = False
-    seed: int = 0
-    eval_every: int = 500
-    eval_episodes: int = 200
-    test_episodes: int = 1000
-    mnist_test_episodes: int = 0
-    eval_batch: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 50
-
-    @classmethod
-    def from_flags(cls, flags: Mapping[str, Any]) -> RunSpec:
-        """The spec of flat flags (`{"workdir": ..., "ways": 5, "steps": 1000, ...}`).
-
-        Raises:
-          TypeError: a name that is no flag. ValueError: a model the flags do not allow
-            (`MetaNetConfig` validation, e.g. `learning_rate=0`).
-        """
-        return common.spec_from_flags(cls, flags, MODEL_FLAGS, MetaNetConfig())
-
-    def to_dict(self) -> dict[str, Any]:
-        """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
-        return common.spec_to_flags(self, MODEL_FLAGS)
+    eval_queries_per_class: int = common.int_field(
+        10, 1, 100, "Query examples per class in validation and test episodes."
+    )
+    eval_ways: int | None = common.int_field(
+        None, 2, 1000, "Classes per validation and test episode (unset: --ways); at most "
+        "--max_ways (else --ways): they use b's first eval_ways output units.", unset=True,
+    )  # fmt: skip
+    # --- optimisation
+    meta_batch: int = common.int_field(1, 1, 1024, "Tasks (episodes) per update.")
+    steps: int = common.int_field(1000, 1, 10**8, "Total updates to reach (resume included).")
+    rotate: bool = common.bool_field(True, "Rotate each training class by k*90 degrees.")
+    rotations_as_classes: bool = common.bool_field(
+        False, "The 4 rotations of a training class are 4 classes."
+    )
+    seed: int = common.int_field(0, 0, common.MAX_INT, "Seed of init, training episodes, keys.")
+    # --- evaluation, checkpoints, logging
+    eval_every: int = common.int_field(500, 1, 10**8, "Validate every this many steps.")
+    eval_episodes: int = common.int_field(200, 1, 10**6, "Validation episodes.")
+    test_episodes: int = common.int_field(1000, 1, 10**6, "Final test episodes.")
+    mnist_test_episodes: int = common.int_field(
+        0, 0, 10**6, "Also test MNIST 10-way 1-shot out of domain (0: off)."
+    )
+    eval_batch: int = common.int_field(50, 1, 10**4, "Episodes per evaluation batch.")
+    checkpoint_every: int = common.int_field(
+        500, 1, 10**8, "Checkpoint every this many steps (and after each validation)."
+    )
+    keep_checkpoints: int = common.int_field(
+        3, 1, 1000, "Latest checkpoints kept (the best one is kept as well)."
+    )
+    log_every: int = common.int_field(50, 1, 10**8, "Progress line every this many steps.")
 
     def replace(self, **flags) -> RunSpec:
         """A copy with some flat flags changed (model flags included)."""

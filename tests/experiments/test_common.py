@@ -1,0 +1,153 @@
+"""experiments.common: programs' specs whose fields define their flags, and the flag parser."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import ClassVar, Literal
+
+import pytest
+from absl import flags
+
+from experiments import common, continual_protocol, train
+from metanet_jax import config as config_lib
+from metanet_jax.config import MetaNetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class _Toy(common.Spec):
+    MODEL_FLAGS: ClassVar = {
+        "ways": common.Flag("int", "Ways.", lo=2, hi=9),
+        "variant": common.Flag("enum", "Variant.", choices=config_lib.VARIANTS),
+    }
+
+    workdir: str = common.workdir_field("Out.")
+    rate: float = common.float_field(0.5, 0.0, 1.0, "Rate.")
+    model: MetaNetConfig = MetaNetConfig(ways=3)
+    size: int | None = common.int_field(None, 1, 4, "Size.", unset=True)
+    fast: bool = common.bool_field(True, "Fast.")
+    data: str | None = common.folder_field(None, "Data.")
+    mode: str = common.enum_field("a", ("a", "b"), "Mode.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Other(common.Spec):
+    workdir: str = common.workdir_field("Out.")
+    rate: float = _Toy.flag_field("rate", 0.25)
+    mode: str = _Toy.flag_field("mode")
+
+
+def _parse(spec_cls, *args):
+    values = flags.FlagValues()
+    spec_cls.define_flags(values)
+    values(["prog", *args])
+    return values
+
+
+def test_a_spec_defines_its_flags_and_reads_them_back(tmp_path):
+    out = f"--workdir={tmp_path / 'w'}"
+    values = _parse(_Toy, out)
+    assert _Toy.flag_names() == ["workdir", "rate", "ways", "variant", "size", "fast", "data",
+                                 "mode"]  # fmt: skip
+    assert _Toy.from_flag_values(values) == _Toy(workdir=str(tmp_path / "w"))
+    assert _Toy.from_flag_values(values).model == MetaNetConfig(ways=3)  # the field's default
+    values = _parse(_Toy, out, "--rate=1", "--ways=9", "--variant=metanet+", "--size=4",
+                    "--nofast", f"--data={tmp_path}", "--mode=b")  # fmt: skip
+    spec = _Toy.from_flag_values(values)
+    assert spec == _Toy(workdir=str(tmp_path / "w"), rate=1.0, size=4, fast=False,
+                        data=str(tmp_path), mode="b",
+                        model=MetaNetConfig(ways=9, variant="metanet+"))  # fmt: skip
+    # Flat flags in the fields' order, the model's where `model` stands; and back.
+    assert list(spec.to_dict()) == _Toy.flag_names()
+    assert spec.to_dict()["ways"] == 9
+    assert _Toy.from_flags(spec.to_dict()) == spec
+    with pytest.raises(TypeError):
+        _Toy.from_flags({"workdir": "w", "no_such_flag": 1})
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("--ways=10", "--ways must be an integer in [2, 9]"),
+        ("--ways=1", "--ways must be an integer in [2, 9]"),
+        ("--size=0", "--size must be an integer in [1, 4] (or unset)"),
+        ("--rate=0", "--rate must be a number in (0, 1]"),
+        ("--rate=1.5", "--rate must be a number in (0, 1]"),
+        ("--variant=metanet++", "metanet+"),
+        ("--mode=c", "should be one of <a|b>"),
+        ("--data=/no/such/folder", "--data must name an existing folder"),
+    ],
+)
+def test_each_kind_of_flag_checks_its_values(tmp_path, arg, message):
+    with pytest.raises(flags.IllegalFlagValueError, match=re.escape(message)):
+        _parse(_Toy, f"--workdir={tmp_path / 'w'}", arg)
+
+
+def test_the_workdir_must_be_set_and_writable(tmp_path):
+    with pytest.raises(flags.IllegalFlagValueError, match="--workdir must be set"):
+        _parse(_Toy)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(flags.IllegalFlagValueError, match="names a file"):
+        _parse(_Toy, f"--workdir={tmp_path / 'file'}")
+
+
+def test_a_flag_field_is_the_other_specs_flag_with_its_own_default(tmp_path):
+    values = _parse(_Other, f"--workdir={tmp_path / 'w'}")
+    assert _Other.from_flag_values(values) == _Other(workdir=str(tmp_path / "w"))
+    assert (_Other(workdir="").rate, _Other(workdir="").mode) == (0.25, "a")
+    assert values["rate"].help == "Rate."
+    with pytest.raises(flags.IllegalFlagValueError, match=r"--rate must be a number in \(0, 1\]"):
+        _parse(_Other, f"--workdir={tmp_path / 'w'}", "--rate=2")
+
+
+@pytest.mark.parametrize("spec_cls", [train.RunSpec, continual_protocol.ContinualSpec])
+def test_the_programs_model_flags_are_the_configs_fields_and_values(spec_cls):
+    """Checked against MetaNetConfig itself: every model flag is a field of it, and an enum
+    flag's choices are exactly the values the config accepts."""
+    fields = {f.name for f in dataclasses.fields(MetaNetConfig)}
+    assert set(spec_cls.MODEL_FLAGS) <= fields
+    for name, flag in spec_cls.MODEL_FLAGS.items():
+        if flag.kind != "enum":
+            continue
+        for choice in flag.choices:
+            MetaNetConfig(**{name: choice}, schedule_steps=10)  # a cosine schedule needs steps
+        with pytest.raises(ValueError, match=name):
+            MetaNetConfig(**{name: "nonsense"})
+    # Every other field is a flag: the spec's flat flags are what the program defines.
+    values = flags.FlagValues()
+    spec_cls.define_flags(values)
+    assert set(spec_cls(workdir="").to_dict()) == set(values) == set(spec_cls.flag_names())
+
+
+def test_parse_flags_refuses_a_flag_in_one_line(capsys):
+    refused = {"flagfile": "name it with --run_flagfile"}
+    for argv in (["prog", "--flagfile=x.flags"], ["prog", "-flagfile", "x.flags"]):
+        with pytest.raises(SystemExit) as exit_info:
+            common.parse_flags(argv, refused=refused)
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert err == "prog: error: --flagfile is refused: name it with --run_flagfile\n"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    mode: Literal["a", "b"] = "a"
+    fast: bool = True
+    rate: float = 0.5
+    size: int | None = None
+    steps: int = 1
+    name: str = "x"
+
+
+def test_config_flags_take_their_kind_and_choices_from_the_field_types():
+    table = {"mode": "Mode.", "fast": "Fast.", "rate": ("Rate.", 0.0, 1.0),
+             "size": ("Size.", 1, 4), "steps": ("Steps.", 1, 9)}  # fmt: skip
+    out = common.config_flags(_Config, table)
+    assert list(out) == ["mode", "fast", "rate", "size", "steps"]
+    assert out["mode"] == common.Flag("enum", "Mode.", choices=("a", "b"))
+    assert out["fast"] == common.Flag("bool", "Fast.")
+    assert out["rate"] == common.Flag("float", "Rate.", lo=0.0, hi=1.0)
+    assert out["size"] == common.Flag("int", "Size.", lo=1, hi=4, unset=True)
+    assert out["steps"] == common.Flag("int", "Steps.", lo=1, hi=9)
+    with pytest.raises(TypeError, match="no flag kind"):
+        common.config_flags(_Config, {"name": "Name."})
