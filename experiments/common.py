@@ -1,5 +1,6 @@
-"""Flag helpers shared by the experiment programs: validated definitions and a parser that
-turns any flag error into one line on stderr and exit status 1, before any work is done.
+"""Flag helpers shared by the experiment programs: validated definitions, a parser that
+turns any flag error into one line on stderr and exit status 1, before any work is done, and
+the programs' specs (`Spec`), frozen dataclasses whose fields define the programs' flags.
 """
 
 from __future__ import annotations
