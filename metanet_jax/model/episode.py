@@ -29,6 +29,7 @@ averages, which this implementation does not keep: tests normalise like training
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -189,6 +190,43 @@ def _contrastive(config, ea, eb, same, w):
     return jnp.sum(loss * w) / jnp.sum(w)
 
 
+def _cross_entropy_groups(config: MetaNetConfig, labels: Array, head=None):
+    """`group_loss(embed, index, w)`: the weighted cross-entropy of the support rows `index`
+    (b's logits, or u's keys through `head`, the representation head)."""
+
+    def group_loss(embed, index, w):
+        out = embed(index)
+        logits = episode_logits(out if head is None else head(out), config, labels)
+        return _weighted_cross_entropy(logits, labels[index], w)
+
+    return group_loss
+
+
+def _contrastive_groups(config: MetaNetConfig, labels: Array):
+    """`group_loss(embed, pairs, w)`: the contrastive loss of the support pairs `pairs [S, 2]`
+    (u's keys of the first and of the second members, each from a pass of its own)."""
+
+    def group_loss(embed, pairs, w):
+        first, second = pairs[:, 0], pairs[:, 1]
+        same = (labels[first] == labels[second]).astype(jnp.float32)
+        return _contrastive(config, embed(first), embed(second), same, w)
+
+    return group_loss
+
+
+def _support_pairs(n: int, chunks: int, key: PRNGKey | None) -> tuple[Array, np.ndarray]:
+    """The contrastive loss's pairs: all (i < j) cut into min(T, pairs) chunks (`pair_layout`),
+    or, given a `key`, T sampled pairs (i != j), one per chunk. `(pairs [C, S, 2], mask)`."""
+    if key is None:
+        pairs, mask = pair_layout(n, chunks)
+        return jnp.asarray(pairs), mask
+    ki, kj = jax.random.split(key)
+    i = jax.random.randint(ki, (chunks,), 0, n)
+    j = jax.random.randint(kj, (chunks,), 0, n - 1)
+    j = j + (j >= i)
+    return jnp.stack([i, j], -1)[:, None, :], np.ones((chunks, 1), np.float32)
+
+
 def support_statistics(config: MetaNetConfig, learner: Learner) -> bool:
     """Whether the support-set passes through `learner` normalise with the whole support
     set's statistics: `bn_statistics == "authors"` and the network has BatchNorm (without
@@ -210,7 +248,7 @@ def _support_statistics_grads(learner: Learner, params, x, group_loss, *group_ar
       learner: the network.
       params: its slow weights.
       x: `[N, *input]` the support inputs.
-      group_loss: `(embed, *args) -> scalar`; `embed(index [S]) -> [S, F]` gives the
+      group_loss: `(embed, *args) -> scalar`; `embed(index) -> [S, F]` gives the
         network's output on those rows.
       *group_args: arrays with a leading group axis `[C, ...]`, mapped over.
 
@@ -224,6 +262,36 @@ def _support_statistics_grads(learner: Learner, params, x, group_loss, *group_ar
 
     in_axes = (None,) + (0,) * len(group_args)
     return jax.vmap(jax.value_and_grad(loss), in_axes)(learner.subtree(params), *group_args)
+
+
+def _group_meta_info(config, learner: Learner, params, x, group_loss, groups, mask):
+    """Meta information: per-group losses and gradients w.r.t. `learner`'s augmented kernels.
+
+    A group is a few support rows (a chunk, a chunk of pairs, one example). Its loss sees the
+    network's output on its rows from one pass over the whole support set
+    (`support_statistics`: BatchNorm statistics of the set) or from a pass over those rows
+    alone (each chunk, example or side of the pairs normalised by itself).
+
+    Args:
+      config: the configuration.
+      learner: the network (b or u).
+      params: its slow weights (W or Q).
+      x: `[N, *input]` the support inputs.
+      group_loss: `(embed, group, w) -> scalar`; `embed(index [S]) -> [S, F]`.
+      groups: `[C, S, ...]` row indices per group, padded to the largest group.
+      mask: `[C, S]` 1 for a real row, 0 for padding.
+
+    Returns:
+      `(losses [C], grads)`, the grads `[C, *k]` per augmented kernel.
+    """
+    if support_statistics(config, learner):
+        return _support_statistics_grads(learner, params, x, group_loss, groups, jnp.asarray(mask))
+
+    def loss(sub, group, w):
+        merged = learner.merge(params, sub)
+        return group_loss(lambda index: learner.apply(merged, x[index]), group, w)
+
+    return _map_chunks(jax.value_and_grad(loss), learner.subtree(params), (groups,), mask, learner)
 
 
 def representation_meta_info(
@@ -254,61 +322,15 @@ def representation_meta_info(
       that mirrors them), and the `[C]` chunk losses.
     """
     _, u = nets.learners(config, networks)
-    x = support.x
-    whole_set = support_statistics(config, u)
-
-    def keys(q, xi):
-        return u.apply(q, xi)
-
-    if not config.uses_contrastive:
-        index, mask = chunk_layout(x.shape[0], config.rep_chunks)
-
-        def head_loss(key_slow, labels, w, q):
-            logits = episode_logits(nets.representation_head(q, key_slow), config, support.y)
-            return _weighted_cross_entropy(logits, labels, w)
-
-        if whole_set:
-            losses, grads = _support_statistics_grads(
-                u, rep_params, x,
-                lambda embed, idx, w: head_loss(embed(idx), support.y[idx], w, rep_params),
-                jnp.asarray(index), jnp.asarray(mask),
-            )  # fmt: skip
-            return grads, losses
-
-        def loss(qa, xi, yi, w):
-            q = u.merge(rep_params, qa)
-            return head_loss(keys(q, xi), yi, w, q)
-
-        args = (x[index], support.y[index])
+    n = support.x.shape[0]
+    if config.uses_contrastive:
+        groups, mask = _support_pairs(n, config.rep_chunks, key)
+        group_loss = _contrastive_groups(config, support.y)
     else:
-        if key is None:
-            pairs, mask = pair_layout(x.shape[0], config.rep_chunks)
-            pairs = jnp.asarray(pairs)
-        else:  # T sampled pairs (i != j), one per chunk
-            ki, kj = jax.random.split(key)
-            n = x.shape[0]
-            i = jax.random.randint(ki, (config.rep_chunks,), 0, n)
-            j = jax.random.randint(kj, (config.rep_chunks,), 0, n - 1)
-            j = j + (j >= i)
-            pairs = jnp.stack([i, j], -1)[:, None, :]
-            mask = np.ones((config.rep_chunks, 1), np.float32)
-        same = (support.y[pairs[..., 0]] == support.y[pairs[..., 1]]).astype(jnp.float32)
-        if whole_set:
-
-            def pair_loss(embed, p, s, w):
-                return _contrastive(config, embed(p[:, 0]), embed(p[:, 1]), s, w)
-
-            losses, grads = _support_statistics_grads(
-                u, rep_params, x, pair_loss, pairs, same, mask
-            )
-            return grads, losses
-
-        def loss(qa, xa, xb, s, w):
-            q = u.merge(rep_params, qa)
-            return _contrastive(config, keys(q, xa), keys(q, xb), s, w)
-
-        args = (x[pairs[..., 0]], x[pairs[..., 1]], same)
-    losses, grads = _map_chunks(jax.value_and_grad(loss), u.subtree(rep_params), args, mask, u)
+        groups, mask = chunk_layout(n, config.rep_chunks)
+        head = functools.partial(nets.representation_head, rep_params)
+        group_loss = _cross_entropy_groups(config, support.y, head)
+    losses, grads = _group_meta_info(config, u, rep_params, support.x, group_loss, groups, mask)
     return grads, losses
 
 
@@ -322,10 +344,11 @@ def base_meta_info(
 ) -> FastWeights:
     """Example-level meta information: per-example gradients of b's loss (Alg. 1, l. 7-8).
 
-    `jax.vmap(jax.grad(...))` over the support set: one gradient per example, not one batch
-    gradient. BatchNorm statistics: of the whole support set (`bn_statistics="authors"`,
-    example i's loss on its row of one pass over the set) or of example i alone
-    (`"per_pass"`: instance normalisation).
+    One gradient per example, not one batch gradient: each support example is a group of
+    its own (`_group_meta_info`, a `vmap` of `grad` over the support set). BatchNorm
+    statistics: of the whole support set (`bn_statistics="authors"`, example i's loss on its
+    row of one pass over the set) or of example i alone (`"per_pass"`: instance
+    normalisation).
 
     Args:
       base_params: W.
@@ -338,53 +361,10 @@ def base_meta_info(
       Gradients `[N, *k]` w.r.t. b's augmented kernels (a tree that mirrors them).
     """
     b, _ = nets.learners(config, networks)
-    if support_statistics(config, b):
-
-        def example_loss(embed, idx):
-            logits = episode_logits(embed(idx), config, labels)
-            return cross_entropy(logits, labels[idx])[0]
-
-        index = jnp.arange(inputs.shape[0])[:, None]
-        return _support_statistics_grads(b, base_params, inputs, example_loss, index)[1]
-
-    def loss(wa, xi, yi):
-        logits = b.apply(b.merge(base_params, wa), xi[None])
-        return cross_entropy(episode_logits(logits, config, labels), yi[None])[0]
-
-    return jax.vmap(jax.grad(loss), (None, 0, 0))(b.subtree(base_params), inputs, labels)
-
-
-def base_task_meta_info(
-    base_params: Params,
-    inputs: Array,
-    labels: Array,
-    config: MetaNetConfig,
-    *,
-    networks: Networks | None = None,
-) -> FastWeights:
-    """MetaNet+ (our reading): chunk gradients of b's task loss w.r.t. W, `[C, *k]`.
-
-    BatchNorm statistics as in `representation_meta_info`: the whole support set's or each
-    chunk's (`bn_statistics`).
-    """
-    b, _ = nets.learners(config, networks)
-    index, mask = chunk_layout(inputs.shape[0], config.rep_chunks)
-    if support_statistics(config, b):
-
-        def chunk_loss(embed, idx, w):
-            logits = episode_logits(embed(idx), config, labels)
-            return _weighted_cross_entropy(logits, labels[idx], w)
-
-        return _support_statistics_grads(
-            b, base_params, inputs, chunk_loss, jnp.asarray(index), jnp.asarray(mask)
-        )[1]
-
-    def loss(wa, xi, yi, w):
-        logits = episode_logits(b.apply(b.merge(base_params, wa), xi), config, labels)
-        return _weighted_cross_entropy(logits, yi, w)
-
-    args = (inputs[index], labels[index])
-    return _map_chunks(jax.grad(loss), b.subtree(base_params), args, mask, b)
+    n = inputs.shape[0]
+    examples, mask = np.arange(n, dtype=np.int32)[:, None], np.ones((n, 1), np.float32)
+    group_loss = _cross_entropy_groups(config, labels)
+    return _group_meta_info(config, b, base_params, inputs, group_loss, examples, mask)[1]
 
 
 # ----------------------------------------------------------------------------- query path
@@ -437,11 +417,83 @@ def base_learner_queries(
 
 
 # ----------------------------------------------------------------------------- one task
+def _dtypes(config: MetaNetConfig) -> tuple[Any, Any]:
+    """`(compute, result)` dtypes: the networks run in `compute_dtype`; what leaves them (keys,
+    fast weights, logits) is at least float32 (bfloat16 compute, float32 results)."""
+    dtype = _DTYPES[config.compute_dtype]
+    return dtype, jnp.promote_types(dtype, jnp.float32)
+
+
+def _generate(generator, gen_params: Params, meta_info: FastWeights, config: MetaNetConfig):
+    """A generator (m or d) on meta information, in the result dtype; without
+    `second_order` the meta information is a constant of the outer gradient."""
+    if not config.second_order:
+        meta_info = lax.stop_gradient(meta_info)
+    return generator(gen_params, meta_info, config.grad_p, _dtypes(config)[1])
+
+
+def _task_level(params: Params, support: Episode, config: MetaNetConfig, key, networks):
+    """Q* = d(G, {grad_Q L_t}) (Alg. 1, l. 2-5; `None` for MetaNet-) and the `[C]` chunk losses
+    of the representation loss."""
+    rep_grads, rep_losses = representation_meta_info(
+        params["representation"], support, config, key, networks=networks
+    )
+    if not config.has_task_fast_weights:
+        return None, rep_losses
+    g = params["task_generator"]["representation"]
+    return _generate(generators.task_fast_weights, g, rep_grads, config), rep_losses
+
+
+def _keys(rep: Params, q_star, xs: Array, xq: Array, config: MetaNetConfig, u: Learner):
+    """Keys r'_i = u(Q, Q*, x'_i) of the support set (the memory's) and r_j of the queries
+    (Alg. 1, l. 10 and 12): one pass through u, or (the authors' BatchNorm statistics) one
+    pass for each set, each normalised by itself."""
+    out_dtype = _dtypes(config)[1]
+    if support_statistics(config, u):
+        r_support = u.apply(rep, xs, fast=q_star).astype(out_dtype)
+        return r_support, u.apply(rep, xq, fast=q_star).astype(out_dtype)
+    r_all = u.apply(rep, jnp.concatenate([xs, xq]), fast=q_star).astype(out_dtype)
+    return r_all[: xs.shape[0]], r_all[xs.shape[0] :]
+
+
+def _example_level(params: Params, inputs: Array, labels: Array, config: MetaNetConfig, networks):
+    """The memory values W*_i = m(Z, grad_W L_i) (Alg. 1, l. 7-9) `[N, *k]`, and MetaNet+'s
+    task-level fast weights of b (`None` otherwise).
+
+    MetaNet+ (our reading): d(G, chunk gradients of b's task loss w.r.t. W), the chunks and
+    their BatchNorm statistics as in `representation_meta_info`.
+    """
+    base = params["base"]
+    base_grads = base_meta_info(base, inputs, labels, config, networks=networks)
+    z = params["example_generator"]
+    values = _generate(generators.example_fast_weights, z, base_grads, config)
+    if config.variant != "metanet+":
+        return values, None
+    b, _ = nets.learners(config, networks)
+    index, mask = chunk_layout(inputs.shape[0], config.rep_chunks)
+    group_loss = _cross_entropy_groups(config, labels)
+    chunk_grads = _group_meta_info(config, b, base, inputs, group_loss, index, mask)[1]
+    g = params["task_generator"]["base"]
+    return values, _generate(generators.task_fast_weights, g, chunk_grads, config)
+
+
 def _tree_norm(tree) -> Array:
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.zeros((), jnp.float32)
     return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def _diagnostics(attention: Array, rep_losses: Array, values, q_star) -> dict[str, Any]:
+    """A task's aux: the attention `[L, N]` and scalars to watch while training."""
+    entropy = -jnp.sum(attention * jnp.log(attention + 1e-12), axis=-1).mean()
+    return {
+        "attention": attention,
+        "rep_loss": jnp.sum(rep_losses),
+        "attention_entropy": entropy,
+        "example_fast_weight_norm": _tree_norm(values) / np.sqrt(attention.shape[-1]),
+        "task_fast_weight_norm": _tree_norm(q_star),
+    }
 
 
 def task_forward(
@@ -470,70 +522,31 @@ def task_forward(
       `(logits [L, ways], aux)` with `attention [L, N]`, `rep_loss`, norms and entropy
       (`[L, output_units]` logits with `label_units="any"`, see `episode_logits`).
     """
-    b, u = nets.learners(config, networks)
+    _, u = nets.learners(config, networks)
     query_path(config)  # a path the library lacks fails here, before any work
-    dtype = _DTYPES[config.compute_dtype]
-    out_dtype = jnp.promote_types(dtype, jnp.float32)  # bfloat16 compute, float32 results
-    stop = (lambda t: t) if config.second_order else lax.stop_gradient
-    base, rep = params["base"], params["representation"]
-    xs = support.x.astype(dtype)
+    dtype, out_dtype = _dtypes(config)
+    support = Episode(support.x.astype(dtype), support.y)
     xq = query_x.astype(dtype)
-    n = xs.shape[0]
 
     # 1-2. task level: Q* = d(G, chunk gradients of the representation loss).
-    rep_grads, rep_losses = representation_meta_info(
-        rep, Episode(xs, support.y), config, key, networks=networks
-    )
-    q_star = None
-    if config.has_task_fast_weights:
-        q_star = generators.task_fast_weights(
-            params["task_generator"]["representation"], stop(rep_grads), config.grad_p, out_dtype
-        )  # fmt: skip
-
-    # 5-6. keys for the support set (memory) and the queries: one pass through u, or (the
-    # authors' BatchNorm statistics) one pass for each set, each normalised by itself.
-    if support_statistics(config, u):
-        r_support = u.apply(rep, xs, fast=q_star).astype(out_dtype)
-        r_query = u.apply(rep, xq, fast=q_star).astype(out_dtype)
-    else:
-        r_all = u.apply(rep, jnp.concatenate([xs, xq]), fast=q_star)
-        r_all = r_all.astype(out_dtype)
-        r_support, r_query = r_all[:n], r_all[n:]
+    q_star, rep_losses = _task_level(params, support, config, key, networks)
+    # 5-6. keys for the support set (memory) and the queries.
+    r_support, r_query = _keys(params["representation"], q_star, support.x, xq, config, u)
     if config.base_input == "x":
-        b_support, b_query = xs, xq
+        b_support, b_query = support.x, xq
     else:
         b_support, b_query = r_support.astype(dtype), r_query.astype(dtype)
-
     # 3-4. example level: W*_i = m(Z, per-example gradients of b's loss).
-    base_grads = base_meta_info(base, b_support, support.y, config, networks=networks)
-    values = generators.example_fast_weights(
-        params["example_generator"], stop(base_grads), config.grad_p, out_dtype
-    )
-    task_fast = None
-    if config.variant == "metanet+":
-        chunk_grads = base_task_meta_info(base, b_support, support.y, config, networks=networks)
-        task_fast = generators.task_fast_weights(
-            params["task_generator"]["base"], stop(chunk_grads), config.grad_p, out_dtype
-        )
-
+    values, task_fast = _example_level(params, b_support, support.y, config, networks)
     # 5, 7. memory write and attention read.
     values, mem_keys = memory.write(values, r_support)
     attention = memory.cosine_attention(r_query, mem_keys)
-
     # 8. augmented forward of b on the queries.
     logits = base_learner_queries(
-        base, values, attention, b_query, config, task_fast, networks=networks
+        params["base"], values, attention, b_query, config, task_fast, networks=networks
     )
     logits = episode_logits(logits, config, support.y).astype(out_dtype)
-    entropy = -jnp.sum(attention * jnp.log(attention + 1e-12), axis=-1).mean()
-    aux = {
-        "attention": attention,
-        "rep_loss": jnp.sum(rep_losses),
-        "attention_entropy": entropy,
-        "example_fast_weight_norm": _tree_norm(values) / np.sqrt(n),
-        "task_fast_weight_norm": _tree_norm(q_star),
-    }
-    return logits, aux
+    return logits, _diagnostics(attention, rep_losses, values, q_star)
 
 
 def task_loss(
