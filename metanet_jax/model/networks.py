@@ -281,21 +281,12 @@ class Learner:
     out_shape: tuple[int, ...]
     extra: tuple[str, ...] = ()
 
-    def apply(
-        self,
-        params: Params,
-        x: Array,
-        *,
-        fast: FastWeights | None = None,
-        task_fast: FastWeights | None = None,
-        memory: FastWeights | None = None,
-        mix: Array | None = None,
-    ) -> Array:
-        """The network on `x` `[n, *in_shape]` with optional fast weights (see
-        `layers.fast_collection` for the forms); the memory mode and BatchNorm axis come from
-        `layers.options`."""
+    def apply(self, params: Params, x: Array, **fast_weights: FastWeights | Array) -> Array:
+        """The network on `x` `[n, *in_shape]` with optional fast weights, given by name as
+        `layers.fast_collection` takes them (`fast`, `task_fast`, `memory`, `mix`); the memory
+        mode and BatchNorm axis come from `layers.options`."""
         variables = {"params": {k: v for k, v in params.items() if k not in self.extra}}
-        collection = layers.fast_collection(fast, task_fast, memory, mix)
+        collection = layers.fast_collection(**fast_weights)
         if collection:
             variables[layers.FAST] = collection
         return self.module.apply(variables, x)
