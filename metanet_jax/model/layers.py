@@ -261,6 +261,19 @@ def augmented_layer(
     Returns:
       `[n, H, W, F]` or `[n, ..., F]`.
     """
+    _check_layer_args(kind, fast_kernel, per_example_kernel, memory, mix, memory_mode)
+    paths = _paths(
+        kind, h, slow_kernel, (fast_kernel, task_kernel), per_example_kernel, memory, mix,
+        memory_mode,
+    )  # fmt: skip
+    if normalize is not None:
+        paths[0] = normalize(paths[0])
+    if relu:
+        paths = [jax.nn.relu(p) for p in paths]
+    return sum(paths[1:], start=paths[0])
+
+
+def _check_layer_args(kind, fast_kernel, per_example_kernel, memory, mix, memory_mode) -> None:
     if (memory is None) != (mix is None):
         raise ValueError("memory and mix go together")
     if sum(k is not None for k in (fast_kernel, per_example_kernel, memory)) > 1:
@@ -269,20 +282,34 @@ def augmented_layer(
         raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
     if kind not in ("conv", "dense"):
         raise ValueError(f"kind must be 'conv' or 'dense', got {kind!r}")
+
+
+def _paths(kind, h, slow_kernel, shared, per_example_kernel, memory, mix, memory_mode):
+    """Every path of an augmented layer before its activation, the slow path first.
+
+    The kernels shared by all examples (`shared`: the fast and task kernels given) and, in
+    "stacked" mode, the memory run in one conv / matmul with the slow kernel
+    (`_concatenated_paths`); a per-example kernel, or a memory read in "patches" mode, is a
+    path of its own, last.
+    """
     separate = None  # a fast path computed apart from the shared conv / matmul
     if per_example_kernel is not None:
         separate = _per_example(h, per_example_kernel, kind)
     elif memory is not None and kind == "conv" and memory_mode == "patches":
         separate = per_example_conv2d(h, memory, mix)
         memory = mix = None  # read: the shared conv below carries the other kernels only
+    paths = _concatenated_paths(kind, h, slow_kernel, shared, memory, mix)
+    return paths if separate is None else paths + [separate]
+
+
+def _concatenated_paths(kind, h, slow_kernel, shared, memory, mix) -> list[Array]:
+    """The slow path, one path per kernel of `shared` that is not `None` and the memory read
+    (`mix` of the S memory paths), from one conv / matmul: all kernels concatenated along the
+    output channels."""
     features = slow_kernel.shape[-1]
-    kernels = [slow_kernel]
-    for extra in (fast_kernel, task_kernel):
-        if extra is not None:
-            kernels.append(extra.astype(slow_kernel.dtype))
+    kernels = [slow_kernel] + [k.astype(slow_kernel.dtype) for k in shared if k is not None]
     if memory is not None:
         # [S, *k, F] -> [*k, S*F]: the S memory kernels stacked along the output channels.
-        slots = memory.shape[0]
         stacked_kernel = jnp.moveaxis(memory, 0, -2).reshape(memory.shape[1:-1] + (-1,))
         kernels.append(stacked_kernel.astype(slow_kernel.dtype))
     kernel = kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=-1)
@@ -291,19 +318,9 @@ def augmented_layer(
     paths = [out[..., i * features : (i + 1) * features] for i in range(n_plain)]
     if memory is not None:
         stacked = out[..., n_plain * features :]
-        stacked = stacked.reshape(stacked.shape[:-1] + (slots, features))
-        mixed = jnp.einsum("n...sf,ns->n...f", stacked, mix.astype(stacked.dtype))
-        paths.append(mixed)
-    if separate is not None:
-        paths.append(separate)
-    if normalize is not None:
-        paths[0] = normalize(paths[0])
-    if relu:
-        paths = [jax.nn.relu(p) for p in paths]
-    result = paths[0]
-    for p in paths[1:]:
-        result = result + p
-    return result
+        stacked = stacked.reshape(stacked.shape[:-1] + (memory.shape[0], features))
+        paths.append(jnp.einsum("n...sf,ns->n...f", stacked, mix.astype(stacked.dtype)))
+    return paths
 
 
 # ----------------------------------------------------------------------------- Flax modules
@@ -335,10 +352,31 @@ class BatchNorm(nn.Module):
         return batch_norm(h, scale, offset, current_options().bn_axis_name, self.eps)
 
 
+class _ConvShape(nn.Module):
+    """`AugmentedConv`'s fields before the shared options (see `_Augmented`)."""
+
+    features: int
+    kernel_size: Sequence[int] = (3, 3)
+
+
+class _DenseShape(nn.Module):
+    """`AugmentedDense`'s field before the shared options (see `_Augmented`)."""
+
+    features: int
+
+
 class _Augmented(nn.Module):
-    """The shared part of `AugmentedConv` and `AugmentedDense` (see their docstrings); the
-    fields are declared in each, so that `AugmentedConv(32, (3, 3))` reads as Flax's `Conv`
-    (a dataclass field keeps the position where a base class first declared it)."""
+    """The shared part of `AugmentedConv` and `AugmentedDense` (see their docstrings): the
+    options and the layer. Each names its shape fields in a second base class, after this one
+    (`AugmentedConv(_Augmented, _ConvShape)`): dataclass fields follow the reversed method
+    resolution order, so the shape fields come first and `AugmentedConv(32, (3, 3))` reads as
+    Flax's `Conv`."""
+
+    linear: bool = False
+    batchnorm: bool = False
+    norm: nn.Module | None = None
+    augmented: bool = True
+    kernel_init: Initializer | None = None
 
     def _run(self, kind: str, h: Array, kernel_shape: tuple[int, ...]) -> Array:
         if self.batchnorm and self.norm is not None:
@@ -406,7 +444,7 @@ class _Augmented(nn.Module):
         return "/".join(self.scope.path) if self.scope is not None else type(self).__name__
 
 
-class AugmentedConv(_Augmented):
+class AugmentedConv(_Augmented, _ConvShape):
     """An augmented convolution (stride 1, 'SAME' padding, no bias; paper, section 3.3).
 
     `relu(BN?(conv(h, W))) + relu(conv(h, W*))` (`+ relu(conv(h, W+))` with a task kernel),
@@ -428,14 +466,6 @@ class AugmentedConv(_Augmented):
         ReLU, LeCun-normal for a linear layer.
     """
 
-    features: int
-    kernel_size: Sequence[int] = (3, 3)
-    linear: bool = False
-    batchnorm: bool = False
-    norm: nn.Module | None = None
-    augmented: bool = True
-    kernel_init: Initializer | None = None
-
     @nn.compact
     def __call__(self, h: Array) -> Array:
         """`[n, H, W, C] -> [n, H, W, F]`."""
@@ -450,7 +480,7 @@ class AugmentedConv(_Augmented):
         return self._run("conv", h, tuple(int(s) for s in shape))
 
 
-class AugmentedDense(_Augmented):
+class AugmentedDense(_Augmented, _DenseShape):
     """An augmented dense layer (no bias; paper, section 3.3): as `AugmentedConv` with a
     matmul over the last axis, `[n, ..., D] -> [n, ..., F]`.
 
@@ -458,13 +488,6 @@ class AugmentedDense(_Augmented):
       features: output units F.
       linear, batchnorm, norm, augmented, kernel_init: see `AugmentedConv`.
     """
-
-    features: int
-    linear: bool = False
-    batchnorm: bool = False
-    norm: nn.Module | None = None
-    augmented: bool = True
-    kernel_init: Initializer | None = None
 
     @nn.compact
     def __call__(self, h: Array) -> Array:
