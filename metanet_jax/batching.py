@@ -248,24 +248,40 @@ class ValidatedFunction:
         return getattr(self._fn, name)
 
 
+def make_entry_point(
+    config: MetaNetConfig, batched, loop, *, query_labels: bool, validate: bool, donate=False
+) -> ValidatedFunction:
+    """A `make_*` entry point, batched by `config.resolved_task_batching()`.
+
+    Args:
+      config: static configuration.
+      batched: the entry point as one function of its arguments, jitted for "vmap".
+      loop: `(per_task, finish, split)`, its `TaskLoop` for "loop".
+      query_labels, validate: see `ValidatedFunction`.
+      donate: donate the first argument (the train state).
+    """
+    if config.resolved_task_batching() == "loop":
+        fn = TaskLoop(*loop, donate=donate)
+    else:
+        fn = jax.jit(batched, donate_argnums=(0,) if donate else ())
+    return ValidatedFunction(fn, config, query_labels=query_labels, validate=validate)
+
+
 def make_episode_loss(
     config: MetaNetConfig, *, networks=None, validate: bool = True
 ) -> ValidatedFunction:
     """`episode_loss(params, support, query[, key]) -> (loss, aux)`, jitted (config static),
     batched by `config.resolved_task_batching()`."""
-    if config.resolved_task_batching() == "loop":
-        fn = TaskLoop(
-            per_task_loss(config, networks),
-            lambda shared, outs: mean_task_loss(*outs),
-            lambda params, support, query, key=None: ((params, key), (support, query)),
-        )
-    else:
 
-        def fn(params, support, query, key=None):
-            return episode_loss(params, support, query, config, key, networks=networks)
+    def batched(params, support, query, key=None):
+        return episode_loss(params, support, query, config, key, networks=networks)
 
-        fn = jax.jit(fn)
-    return ValidatedFunction(fn, config, query_labels=True, validate=validate)
+    loop = (
+        per_task_loss(config, networks),
+        lambda shared, outs: mean_task_loss(*outs),
+        lambda params, support, query, key=None: ((params, key), (support, query)),
+    )
+    return make_entry_point(config, batched, loop, query_labels=True, validate=validate)
 
 
 def make_predict(
@@ -273,12 +289,10 @@ def make_predict(
 ) -> ValidatedFunction:
     """`predict(params, support, query_x) -> logits [B, L, ways]`, jitted (config static),
     batched by `config.resolved_task_batching()`."""
-    if config.resolved_task_batching() == "loop":
-        fn = TaskLoop(
-            per_task_logits(config, networks),
-            lambda params, logits: logits,
-            lambda params, support, query_x: (params, (support, query_x)),
-        )
-    else:
-        fn = jax.jit(functools.partial(predict, config=config, networks=networks))
-    return ValidatedFunction(fn, config, query_labels=False, validate=validate)
+    batched = functools.partial(predict, config=config, networks=networks)
+    loop = (
+        per_task_logits(config, networks),
+        lambda params, logits: logits,
+        lambda params, support, query_x: (params, (support, query_x)),
+    )
+    return make_entry_point(config, batched, loop, query_labels=False, validate=validate)

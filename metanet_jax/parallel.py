@@ -390,10 +390,9 @@ def _local_train_step(state, support, query, *, config, optimizer, networks, axi
     replicated. Task `i` of device `d` is global task `d * b + i` and gets the key
     `fold_in(fold_in(state.key, state.step), d * b + i)`, as in `training.train_step`.
     """
-    key = jax.random.fold_in(state.key, state.step)
     first = lax.axis_index(axis) * support.x.shape[0]
     loss, aux, grads = training.loss_and_grads(
-        state.params, support, query, config, key, networks=networks, first_task=first
+        state, support, query, config, networks=networks, first_task=first
     )
     return training.apply_gradients(state, grads, loss, aux, optimizer, axis_name=axis)
 

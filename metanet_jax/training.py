@@ -95,19 +95,23 @@ def init_train_state(
 
 
 def loss_and_grads(
-    params: Params,
+    state: TrainState,
     support: Episode,
     query: Episode,
     config: MetaNetConfig,
-    key: PRNGKey | None = None,
     *,
     networks=None,
     first_task: int | Array = 0,
 ) -> tuple[Array, dict[str, Array], Params]:
-    """Mean task loss, per-task aux (`[B]` leaves) and the gradient of the mean w.r.t. theta
-    (`batching.episode_loss`: the tasks `vmap`ped, one gradient of the mean)."""
+    """The mean task loss of a step, per-task aux (`[B]` leaves) and the gradient of the mean
+    w.r.t. theta (`batching.episode_loss`: the tasks `vmap`ped, one gradient of the mean).
+
+    Step t's key is `fold_in(state.key, t)`; task i of the batch (global index
+    `first_task + i`) uses `fold_in` of it with its index.
+    """
+    key = jax.random.fold_in(state.key, state.step)
     (loss, aux), grads = jax.value_and_grad(batching.episode_loss, has_aux=True)(
-        params, support, query, config, key, networks=networks, first_task=first_task
+        state.params, support, query, config, key, networks=networks, first_task=first_task
     )
     return loss, aux, grads
 
@@ -136,8 +140,7 @@ def train_step(
       group W/Q/Z/G, fast-weight norms, attention entropy). Task i uses the key
       `fold_in(fold_in(state.key, state.step), i)`.
     """
-    key = jax.random.fold_in(state.key, state.step)
-    loss, aux, grads = loss_and_grads(state.params, support, query, config, key, networks=networks)
+    loss, aux, grads = loss_and_grads(state, support, query, config, networks=networks)
     return apply_gradients(state, grads, loss, aux, optimizer)
 
 
@@ -213,24 +216,21 @@ def make_train_step(
     program per task and one compiled update that averages the stacked gradients and
     donates the state (`batching.TaskLoop`). Same mathematics and keys in both.
     """
-    if config.resolved_task_batching() == "loop":
 
-        def finish(state, outs):
-            losses, aux, grads = outs
-            grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-            loss, aux = batching.mean_task_loss(losses, aux)
-            return apply_gradients(state, grads, loss, aux, optimizer)
+    def finish(state, outs):
+        losses, aux, grads = outs
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        loss, aux = batching.mean_task_loss(losses, aux)
+        return apply_gradients(state, grads, loss, aux, optimizer)
 
-        fn = batching.TaskLoop(
-            per_task_grads(config, networks),
-            finish,
-            lambda state, support, query: (state, (support, query)),
-            donate=True,
-        )
-    else:
+    def batched(state, support, query):
+        return train_step(state, support, query, config, optimizer, networks=networks)
 
-        def step(state, support, query):
-            return train_step(state, support, query, config, optimizer, networks=networks)
-
-        fn = jax.jit(step, donate_argnums=0)
-    return batching.ValidatedFunction(fn, config, query_labels=True, validate=validate)
+    loop = (
+        per_task_grads(config, networks),
+        finish,
+        lambda state, support, query: (state, (support, query)),
+    )
+    return batching.make_entry_point(
+        config, batched, loop, query_labels=True, validate=validate, donate=True
+    )
