@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -59,6 +59,11 @@ class ClassImages(NamedTuple):
     def load(cls, path: Path) -> ClassImages:
         with np.load(path, allow_pickle=False) as f:
             return cls(**{k: f[k] for k in cls._fields})
+
+
+def cache_path(root: Path, name: str) -> Path:
+    """The cache file of a prepared data set: `<root>/cache/<name>_v<CACHE_VERSION>.npz`."""
+    return root / "cache" / f"{name}_v{CACHE_VERSION}.npz"
 
 
 def data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -294,6 +299,40 @@ def quiet_tfds(tfds) -> Iterator[None]:
         for lg in loggers:
             lg.removeFilter(drop)
         tfds.display_progress_bar(was_active)
+
+
+@contextlib.contextmanager
+def prepared_builder(
+    root: Path, folder: Path | None, builder_name: str, config: str | None = None
+) -> Iterator[tuple[Any, Any]]:
+    """A TFDS builder downloaded and prepared under `root`: yields `(tfds, builder)`.
+
+    TFDS's folder is `root/tfds`, its downloads and extractions go to
+    `root/downloads/<builder_name>` (one folder per builder: TFDS names extractions by file
+    name, and the original and rebuilt Omniglot zips share file names). The preparation and
+    the body (reading the data, writing the cache under `root/cache`) run quietly
+    (`quiet_tfds`) and inside one `cleanup_on_error`, so that a failure anywhere leaves
+    nothing half-written behind.
+
+    Args:
+      root: the data folder (`data_dir`).
+      folder: local archives (TFDS's `manual_dir`), or `None` for TFDS's download.
+      builder_name: the registered builder.
+      config: the builder's config, or `None`.
+    """
+    tfds = import_tfds()
+    tfds_dir, downloads = root / "tfds", root / "downloads" / builder_name
+    watched = (tfds_dir, tfds_dir / builder_name, downloads.parent, downloads, root / "cache")
+    with cleanup_on_error(root, *watched), quiet_tfds(tfds):
+        name = builder_name if config is None else f"{builder_name}/{config}"
+        builder = tfds.builder(name, data_dir=os.fspath(tfds_dir))
+        download_config = tfds.download.DownloadConfig(
+            manual_dir=None if folder is None else os.fspath(folder), try_download_gcs=False
+        )
+        builder.download_and_prepare(
+            download_dir=os.fspath(downloads), download_config=download_config
+        )
+        yield tfds, builder
 
 
 class PreparationProgress:

@@ -8,14 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from metanet_jax.data._common import (
-    CACHE_VERSION,
     ClassImages,
     PreparationProgress,
-    cleanup_on_error,
-    import_tfds,
+    cache_path,
     local_folder,
     preparation_lock,
-    quiet_tfds,
+    prepared_builder,
     require_files,
     sha256,
 )
@@ -44,10 +42,6 @@ _HOW = (
     "downloads), or unset METANET_DATASETS and pass no manual_dir to let TFDS download them."
 )
 SPLITS = ("train", "test")
-
-
-def _cache_path(root: Path, split: str) -> Path:
-    return root / "cache" / f"mnist_{split}_v{CACHE_VERSION}.npz"
 
 
 def _group(images: np.ndarray, labels: np.ndarray) -> ClassImages:
@@ -89,7 +83,7 @@ def load_mnist(
       ValueError: a local file whose sha256 is not MNIST's.
     """
     root = _data_dir(data_dir)
-    paths = {s: _cache_path(root, s) for s in SPLITS}
+    paths = {s: cache_path(root, f"mnist_{s}") for s in SPLITS}
     if all(p.is_file() for p in paths.values()):
         return {s: ClassImages.load(p) for s, p in paths.items()}
     folder = local_folder(manual_dir, "mnist")
@@ -112,20 +106,8 @@ def _prepare(folder: Path | None, root: Path, paths: dict[str, Path]) -> dict[st
     progress = PreparationProgress("MNIST", stages=1 + len(SPLITS))
     source = "TFDS's download" if folder is None else folder
     progress.stage(f"preparing from {source} with TFDS (once; later runs read the cache)")
-    tfds = import_tfds()
-    tfds_dir, downloads = root / "tfds", root / "downloads" / "mnist"
     out = {}
-    with (
-        cleanup_on_error(
-            root, tfds_dir, tfds_dir / "mnist", downloads.parent, downloads, root / "cache"
-        ),
-        quiet_tfds(tfds),
-    ):
-        builder = tfds.builder("mnist", data_dir=os.fspath(tfds_dir))
-        config = tfds.download.DownloadConfig(
-            manual_dir=None if folder is None else os.fspath(folder), try_download_gcs=False
-        )
-        builder.download_and_prepare(download_dir=os.fspath(downloads), download_config=config)
+    with prepared_builder(root, folder, "mnist") as (tfds, builder):
         for split in SPLITS:
             progress.stage(f"grouping the {split} split by digit")
             ds = builder.as_dataset(split=split, shuffle_files=False, batch_size=-1)

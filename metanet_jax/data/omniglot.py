@@ -9,14 +9,13 @@ from pathlib import Path
 import numpy as np
 
 from metanet_jax.data._common import (
-    CACHE_VERSION,
     ClassImages,
     PreparationProgress,
-    cleanup_on_error,
+    cache_path,
     import_tfds,
     local_folder,
     preparation_lock,
-    quiet_tfds,
+    prepared_builder,
     require_files,
     sha256,
     strokes_to_ink,
@@ -69,7 +68,7 @@ def _parts_for(scheme: str, validation_classes: int) -> tuple[str, ...]:
 
 
 def _cache_path(root: Path, part: str) -> Path:
-    return root / "cache" / f"omniglot_{part}_v{CACHE_VERSION}.npz"
+    return cache_path(root, f"omniglot_{part}")
 
 
 def _builder_name(folder: Path | None, part: str) -> str:
@@ -94,20 +93,10 @@ def _prepare_part(part: str, folder: Path | None, builder_name: str, root: Path)
     progress = PreparationProgress(f"Omniglot {part!r}", stages=3)
     source = "TFDS's download" if folder is None else folder / ZIP_NAMES[part]
     progress.stage(f"preparing from {source} with TFDS (once; later runs read the cache)")
-    tfds = import_tfds()
+    import_tfds()  # before the builders' module imports TFDS (TensorFlow's log level)
     from metanet_jax.data import _tfds_builders  # noqa: F401  (registers the builders)
 
-    # One download/extract folder per builder: TFDS names extractions by file name, and the
-    # original and rebuilt zips share file names.
-    tfds_dir, downloads = root / "tfds", root / "downloads" / builder_name
-    watched = (tfds_dir, tfds_dir / builder_name, downloads.parent, downloads, root / "cache")
-    with cleanup_on_error(root, *watched), quiet_tfds(tfds):
-        builder = tfds.builder(f"{builder_name}/{part}", data_dir=os.fspath(tfds_dir))
-        config = tfds.download.DownloadConfig(
-            manual_dir=None if folder is None else os.fspath(folder),
-            try_download_gcs=False,
-        )
-        builder.download_and_prepare(download_dir=os.fspath(downloads), download_config=config)
+    with prepared_builder(root, folder, builder_name, part) as (tfds, builder):
         progress.stage("reading the drawings, resizing them to 28x28")
         ds = builder.as_dataset(split=builder.builder_config.split, shuffle_files=False)
         grey, labels, alphabets, char_ids = [], [], [], []
