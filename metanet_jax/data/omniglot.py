@@ -263,46 +263,61 @@ def load_omniglot(
       `{"train", "validation", "test"}: ClassImages`, images `[classes, 20, 28, 28, 1]` uint8.
       No character is in two splits.
     """
-    if split_scheme not in SPLIT_SCHEMES:
-        raise ValueError(f"Unknown split scheme {split_scheme!r}; expected one of {SPLIT_SCHEMES}.")
+    v, a = _check_split_args(split_scheme, validation_classes, validation_alphabets)
+    parts = load_omniglot_parts(
+        _parts_for(split_scheme, max(v, a)), manual_dir=manual_dir, data_dir=data_dir
+    )
+    rng = np.random.default_rng(seed)
+    carve = (lambda pool: _carve_alphabets(pool, a, rng)) if a else (lambda p: _carve(p, v, rng))
+    if split_scheme == "previous":
+        train, val, test = _previous_split(parts, v, rng)
+    elif split_scheme == "standard":
+        (train, val), test = carve(parts["background"]), parts["evaluation"]
+    else:
+        train, val = _small_split(parts, split_scheme, carve if v or a else None)
+        test = parts["evaluation"]
+    return {"train": train, "validation": val, "test": test}
+
+
+def _check_split_args(scheme: str, validation_classes: int, validation_alphabets: int):
+    """`(V, A)` as ints, after checking them and the scheme (`load_omniglot`)."""
+    if scheme not in SPLIT_SCHEMES:
+        raise ValueError(f"Unknown split scheme {scheme!r}; expected one of {SPLIT_SCHEMES}.")
     v = int(validation_classes)
     if v < 0:
         raise ValueError(f"validation_classes must be >= 0, got {v}.")
     a = int(validation_alphabets)
     if a < 0:
         raise ValueError(f"validation_alphabets must be >= 0, got {a}.")
-    if a and split_scheme == "previous":
+    if a and scheme == "previous":
         raise ValueError(
             "validation_alphabets needs a scheme whose test set is whole alphabets (standard, "
             "small1, small2, small); the previous split mixes alphabets: use validation_classes"
         )
-    parts = load_omniglot_parts(
-        _parts_for(split_scheme, max(v, a)), manual_dir=manual_dir, data_dir=data_dir
-    )
-    rng = np.random.default_rng(seed)
-    test = parts["evaluation"]
-    carve = (lambda pool: _carve_alphabets(pool, a, rng)) if a else (lambda p: _carve(p, v, rng))
-    if split_scheme == "standard":
-        train, val = carve(parts["background"])
-    elif split_scheme == "previous":
-        every = _concat(parts["background"], test)
-        every = every.select(np.argsort(every.class_ids, kind="stable"))
-        perm = rng.permutation(every.num_classes)
-        if not 0 <= v < PREVIOUS_TRAIN_CLASSES:
-            raise ValueError(f"validation_classes={v} must be in [0, {PREVIOUS_TRAIN_CLASSES}).")
-        test = every.select(np.sort(perm[PREVIOUS_TRAIN_CLASSES:]))
-        val = every.select(np.sort(perm[:v]))
-        train = every.select(np.sort(perm[v:PREVIOUS_TRAIN_CLASSES]))
-    else:
-        smalls = [
-            parts[p] for p in (("small1", "small2") if split_scheme == "small" else (split_scheme,))
-        ]
-        train = _concat(*smalls)
-        _, unique = np.unique(train.class_ids, return_index=True)  # first copy, id order
-        train = train.select(unique)
-        if v == 0 and a == 0:
-            val = _empty_like(train)
-        else:
-            bg = parts["background"]
-            _, val = carve(bg.select(~np.isin(bg.class_ids, train.class_ids)))
-    return {"train": train, "validation": val, "test": test}
+    return v, a
+
+
+def _previous_split(parts: dict[str, ClassImages], v: int, rng: np.random.Generator):
+    """`(train, validation, test)` of the previous split (Vinyals et al.; `load_omniglot`)."""
+    every = _concat(parts["background"], parts["evaluation"])
+    every = every.select(np.argsort(every.class_ids, kind="stable"))
+    perm = rng.permutation(every.num_classes)
+    if not 0 <= v < PREVIOUS_TRAIN_CLASSES:
+        raise ValueError(f"validation_classes={v} must be in [0, {PREVIOUS_TRAIN_CLASSES}).")
+    test = every.select(np.sort(perm[PREVIOUS_TRAIN_CLASSES:]))
+    val = every.select(np.sort(perm[:v]))
+    train = every.select(np.sort(perm[v:PREVIOUS_TRAIN_CLASSES]))
+    return train, val, test
+
+
+def _small_split(parts: dict[str, ClassImages], scheme: str, carve):
+    """`(train, validation)` of a small scheme: the subset(s), and what `carve` (or `None`:
+    nothing) holds out of the other background characters (`load_omniglot`)."""
+    smalls = [parts[p] for p in (("small1", "small2") if scheme == "small" else (scheme,))]
+    train = _concat(*smalls)
+    _, unique = np.unique(train.class_ids, return_index=True)  # first copy, id order
+    train = train.select(unique)
+    if carve is None:
+        return train, _empty_like(train)
+    bg = parts["background"]
+    return train, carve(bg.select(~np.isin(bg.class_ids, train.class_ids)))[1]
