@@ -339,47 +339,21 @@ def sample_process_episodes(
     own tasks only (`process_task_indices`). `images` is this process's copy of the class
     array.
     """
-    from metanet_jax import data
+    from metanet_jax.data import sampler
 
     rows = process_task_indices(meta_batch, mesh)
     kwargs = dict(rotate=rotate, rotations_as_classes=rotations_as_classes)
     if len(rows) == meta_batch:  # one process: the batch sampler itself
-        episodes = data.sample_episodes(
+        episodes = sampler.sample_episodes(
             key, images, ways, shots, queries_per_class, meta_batch,
             permutations=permutations, **kwargs,
         )  # fmt: skip
     else:
-        episodes = _sample_rows(
+        episodes = sampler.sample_rows(
             key, images, jnp.asarray(rows, jnp.int32), ways, shots, queries_per_class,
             meta_batch, permutations=permutations, **kwargs,
         )  # fmt: skip
     return shard_episodes(episodes, mesh, meta_batch)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "ways", "shots", "queries_per_class", "meta_batch", "rotate", "rotations_as_classes"
-    ),
-)  # fmt: skip
-def _sample_rows(
-    key, images, rows, ways, shots, queries_per_class, meta_batch, *, rotate,
-    rotations_as_classes, permutations,
-):  # fmt: skip
-    """Rows `rows` of `data.sample_episodes(key, images, ..., meta_batch)` (same indices,
-    gathered for those rows only)."""
-    from metanet_jax.data import sampler
-
-    c, d = images.shape[:2]
-    num_perms = 1 if permutations is None else int(permutations.shape[0])
-    indices = sampler.sample_episode_indices(
-        key, c, d, ways, shots, queries_per_class, meta_batch, rotate=rotate,
-        rotations_as_classes=rotations_as_classes, num_permutations=num_perms,
-    )  # fmt: skip
-    indices = jax.tree.map(lambda a: a[rows], indices)
-    return sampler.gather_episodes(
-        images, indices, shots, permutations, rotate=rotate or rotations_as_classes
-    )
 
 
 # ----------------------------------------------------------------------------- train step

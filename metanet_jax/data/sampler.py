@@ -198,17 +198,35 @@ def gather_episodes(
     return episode(rows[:, :, :shots]), episode(rows[:, :, shots:])
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "ways",
-        "shots",
-        "queries_per_class",
-        "batch_size",
-        "rotate",
-        "rotations_as_classes",
-    ),
-)
+# The arguments that fix an episode batch's shapes: static under `jax.jit`.
+_SIZES = ("ways", "shots", "queries_per_class", "batch_size", "rotate", "rotations_as_classes")
+
+
+def _sample_rows(
+    key, images, rows, ways, shots, queries_per_class, batch_size, *, rotate,
+    rotations_as_classes, permutations,
+):  # fmt: skip
+    """Episodes `rows` (`[R]` int, or `None`: all) of the batch `sample_episodes(key, images,
+    ..., batch_size)`: the classes, examples and rotations of the whole batch are drawn (cheap
+    index work), the images of those rows only are gathered."""
+    c, d = images.shape[:2]
+    num_perms = 1 if permutations is None else int(permutations.shape[0])
+    indices = sample_episode_indices(
+        key, c, d, ways, shots, queries_per_class, batch_size, rotate=rotate,
+        rotations_as_classes=rotations_as_classes, num_permutations=num_perms,
+    )  # fmt: skip
+    if rows is not None:
+        indices = jax.tree.map(lambda a: a[rows], indices)
+    return gather_episodes(
+        images, indices, shots, permutations, rotate=rotate or rotations_as_classes
+    )
+
+
+# `_sample_rows` jitted: a process's own tasks of a batch (`parallel.sample_process_episodes`).
+sample_rows = jax.jit(_sample_rows, static_argnames=_SIZES)
+
+
+@functools.partial(jax.jit, static_argnames=_SIZES)
 def sample_episodes(
     key: jax.Array,
     images: jax.Array,
@@ -247,25 +265,13 @@ def sample_episodes(
       ValueError: `ways` above the available classes, `shots + queries_per_class` above the
         examples per class, or non-positive sizes.
     """
-    c, d, h, w, _ = images.shape
+    h, w = images.shape[2:4]
     if (rotate or rotations_as_classes) and h != w:
         raise ValueError(f"Rotations need square images, got {h}x{w}; pass rotate=False.")
-    num_perms = 1 if permutations is None else int(permutations.shape[0])
-    indices = sample_episode_indices(
-        key,
-        c,
-        d,
-        ways,
-        shots,
-        queries_per_class,
-        batch_size,
-        rotate=rotate,
-        rotations_as_classes=rotations_as_classes,
-        num_permutations=num_perms,
-    )
-    return gather_episodes(
-        images, indices, shots, permutations, rotate=rotate or rotations_as_classes
-    )
+    return _sample_rows(
+        key, images, None, ways, shots, queries_per_class, batch_size, rotate=rotate,
+        rotations_as_classes=rotations_as_classes, permutations=permutations,
+    )  # fmt: skip
 
 
 def pixel_permutations(
