@@ -394,12 +394,21 @@ class Checkpointer:
             cause = f"{type(e).__name__}: {_first_line(e)}"
             raise self._corrupt(step, "unreadable", cause) from e
         tree = restored["state"]
+        self._verify_arrays(step, meta, tree, warn)
+        state = tree_to_state(tree, like)
+        if int(state.step) != step:
+            raise self._corrupt(step, "step", f"{path} holds step {int(state.step)}")
+        return state, meta
+
+    def _verify_arrays(self, step: int, meta: dict[str, Any], tree, warn) -> None:
+        """Raises `CorruptCheckpoint` when the restored arrays differ from the digests the
+        checkpoint recorded at save; one `warn` (per step) when it recorded none."""
         integrity = meta.get(INTEGRITY)
         if integrity is None and step not in self._unverified:
             self._unverified.add(step)
             warn(
-                f"checkpoint {path} has no integrity digests (written by an earlier version): "
-                "loaded without verifying its contents"
+                f"checkpoint {self.step_path(step)} has no integrity digests (written by an "
+                "earlier version): loaded without verifying its contents"
             )
         elif integrity is not None:
             saved, now = integrity["arrays"], tree_digests(tree)
@@ -412,10 +421,6 @@ class Checkpointer:
                     f"the arrays {', '.join(bad[:3])}{more} differ from the digests recorded "
                     "at save",
                 )
-        state = tree_to_state(tree, like)
-        if int(state.step) != step:
-            raise self._corrupt(step, "step", f"{path} holds step {int(state.step)}")
-        return state, meta
 
     def restore_latest(
         self,

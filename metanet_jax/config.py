@@ -166,6 +166,17 @@ class MetaNetConfig:
     bn_statistics: Literal["authors", "per_pass"] = "authors"
 
     def __post_init__(self):
+        """Checks every field (a `ValueError` naming the first bad one) and stores the
+        sequence fields as tuples."""
+        self._check_counts_and_choices()
+        self._check_sizes()
+        self._check_optimiser()
+        for name in ("augment_base", "augment_representation"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))
+
+    def _check_counts_and_choices(self) -> None:
         def positive(name):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -201,6 +212,9 @@ class MetaNetConfig:
                     f"MetaNetConfig.{name}={getattr(self, name)!r} is unknown; "
                     f"expected one of {allowed}"
                 )
+
+    def _check_sizes(self) -> None:
+        """The image shape (stored as a tuple), output units and network sizes."""
         shape = tuple(self.image_shape)
         if len(shape) != 3 or any((not isinstance(s, int)) or s <= 0 for s in shape):
             raise ValueError(f"MetaNetConfig.image_shape must be (H, W, C) > 0, got {shape!r}")
@@ -222,6 +236,8 @@ class MetaNetConfig:
             raise ValueError(f"architecture {self.architecture!r} needs num_conv_layers >= 1")
         if self.architecture != "mlp" and self.resolved("conv_channels") <= 0:
             raise ValueError(f"architecture {self.architecture!r} needs conv_channels >= 1")
+
+    def _check_optimiser(self) -> None:
         if self.grad_p <= 0 or self.clip_norm <= 0 or self.learning_rate <= 0:
             raise ValueError("grad_p, clip_norm and learning_rate must be positive")
         for name in ("warmup_steps", "schedule_steps"):
@@ -233,10 +249,6 @@ class MetaNetConfig:
                 f"lr_schedule='cosine' needs schedule_steps > warmup_steps, got "
                 f"schedule_steps={self.schedule_steps}, warmup_steps={self.warmup_steps}"
             )
-        for name in ("augment_base", "augment_representation"):
-            value = getattr(self, name)
-            if value is not None:
-                object.__setattr__(self, name, tuple(value))
 
     def resolved(self, name: str) -> int:
         """The value of a size field, with the architecture's default when it is `None`."""

@@ -113,6 +113,47 @@ def initialize_distributed(
     """
     if jax.distributed.is_initialized():
         return False
+    _check_process_args(coordinator_address, num_processes, process_id)
+    if num_processes == 1:
+        return False
+    explicit = coordinator_address is not None or num_processes is not None
+    cluster = None if explicit else _detected_cluster()
+    if not explicit and cluster is None:
+        return False
+    _start_runtime(
+        cluster,
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+        local_device_ids=local_device_ids,
+        initialization_timeout=initialization_timeout,
+    )
+    return True
+
+
+def _start_runtime(cluster: str | None, **kwargs) -> None:
+    """`jax.distributed.initialize(**kwargs)`, logged (with the cluster manager that was
+    detected, if any); a backend that already started fails with a hint."""
+    logging.info(
+        "jax.distributed.initialize(coordinator_address=%r, num_processes=%r, process_id=%r)%s",
+        kwargs["coordinator_address"],
+        kwargs["num_processes"],
+        kwargs["process_id"],
+        f" (auto-detected: {cluster})" if cluster else "",
+    )
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{e}\n(initialize_distributed must run before any JAX computation or device query "
+            "in this process)"
+        ) from e
+
+
+def _check_process_args(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
+    """Raises `ValueError` for inconsistent process arguments (`initialize_distributed`)."""
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"--num_processes must be >= 1, got {num_processes}")
     if process_id is not None:
@@ -120,33 +161,6 @@ def initialize_distributed(
             raise ValueError("--process_id needs --num_processes and --coordinator_address")
         if num_processes is not None and not 0 <= process_id < num_processes:
             raise ValueError(f"--process_id={process_id} is not in [0, {num_processes})")
-    if num_processes == 1:
-        return False
-    explicit = coordinator_address is not None or num_processes is not None
-    cluster = None if explicit else _detected_cluster()
-    if not explicit and cluster is None:
-        return False
-    logging.info(
-        "jax.distributed.initialize(coordinator_address=%r, num_processes=%r, process_id=%r)%s",
-        coordinator_address,
-        num_processes,
-        process_id,
-        f" (auto-detected: {cluster})" if cluster else "",
-    )
-    try:
-        jax.distributed.initialize(
-            coordinator_address=coordinator_address,
-            num_processes=num_processes,
-            process_id=process_id,
-            local_device_ids=local_device_ids,
-            initialization_timeout=initialization_timeout,
-        )
-    except RuntimeError as e:
-        raise RuntimeError(
-            f"{e}\n(initialize_distributed must run before any JAX computation or device query "
-            "in this process)"
-        ) from e
-    return True
 
 
 def is_primary() -> bool:

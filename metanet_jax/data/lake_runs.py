@@ -66,31 +66,31 @@ def load_lake_runs(folder: str | os.PathLike, *, size: int = 28) -> list[tuple[E
             "runNN/test/itemMM.png, runNN/class_labels.txt; the data is in "
             "https://github.com/brendenlake/omniglot, python/one-shot-classification)."
         )
-    out = []
-    for run in runs:
-        labels_file = run / "class_labels.txt"
-        train = sorted((run / "training").glob("*.png"))
-        if not labels_file.is_file() or not train:
-            raise FileNotFoundError(f"Lake runs: {run} needs class_labels.txt and training/*.png.")
-        label_of = {p.name: i for i, p in enumerate(train)}
-        pairs = []
-        for line_no, line in enumerate(labels_file.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != 2:
-                raise ValueError(f"{labels_file}:{line_no}: expected 2 paths, got {line!r}.")
-            item, cls = (Path(f) for f in fields)
-            if cls.name not in label_of:
-                raise FileNotFoundError(f"{labels_file}:{line_no}: no training image {cls.name}.")
-            pairs.append((run / "test" / item.name, label_of[cls.name]))
-        pairs.sort(key=lambda p: p[0].name)
-        missing = [str(p) for p, _ in pairs if not p.is_file()]
-        if missing or not pairs:
-            raise FileNotFoundError(f"Lake runs: missing test images in {run}: {missing}.")
-        support = Episode(_ink(train, size), np.arange(len(train), dtype=np.int32))
-        query = Episode(
-            _ink([p for p, _ in pairs], size), np.asarray([y for _, y in pairs], np.int32)
-        )
-        out.append((support, query))
-    return out
+    return [_read_run(run, size) for run in runs]
+
+
+def _read_run(run: Path, size: int) -> tuple[Episode, Episode]:
+    """One run's `(support, query)` (`load_lake_runs`)."""
+    labels_file = run / "class_labels.txt"
+    train = sorted((run / "training").glob("*.png"))
+    if not labels_file.is_file() or not train:
+        raise FileNotFoundError(f"Lake runs: {run} needs class_labels.txt and training/*.png.")
+    label_of = {p.name: i for i, p in enumerate(train)}
+    pairs = []
+    for line_no, line in enumerate(labels_file.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise ValueError(f"{labels_file}:{line_no}: expected 2 paths, got {line!r}.")
+        item, cls = (Path(f) for f in fields)
+        if cls.name not in label_of:
+            raise FileNotFoundError(f"{labels_file}:{line_no}: no training image {cls.name}.")
+        pairs.append((run / "test" / item.name, label_of[cls.name]))
+    pairs.sort(key=lambda p: p[0].name)
+    missing = [str(p) for p, _ in pairs if not p.is_file()]
+    if missing or not pairs:
+        raise FileNotFoundError(f"Lake runs: missing test images in {run}: {missing}.")
+    support = Episode(_ink(train, size), np.arange(len(train), dtype=np.int32))
+    query = Episode(_ink([p for p, _ in pairs], size), np.asarray([y for _, y in pairs], np.int32))
+    return support, query

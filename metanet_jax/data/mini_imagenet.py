@@ -169,6 +169,14 @@ def load_mini_imagenet(
             f"mini-ImageNet: {len(missing)} image(s) of {csv_path.name} missing in {images_dir}, "
             f"e.g. {missing[:3]}."
         )
+    result = _decode(rows, images_dir, size)
+    result.save(cache)
+    return result
+
+
+def _decode(rows: list[tuple[str, str]], images_dir: Path, size: int) -> ClassImages:
+    """The CSV rows' images as RGB `size` x `size` (PIL's BOX filter), classes in label order,
+    each truncated to the smallest class's count (`load_mini_imagenet`)."""
     from PIL import Image
 
     labels = sorted({label for _, label in rows})
@@ -182,12 +190,10 @@ def load_mini_imagenet(
         for i, f in enumerate(by_label[label][:n]):
             with Image.open(images_dir / f) as img:
                 out[c, i] = np.asarray(img.convert("RGB").resize((size, size), Image.BOX))
-    result = ClassImages(
+    return ClassImages(
         images=out,
         alphabets=np.asarray(["mini-imagenet"] * len(labels)),
         characters=np.asarray(labels),
         class_ids=np.arange(len(labels), dtype=np.int64),
         counts=counts,
     )
-    result.save(cache)
-    return result
