@@ -13,7 +13,11 @@ Each run is `python -m experiments.omniglot --flagfile=<base> <common> <run flag
 --workdir=<workdir_root>/<plan>/<run>` in a subprocess, one after another (the machine's
 cores go to one run at a time, so wall times compare). A run whose workdir already holds
 `results.json` is not run again, and an interrupted one resumes from its checkpoint (the
-program's own resume), so the plan can be restarted after a session ends. Choosing is done on
+program's own resume), so the plan can be restarted after a session ends. A plan's optional
+`"eval_ways": [20, ...]` also measures each finished run's best checkpoint on the run's fixed
+validation episodes at those ways (`experiments.evaluate --subset=validation`, written to the
+workdir as `eval_validation_<K>way.json`), for models meant to be tested on more ways than
+they train on. Choosing is done on
 validation only: the table records the best and the final validation accuracy (with their 95%
 CIs), the steps, the wall time and the episodes/s of every run, and the test accuracy only as
 a record. Output: `--out` (default `docs/ablations/<plan>.json`), rewritten after every run.
@@ -45,6 +49,9 @@ def load_plan(path: str | Path) -> dict:
     for key in ("name", "base_flagfile", "runs"):
         if key not in plan:
             raise ValueError(f"{path}: the plan has no {key!r}")
+    ways = plan.get("eval_ways", [])
+    if not (isinstance(ways, list) and all(isinstance(w, int) and w >= 2 for w in ways)):
+        raise ValueError(f"{path}: 'eval_ways' must be a list of integers >= 2, got {ways!r}")
     names = [r["name"] for r in plan["runs"]]
     if len(set(names)) != len(names):
         raise ValueError(f"{path}: run names repeat: {names}")
@@ -62,6 +69,22 @@ def run_command(plan: dict, run: dict, workdir: Path) -> list[str]:
         *run.get("flags", []),
         f"--workdir={workdir}",
     ]  # fmt: skip
+
+
+def eval_command(workdir: Path, ways: int) -> list[str]:
+    """The command that measures a run on its validation episodes at `ways` ways."""
+    return [
+        sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}",
+        "--subset=validation", f"--ways={ways}", f"--name=validation_{ways}way",
+    ]  # fmt: skip
+
+
+def _validation_by_ways(workdir: Path) -> dict[str, dict]:
+    out = {}
+    for path in sorted(workdir.glob("eval_validation_*way.json")):
+        value = json.loads(path.read_text())
+        out[str(value["ways"])] = {k: value[k] for k in ("accuracy", "ci95", "episodes")}
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def summarise(workdir: Path) -> dict | None:
@@ -87,6 +110,7 @@ def summarise(workdir: Path) -> dict | None:
         "validation_episodes": results["config"]["eval_episodes"],
         "test_accuracy_record_only": results.get("test_accuracy"),
         "test_episodes": results.get("test_episodes"),
+        "validation_by_ways": _validation_by_ways(workdir),
     }
 
 
@@ -133,6 +157,11 @@ def main(argv):
             status = subprocess.run(run_command(plan, run, workdir)).returncode
             if status != 0:
                 print(f"run {run['name']} exited with status {status}", flush=True)
+            summary = summarise(workdir)
+        if summary is not None and not FLAGS.collect_only:
+            for ways in plan.get("eval_ways", []):
+                if not (workdir / f"eval_validation_{ways}way.json").is_file():
+                    subprocess.run(eval_command(workdir, ways))
             summary = summarise(workdir)
         if summary is not None:
             rows.append({"name": run["name"], "description": run.get("description", ""),

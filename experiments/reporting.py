@@ -543,8 +543,12 @@ def _ablation_section(path: Path) -> list[str]:
     header = ["candidate", "flags", "steps", "wall time", "episodes/s",
               "validation (95% CI)", "best at step", "final validation", "val. episodes",
               "test (record only)", "test episodes", "what"]  # fmt: skip
+    more_ways = sorted({int(k) for r in value["rows"] for k in r.get("validation_by_ways", {})})
+    header[6:6] = [f"validation {k}-way" for k in more_ways]
     lines = []
     for r in value["rows"]:
+        by_ways = r.get("validation_by_ways", {})
+        at_ways = [by_ways.get(str(k), {}) for k in more_ways]
         val = r.get("val_accuracy", r.get("best_validation_accuracy"))
         val_ci = r.get("val_ci95", r.get("best_validation_ci95"))
         test = r.get("test_accuracy", r.get("test_accuracy_record_only"))
@@ -552,6 +556,7 @@ def _ablation_section(path: Path) -> list[str]:
         lines.append([
             str(r["name"]), _flags_text(r.get("flags")), _int(r["steps"]),
             _duration(r["wall_time_s"]), "" if eps is None else f"{eps:.2f}", _pct(val, val_ci),
+            *(_pct(v.get("accuracy"), v.get("ci95")) for v in at_ways),
             _int(r.get("best_validation_step")),
             _pct(r.get("final_validation_accuracy"), r.get("final_validation_ci95")),
             _int(r.get("val_episodes", r.get("validation_episodes"))),
