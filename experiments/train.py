@@ -114,6 +114,12 @@ MODEL_FLAGS = common.config_flags(
         "network_init": "Initialisation of b and u: authors (N(0, 1/fan_in), Chainer v1) or he.",
         "label_units": "Training labels: first (0..ways-1, the first --ways output units) or "
         "any (a random --ways of the --max_ways units per episode: all are trained).",
+        "attention_scale": (
+            "s in the memory read softmax(s * cosine): 1 is the paper's (eq. 4) and the "
+            "authors'; larger values sharpen the read (not in the paper).",
+            0.0,
+            1e3,
+        ),
         "variant": "MetaNet variant.",
         "base_input": "Input of the base learner: x (image) or r (representation).",
         "architecture": "Networks b and u.",

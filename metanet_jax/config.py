@@ -117,6 +117,11 @@ class MetaNetConfig:
         5-way with 20 units trains all 20 (episodes with labels 0..ways-1 give the same
         results as "first"). Experimental: a 16-channel model trained so predicted one unit
         for every query of 19- and 20-way episodes (docs/RESULTS.md, demo_levers).
+      attention_scale: s in the memory read a_j = softmax_i(s * cos(r'_i, r_j)). 1 (default):
+        the paper's eq. 4 and the authors' code, no temperature; a cosine lies in [-1, 1], so
+        with s = 1 a query's own support slot holds at most e^2 times the weight of any other
+        and the read is mostly an average of the memory (more so the more ways). Larger
+        values sharpen the read towards the nearest key (not in the paper; docs/RESULTS.md).
       bn_statistics: which examples a BatchNorm layer's statistics span (no effect without
         BatchNorm layers). "authors" (default; the authors' MetaNetPartial.py): b's
         per-example meta-gradients, u's representation-loss chunks (and MetaNet+'s chunks of
@@ -163,6 +168,7 @@ class MetaNetConfig:
     warmup_steps: int = 0
     schedule_steps: int = 0
     label_units: Literal["first", "any"] = "first"
+    attention_scale: float = 1.0
     bn_statistics: Literal["authors", "per_pass"] = "authors"
 
     def __post_init__(self):
@@ -238,6 +244,11 @@ class MetaNetConfig:
             raise ValueError(f"architecture {self.architecture!r} needs conv_channels >= 1")
 
     def _check_optimiser(self) -> None:
+        if not (isinstance(self.attention_scale, (int, float)) and self.attention_scale > 0):
+            raise ValueError(
+                f"MetaNetConfig.attention_scale must be a positive number, got "
+                f"{self.attention_scale!r}"
+            )
         if self.grad_p <= 0 or self.clip_norm <= 0 or self.learning_rate <= 0:
             raise ValueError("grad_p, clip_norm and learning_rate must be positive")
         for name in ("warmup_steps", "schedule_steps"):

@@ -540,7 +540,7 @@ def task_forward(
     values, task_fast = _example_level(params, b_support, support.y, config, networks)
     # 5, 7. memory write and attention read.
     values, mem_keys = memory.write(values, r_support)
-    attention = memory.cosine_attention(r_query, mem_keys)
+    attention = memory.cosine_attention(r_query, mem_keys, config.attention_scale)
     # 8. augmented forward of b on the queries.
     logits = base_learner_queries(
         params["base"], values, attention, b_query, config, task_fast, networks=networks

@@ -25,14 +25,15 @@ def write(values: FastWeights, keys: Array) -> tuple[FastWeights, Array]:
     return values, keys
 
 
-def cosine_attention(query_keys: Array, memory_keys: Array) -> Array:
-    """Attention a_j = softmax_i(cos(r'_i, r_j)) (paper eq. 4), no temperature.
+def cosine_attention(query_keys: Array, memory_keys: Array, scale: float = 1.0) -> Array:
+    """Attention a_j = softmax_i(s * cos(r'_i, r_j)) (paper eq. 4 with s = 1: no temperature).
 
     The cosine follows the authors' code: `dot / sqrt(|x|^2 |y|^2 + 1e-6)`.
 
     Args:
       query_keys: `[L, D]` query representations r_j.
       memory_keys: `[N, D]` memory keys r'_i.
+      scale: s (`MetaNetConfig.attention_scale`); 1 is the paper's.
 
     Returns:
       `[L, N]` attention weights; each row sums to 1.
@@ -41,7 +42,7 @@ def cosine_attention(query_keys: Array, memory_keys: Array) -> Array:
     qn = jnp.sum(jnp.square(query_keys), axis=-1)[:, None]
     kn = jnp.sum(jnp.square(memory_keys), axis=-1)[None, :]
     cos = dot / jnp.sqrt(qn * kn + COSINE_EPS)
-    return jax.nn.softmax(cos, axis=-1)
+    return jax.nn.softmax(cos * scale if scale != 1.0 else cos, axis=-1)
 
 
 def read(values: FastWeights, attention: Array) -> FastWeights:

@@ -316,7 +316,7 @@ def task_outputs(params, config, xs, ys, xq):
         sims = jnp.stack(
             [jnp.dot(r, k) / jnp.sqrt(jnp.dot(r, r) * jnp.dot(k, k) + COSINE_EPS) for k in keys]
         )
-        a = jax.nn.softmax(sims)
+        a = jax.nn.softmax(config.attention_scale * sims)
         fast = {}
         for name in b_aug:
             acc = 0.0

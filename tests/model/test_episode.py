@@ -145,9 +145,13 @@ def test_contrastive_rep_loss_and_sampled_pairs():
     assert float(ce_loss) != float(loss_a)
 
 
-def test_base_input_r_and_max_ways_match_loop_reference_float64(x64):
-    # b is an MLP on u's representation r (MetaNetPartialU); 5 output units, 3-way episodes.
-    config = tiny_config(base_input="r", max_ways=5, compute_dtype="float64", query_path="stacked")
+def test_base_input_r_max_ways_and_attention_scale_match_loop_reference_float64(x64):
+    # b is an MLP on u's representation r (MetaNetPartialU); 5 output units, 3-way episodes;
+    # a sharpened memory read (attention_scale).
+    config = tiny_config(
+        base_input="r", max_ways=5, compute_dtype="float64", query_path="stacked",
+        attention_scale=7.0,
+    )  # fmt: skip
     params = _to64(mn.init(jax.random.key(0), config))
     assert params["base"]["out"]["kernel"].shape[-1] == 5
     assert set(params["base"]) == {"fc_0", "out"}
@@ -258,6 +262,8 @@ def test_bad_input_raises_value_error():
         ("max_ways", 2, "max_ways"),
         ("query_path", "fast", "query_path"),
         ("task_batching", "pmap", "task_batching"),
+        ("attention_scale", 0.0, "attention_scale"),
+        ("attention_scale", "sharp", "attention_scale"),
     ],
 )
 def test_bad_config_raises(field, value, match):

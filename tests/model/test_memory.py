@@ -20,6 +20,10 @@ def test_cosine_attention_formula_and_rows():
     cos = (q @ k.T) / np.sqrt((q * q).sum(-1)[:, None] * (k * k).sum(-1)[None] + 1e-6)
     expected = np.exp(cos) / np.exp(cos).sum(-1, keepdims=True)
     np.testing.assert_allclose(att, expected, rtol=1e-5)
+    # A scale s sharpens the read: softmax(s * cos).
+    scaled = np.asarray(memory.cosine_attention(queries, keys, 10.0))
+    expected = np.exp(10 * cos) / np.exp(10 * cos).sum(-1, keepdims=True)
+    np.testing.assert_allclose(scaled, expected, rtol=1e-4)
     # A query equal to a key attends most to it.
     self_att = memory.cosine_attention(keys, keys)
     assert (np.argmax(np.asarray(self_att), -1) == np.arange(3)).all()
