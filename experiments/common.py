@@ -41,6 +41,25 @@ def define_float(name, default, lo, hi, help_text, *, flag_values=flags.FLAGS):
     )
 
 
+def define_ints(name, default, lo, hi, help_text, *, flag_values=flags.FLAGS):
+    """A comma-separated list of distinct integers in `[lo, hi]` (empty allowed)."""
+    flags.DEFINE_list(name, [str(v) for v in default], help_text, flag_values=flag_values)
+
+    def valid(values) -> bool:
+        try:
+            ints = [int(v) for v in values]
+        except ValueError:
+            return False
+        return len(set(ints)) == len(ints) and all(lo <= v <= hi for v in ints)
+
+    flags.register_validator(
+        name,
+        valid,
+        message=f"--{name} must be a comma-separated list of distinct integers in [{lo}, {hi}]",
+        flag_values=flag_values,
+    )
+
+
 def define_folder(name, default, help_text, *, must_exist=True, flag_values=flags.FLAGS):
     """A folder flag; when set (and `must_exist`), the folder must exist."""
     flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
@@ -270,7 +289,8 @@ class Flag:
     """How a value is defined as a command-line flag (its default comes from the spec).
 
     Attributes:
-      kind: "int" (in `[lo, hi]`), "float" (in `(lo, hi]`), "enum" (one of `choices`),
+      kind: "int" (in `[lo, hi]`), "ints" (a list of distinct ones), "float" (in `(lo, hi]`),
+        "enum" (one of `choices`),
         "bool", "folder" (a folder that exists when set and `must_exist`) or "workdir" (must
         be set, to a folder this user can create or write: `register_workdir_validator`).
       help: the flag's help text.
@@ -294,6 +314,8 @@ class Flag:
         if self.kind == "int":
             define_int(name, default, self.lo, self.hi, self.help, allow_none=self.unset,
                        flag_values=fv)  # fmt: skip
+        elif self.kind == "ints":
+            define_ints(name, default, self.lo, self.hi, self.help, flag_values=fv)
         elif self.kind == "float":
             define_float(name, default, self.lo, self.hi, self.help, flag_values=fv)
         elif self.kind == "enum":
@@ -312,6 +334,11 @@ class Flag:
 def int_field(default: int | None, lo: int, hi: int, help_text: str, *, unset: bool = False):
     """A spec field that is an integer flag in `[lo, hi]` (or `None` when `unset`)."""
     return _field(default, Flag("int", help_text, lo=lo, hi=hi, unset=unset))
+
+
+def ints_field(default: tuple[int, ...], lo: int, hi: int, help_text: str):
+    """A spec field that is a comma-separated list of distinct integers in `[lo, hi]`."""
+    return _field(default, Flag("ints", help_text, lo=lo, hi=hi))
 
 
 def float_field(default: float, lo: float, hi: float, help_text: str):

@@ -151,7 +151,12 @@ class RunSpec(common.Spec):
     data's when the run starts). Model sizes left at `None` take the architecture's defaults
     (METANET.md). `eval_ways` (`None`: `model.ways`) is the ways of the validation and test
     episodes, which use the first `eval_ways` output units of b and of u's head
-    (`evaluation.eval_config`). Build one from flat flags with `RunSpec.from_flags`.
+    (`evaluation.eval_config`). `train_ways` (empty: `model.ways` only) lists the ways a
+    training episode may have: step t's episodes draw one of them uniformly, decided by
+    `(seed, t)` alone (`step_ways`), so that one model learns fast weights that hold for
+    every number of classes it will be tested on (a MetaNet trained on one N reads its memory
+    as calibrated for N support slots; docs/RESULTS.md, ways_levers). Build one from flat
+    flags with `RunSpec.from_flags`.
     """
 
     MODEL_FLAGS: ClassVar[Mapping[str, common.Flag]] = MODEL_FLAGS
@@ -190,6 +195,11 @@ class RunSpec(common.Spec):
         None, 2, 1000, "Classes per validation and test episode (unset: --ways); at most "
         "--max_ways (else --ways): they use b's first eval_ways output units.", unset=True,
     )  # fmt: skip
+    train_ways: tuple[int, ...] = common.ints_field(
+        (), 2, 1000, "Ways a training episode may have, one drawn per step (e.g. 5,10,15,20; "
+        "empty: --ways only), each at most --max_ways. A model trained on one N reads its "
+        "memory as calibrated for N supports: mix the ways it will be tested on.",
+    )  # fmt: skip
     # --- optimisation
     meta_batch: int = common.int_field(1, 1, 1024, "Tasks (episodes) per update.")
     steps: int = common.int_field(1000, 1, 10**8, "Total updates to reach (resume included).")
@@ -217,6 +227,28 @@ class RunSpec(common.Spec):
     def replace(self, **flags) -> RunSpec:
         """A copy with some flat flags changed (model flags included)."""
         return RunSpec.from_flags({**self.to_dict(), **flags})
+
+    def __post_init__(self):
+        ways = self.train_ways  # a list from flags and config.json, or "5,10" text
+        ways = tuple(int(w) for w in (ways.split(",") if isinstance(ways, str) else ways))
+        object.__setattr__(self, "train_ways", ways)
+        units = self.model.output_units
+        bad = [w for w in ways if not 2 <= w <= units]
+        if bad:
+            raise ValueError(
+                f"train_ways {list(ways)}: {bad} outside 2..{units}, the output units of b "
+                "(raise --max_ways)"
+            )
+        if len(set(ways)) != len(ways):
+            raise ValueError(f"train_ways {list(ways)} names a number of ways twice")
+
+    def step_ways(self, step: int) -> int:
+        """The ways of training step `step`'s episodes: `model.ways`, or (`train_ways`) one
+        of those drawn uniformly by a generator seeded with `(seed, step)` only."""
+        if not self.train_ways:
+            return self.model.ways
+        pick = np.random.default_rng((self.seed, step)).integers(len(self.train_ways))
+        return self.train_ways[pick]
 
     def test_ways(self) -> int:
         """The ways of validation and test episodes (`eval_ways`, else the model's ways)."""
@@ -293,6 +325,7 @@ def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     del values["workdir"]  # required: no default
     values.update(LEGACY_RUN_VALUES)
     values.update({k: v for k, v in flags.items() if k in names})
+    values["train_ways"] = tuple(values["train_ways"])  # a list in config.json
     return legacy_to_current(values)
 
 
@@ -689,8 +722,10 @@ def _check_pool(spec: RunSpec, name: str, shape: tuple[int, ...]) -> None:
     classes, per_class = shape[0], shape[1]
     flag = "--ways" if spec.eval_ways is None else "--eval_ways"
     pool = classes * (4 if spec.rotations_as_classes and name == "train" else 1)
-    if name == "train" and spec.model.ways > pool:
-        raise ValueError(f"--ways={spec.model.ways} is more than the {pool} training classes")
+    most = max((spec.model.ways, *spec.train_ways))
+    if name == "train" and most > pool:
+        flag = "--ways" if most == spec.model.ways else "--train_ways"
+        raise ValueError(f"{flag} asks for {most} classes, more than the {pool} training classes")
     if name != "train" and classes and spec.test_ways() > classes:
         raise ValueError(f"{flag}={spec.test_ways()} is more than the {classes} {name} classes")
     need = spec.model.shots + max(spec.model.queries_per_class, spec.eval_queries_per_class)
@@ -724,7 +759,13 @@ def run_loop(loop: Loop, steps: int, after_step: Callable[[int, dict[str, float]
 
 
 def episode_source(
-    sample: Callable, data_key, images, config: MetaNetConfig, meta_batch: int, **options
+    sample: Callable,
+    data_key,
+    images,
+    config: MetaNetConfig,
+    meta_batch: int,
+    step_ways: Callable[[int], int] | None = None,
+    **options,
 ) -> Callable[[int], tuple[Any, Any]]:
     """The episodes of a run: step t's meta-batch, decided by `fold_in(data_key, t)` alone
     (so a resumed run draws what the uninterrupted one would have).
@@ -736,6 +777,8 @@ def episode_source(
       config: the model: its ways, shots and queries per class; `label_units="any"` spreads
         the labels over all its output units.
       meta_batch: tasks per step.
+      step_ways: step t -> the ways of its episodes (`RunSpec.step_ways`); default
+        `config.ways` for every step.
       **options: the sampler's options (`rotate`, `rotations_as_classes`, `permutations`).
 
     Returns:
@@ -745,10 +788,11 @@ def episode_source(
 
     def episodes(step: int):
         step_key = jax.random.fold_in(data_key, step)
+        ways = config.ways if step_ways is None else step_ways(step)
         support, query = sample(
             step_key,
             images,
-            config.ways,
+            ways,
             config.shots,
             config.queries_per_class,
             meta_batch,
@@ -756,7 +800,7 @@ def episode_source(
         )
         if config.label_units == "any":  # train every output unit, not only the first `ways`
             support, query = data.spread_labels(
-                jax.random.fold_in(step_key, 1), support, query, config.ways, config.output_units
+                jax.random.fold_in(step_key, 1), support, query, ways, config.output_units
             )
         return support, query
 
@@ -780,12 +824,17 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
     from metanet_jax import data
 
     spec, sharded = run.spec, is_sharded(run.mesh)
-    if step_factory is not make_train_step:
-        step_fn = step_factory(run.config, make_optimizer(run.config), validate=False)
-    elif sharded:
-        step_fn = _cached_sharded_step(run.config, run.mesh)
-    else:
-        step_fn = jitted_train_step(run.config)
+
+    def make_step(config: MetaNetConfig) -> Callable:
+        if step_factory is not make_train_step:
+            return step_factory(config, make_optimizer(config), validate=False)
+        if sharded:
+            return _cached_sharded_step(config, run.mesh)
+        return jitted_train_step(config)
+
+    step_fn = make_step(run.config)
+    if spec.train_ways:
+        step_fn = _step_by_ways(run.config, make_step)
     if sharded:
         state = parallel.replicate(state, run.mesh)
         sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)
@@ -797,6 +846,7 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
         jax.device_put(run.splits["train"]),
         run.config,
         spec.meta_batch,
+        spec.step_ways,
         rotate=spec.rotate,
         rotations_as_classes=spec.rotations_as_classes,
     )
@@ -810,6 +860,21 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
         bar=logging_utils.ProgressBar(spec.steps, out),
         last_saved=run.ckpt.latest_step(),
     )
+
+
+def _step_by_ways(config: MetaNetConfig, make_step: Callable) -> Callable:
+    """A train step for episodes of any ways (`train_ways`): the step of `config` with the
+    episodes' ways (read from the support labels' static shape), each made on first use;
+    all share the parameters and optimiser state, whose shapes do not depend on the ways."""
+    steps: dict[int, Callable] = {}
+
+    def step_fn(state, support, query):
+        ways = support.y.shape[-1] // config.shots
+        if ways not in steps:
+            steps[ways] = make_step(config.replace(ways=ways))
+        return steps[ways](state, support, query)
+
+    return step_fn
 
 
 def _after_step(

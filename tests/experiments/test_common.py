@@ -151,3 +151,13 @@ def test_config_flags_take_their_kind_and_choices_from_the_field_types():
     assert out["steps"] == common.Flag("int", "Steps.", lo=1, hi=9)
     with pytest.raises(TypeError, match="no flag kind"):
         common.config_flags(_Config, {"name": "Name."})
+
+
+@pytest.mark.parametrize("arg", ["--train_ways=5,x", "--train_ways=5,5", "--train_ways=1,5"])
+def test_an_integer_list_flag_checks_each_value(tmp_path, arg):
+    message = "--train_ways must be a comma-separated list of distinct integers in [2, 1000]"
+    with pytest.raises(flags.IllegalFlagValueError, match=re.escape(message)):
+        _parse(train.RunSpec, f"--workdir={tmp_path / 'w'}", arg)
+    values = _parse(train.RunSpec, f"--workdir={tmp_path / 'w'}", "--max_ways=20",
+                    "--train_ways=5,20")  # fmt: skip
+    assert train.RunSpec.from_flag_values(values).train_ways == (5, 20)

@@ -206,3 +206,42 @@ def test_corrupted_latest_checkpoint_resumes_from_the_previous_one(spec_factory,
     assert str(latest) in caplog.text and "falling back" in caplog.text
     assert "resumed from step 2" in caplog.text
     assert out["status"] == "completed"
+
+
+def test_mixed_training_ways_draw_each_steps_episode_size_and_resume_exactly(spec_factory):
+    """`train_ways`: each step's episodes have the ways `step_ways` names (support and
+    queries sized and labelled for it), both sizes occur, and a split run equals one run."""
+    seen = []
+
+    def recording_factory(config, optimizer, validate=False):
+        step = train.make_train_step(config, optimizer, validate=validate)
+
+        def run(state, support, query):
+            seen.append((config.ways, support.y.shape, query.y.shape, int(support.y.max())))
+            return step(state, support, query)
+
+        return run
+
+    spec = spec_factory("mixed", max_ways=4, train_ways="2,4", steps=8)
+    assert spec.train_ways == (2, 4)
+    train.train_and_evaluate(spec, step_factory=recording_factory)
+    ways = [spec.step_ways(t) for t in range(8)]
+    assert set(ways) == {2, 4}  # both drawn in 8 steps with this seed
+    batch, q = spec.meta_batch, spec.model.queries_per_class
+    assert seen == [(w, (batch, w), (batch, w * q), w - 1) for w in ways]
+
+    split = spec_factory("split", max_ways=4, train_ways="2,4", steps=5)
+    train.train_and_evaluate(split)
+    train.train_and_evaluate(replace(split, steps=8))
+    assert _bitwise_equal(_params(spec.workdir, 8).params, _params(split.workdir, 8).params)
+    with pytest.raises(train.WorkdirMismatch, match=r"train_ways"):
+        train.train_and_evaluate(replace(spec, train_ways=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    "train_ways, match",
+    [("2,5", r"\[5\] outside 2\.\.4"), ("3,3", "twice"), ("1", r"\[1\] outside")],
+)
+def test_train_ways_outside_the_output_units_are_refused(train_ways, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_spec("w", max_ways=4, train_ways=train_ways)
