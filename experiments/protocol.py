@@ -142,12 +142,16 @@ def _typed(value: str | bool, like: Any) -> Any:
         return int(value)
     if isinstance(like, float):
         return float(value)
+    if isinstance(like, (list, tuple)):  # an integer-list flag ("5,10,15,20")
+        return tuple(int(v) for v in value.split(",") if v)
     return value
 
 
 def _flag_text(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, (list, tuple)):
+        return f"--{name}={','.join(str(v) for v in value)}"
     return f"--{name}={value}"
 
 
@@ -163,6 +167,7 @@ def flag_overrides(flagfile: str | os.PathLike, run_flags: Mapping[str, Any]) ->
         want = run_flags.get(name, default)
         if want is None:
             continue
+        want = tuple(want) if isinstance(want, list) else want  # config.json holds lists
         have = _typed(values[name], want) if name in values else default
         if want != have:
             out.append(_flag_text(name, want))

@@ -26,6 +26,13 @@ def test_flag_overrides_and_training_command(tmp_path):
     command = protocol.training_command(run.to_dict(), flagfile)
     assert command == (f"python -m experiments.omniglot --flagfile={flagfile.as_posix()} "
                        "--learning_rate=0.001 --norotate")  # fmt: skip
+    # An integer-list flag: the flagfile's text against config.json's list.
+    flagfile.write_text("--ways=5\n--max_ways=20\n--train_ways=5,10,20\n--workdir=workdirs/x\n")
+    run = train.RunSpec.from_flags(dict(workdir="x", max_ways=20, train_ways=[5, 10, 20]))
+    saved = {**run.to_dict(), "train_ways": [5, 10, 20]}
+    assert protocol.flag_overrides(flagfile, saved) == []
+    saved["train_ways"] = [5, 20]
+    assert protocol.flag_overrides(flagfile, saved) == ["--train_ways=5,20"]
 
 
 def test_find_flagfile_compares_workdirs_as_resolved_absolute_paths(tmp_path, monkeypatch):
