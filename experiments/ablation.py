@@ -72,16 +72,22 @@ def run_command(plan: dict, run: dict, workdir: Path) -> list[str]:
 
 
 def eval_command(workdir: Path, ways: int) -> list[str]:
-    """The command that measures a run on its validation episodes at `ways` ways."""
+    """The command that measures a run on its validation episodes at `ways` ways (it writes
+    `eval_validation_<ways>way.json` in the workdir: `eval_path`)."""
     return [
         sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}",
         "--subset=validation", f"--ways={ways}", f"--name=validation_{ways}way",
     ]  # fmt: skip
 
 
+def eval_path(workdir: Path, ways: int) -> Path:
+    """Where `eval_command(workdir, ways)` writes its result."""
+    return workdir / f"eval_validation_{ways}way.json"
+
+
 def _validation_by_ways(workdir: Path) -> dict[str, dict]:
     out = {}
-    for path in sorted(workdir.glob("eval_validation_*way.json")):
+    for path in workdir.glob(eval_path(Path(), "*").name):
         value = json.loads(path.read_text())
         out[str(value["ways"])] = {k: value[k] for k in ("accuracy", "ci95", "episodes")}
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
@@ -158,10 +164,13 @@ def main(argv):
             if status != 0:
                 print(f"run {run['name']} exited with status {status}", flush=True)
             summary = summarise(workdir)
-        if summary is not None and not FLAGS.collect_only:
-            for ways in plan.get("eval_ways", []):
-                if not (workdir / f"eval_validation_{ways}way.json").is_file():
-                    subprocess.run(eval_command(workdir, ways))
+        missing = [w for w in plan.get("eval_ways", []) if not eval_path(workdir, w).is_file()]
+        if summary is not None and missing and not FLAGS.collect_only:
+            for ways in missing:
+                status = subprocess.run(eval_command(workdir, ways)).returncode
+                if status != 0:
+                    print(f"run {run['name']}: the {ways}-way validation exited with status "
+                          f"{status}", flush=True)  # fmt: skip
             summary = summarise(workdir)
         if summary is not None:
             rows.append({"name": run["name"], "description": run.get("description", ""),

@@ -147,6 +147,13 @@ def _typed(value: str | bool, like: Any) -> Any:
     return value
 
 
+def _run_value(run_flags: Mapping[str, Any], name: str, default: Any) -> Any:
+    """A run's flag value as the spec holds it (config.json stores an integer-list flag,
+    a tuple in the spec, as a list)."""
+    value = run_flags.get(name, default)
+    return tuple(value) if isinstance(value, list) else value
+
+
 def _flag_text(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no{name}"
@@ -164,10 +171,9 @@ def flag_overrides(flagfile: str | os.PathLike, run_flags: Mapping[str, Any]) ->
     for name, default in _DEFAULTS.items():
         if name in _LOCAL_FLAGS:
             continue
-        want = run_flags.get(name, default)
+        want = _run_value(run_flags, name, default)
         if want is None:
             continue
-        want = tuple(want) if isinstance(want, list) else want  # config.json holds lists
         have = _typed(values[name], want) if name in values else default
         if want != have:
             out.append(_flag_text(name, want))
@@ -208,7 +214,7 @@ def training_command(run_flags: Mapping[str, Any], flagfile: str | os.PathLike |
         return " ".join([head, *extra])
     parts = ["python -m experiments.omniglot"]
     for name, default in _DEFAULTS.items():
-        want = run_flags.get(name, default)
+        want = _run_value(run_flags, name, default)
         if name in _LOCAL_FLAGS - {"workdir"} or want is None or want == default:
             continue
         parts.append(_flag_text(name, want))

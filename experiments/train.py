@@ -832,9 +832,10 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
             return _cached_sharded_step(config, run.mesh)
         return jitted_train_step(config)
 
-    step_fn = make_step(run.config)
     if spec.train_ways:
         step_fn = _step_by_ways(run.config, make_step)
+    else:
+        step_fn = make_step(run.config)
     if sharded:
         state = parallel.replicate(state, run.mesh)
         sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)

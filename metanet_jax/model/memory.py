@@ -42,7 +42,7 @@ def cosine_attention(query_keys: Array, memory_keys: Array, scale: float = 1.0) 
     qn = jnp.sum(jnp.square(query_keys), axis=-1)[:, None]
     kn = jnp.sum(jnp.square(memory_keys), axis=-1)[None, :]
     cos = dot / jnp.sqrt(qn * kn + COSINE_EPS)
-    return jax.nn.softmax(cos * scale if scale != 1.0 else cos, axis=-1)
+    return jax.nn.softmax(scale * cos, axis=-1)  # scale 1: bitwise the paper's (x * 1 == x)
 
 
 def read(values: FastWeights, attention: Array) -> FastWeights:

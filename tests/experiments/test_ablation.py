@@ -70,6 +70,8 @@ def test_validation_at_more_ways_is_measured_recorded_and_reported(tmp_path):
     assert ablation.eval_command(tmp_path, 20)[-4:] == [
         f"--workdir={tmp_path}", "--subset=validation", "--ways=20", "--name=validation_20way",
     ]  # fmt: skip
+    # experiments.evaluate writes eval_<name>.json: the path the plan looks for.
+    assert ablation.eval_path(tmp_path, 20) == tmp_path / "eval_validation_20way.json"
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"step": 5, "validation_accuracy": 0.8, "validation_ci95": 0.02}) + "\n"
     )
@@ -82,7 +84,7 @@ def test_validation_at_more_ways_is_measured_recorded_and_reported(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(results))
     for ways, acc in ((20, 0.61), (10, 0.72)):  # as experiments.evaluate writes them
         value = {"ways": ways, "accuracy": acc, "ci95": 0.03, "episodes": 4, "seed": 1}
-        (tmp_path / f"eval_validation_{ways}way.json").write_text(json.dumps(value))
+        ablation.eval_path(tmp_path, ways).write_text(json.dumps(value))
     row = ablation.summarise(tmp_path)
     assert row["validation_by_ways"] == {
         "10": {"accuracy": 0.72, "ci95": 0.03, "episodes": 4},

@@ -33,6 +33,12 @@ def test_flag_overrides_and_training_command(tmp_path):
     assert protocol.flag_overrides(flagfile, saved) == []
     saved["train_ways"] = [5, 20]
     assert protocol.flag_overrides(flagfile, saved) == ["--train_ways=5,20"]
+    assert protocol.training_command(saved, None).endswith("--train_ways=5,20")
+    # Without a flagfile, the default (an empty list in config.json) is no flag.
+    default = train.RunSpec.from_flags(dict(workdir="x")).to_dict()
+    assert protocol.training_command({**default, "train_ways": []}, None) == (
+        "python -m experiments.omniglot --workdir=x"
+    )
 
 
 def test_find_flagfile_compares_workdirs_as_resolved_absolute_paths(tmp_path, monkeypatch):
