@@ -16,7 +16,10 @@
    `previous_20way_metanet.flags` with the episodes that fit the rest of the budget. The
    training is `experiments.train.train_and_evaluate` (the program's own loop: validation, best
    checkpoint, final test); a time limit stops it the way SIGTERM does (a checkpoint of the
-   step reached), then the best validated checkpoint is tested.
+   step reached), then the best validated checkpoint is tested. `--model_flags` adds program
+   flags to both models after their flagfiles, e.g. the levers the CPU configurations use
+   (`--model_flags="--train_ways=5,10,15,20 --attention_scale=10 --rep_chunks=1"`); without
+   it the models are the paper's.
 3. Writes each model to `<out>/<name>/` (`params.npz`, `config.json`, `results.json`: the
    pretrained format, `metanet_jax.pretrained`) as soon as it is trained, so a run cut off
    later still leaves the models before it. Back on the CPU:
@@ -34,6 +37,7 @@ import importlib
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -55,6 +59,11 @@ MODELS = (
 SMOKE_FLAGS = ["--conv_channels=4", "--num_conv_layers=2", "--hidden_units=8",
                "--queries_per_class=2", "--eval_queries_per_class=2", "--rep_chunks=2",
                "--eval_episodes=4", "--test_episodes=4", "--eval_batch=2"]  # fmt: skip
+# Program flags this script sets itself, and where a user sets them instead.
+DRIVER_FLAGS = {"meta_batch": "--meta_batch", "steps": "--episodes_5way/--episodes_20way",
+                "eval_every": "--eval_every", "checkpoint_every": "--eval_every",
+                "log_every": "--log_every", "workdir": "--work", "flagfile": "MODELS",
+                "mnist_test_episodes": "evaluate on the CPU afterwards"}  # fmt: skip
 SYNTHETIC_FLAGS = ["--dataset=synthetic", "--synthetic_size=8"]
 
 
@@ -77,6 +86,9 @@ def _args(argv=None):
     p.add_argument("--eval_every", type=int, default=2500,
                    help="validate (and checkpoint) every this many steps")  # fmt: skip
     p.add_argument("--log_every", type=int, default=500)
+    p.add_argument("--model_flags", default="",
+                   help="program flags for both models, after their flagfiles (quoted, "
+                        "space-separated); the default trains the paper's settings")  # fmt: skip
     p.add_argument("--only", choices=[name for name, _ in MODELS], default=None)
     p.add_argument("--smoke", action="store_true",
                    help="a tiny network and a few steps (seconds, any CPU)")  # fmt: skip
@@ -89,6 +101,13 @@ def _args(argv=None):
     args = p.parse_args(argv)
     if args.synthetic and not args.smoke:
         p.error("--synthetic is for --smoke runs")
+    args.model_flags = shlex.split(args.model_flags)
+    for flag in args.model_flags:
+        name = flag.lstrip("-").split("=")[0]
+        if not flag.startswith("--"):
+            p.error(f"--model_flags takes --name=value flags, not {flag!r}")
+        if name in DRIVER_FLAGS:
+            p.error(f"--model_flags: --{name} is set by this script ({DRIVER_FLAGS[name]})")
     if args.smoke:  # seconds: a few steps of 5-way, 20-way until the (small) budget stops it
         given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         for flag, value in (("--budget_s", 40.0), ("--reserve_s", 6.0), ("--episodes_5way", 4),
@@ -295,7 +314,7 @@ def main(argv=None) -> int:
         if train_end - time.time() < (5 if args.smoke else 60):
             print(f"== {name}: skipped ({train_end - time.time():.0f} s left for training)")
             continue
-        overrides = [f"--meta_batch={args.meta_batch}", f"--steps={steps}",
+        overrides = [*args.model_flags, f"--meta_batch={args.meta_batch}", f"--steps={steps}",
                      f"--eval_every={args.eval_every}", f"--checkpoint_every={args.eval_every}",
                      f"--log_every={args.log_every}", "--mnist_test_episodes=0"]  # fmt: skip
         if args.smoke:

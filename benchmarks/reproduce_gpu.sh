@@ -7,6 +7,7 @@
 #   bash benchmarks/reproduce_gpu.sh --smoke           # seconds, on any CPU (needs the caches)
 #   bash benchmarks/reproduce_gpu.sh --smoke --synthetic   # no data at all
 #   bash benchmarks/reproduce_gpu.sh --budget_s=480 --meta_batch=16   # other settings
+#   bash benchmarks/reproduce_gpu.sh --model_flags="--train_ways=5,10,15,20 --attention_scale=10"
 #
 # Needs the prepared Omniglot caches omniglot_{background,evaluation}_v2.npz in
 # $METANET_DATA_DIR/cache (default: .cache/data/cache in this checkout, the folder the run

@@ -29,8 +29,8 @@ def test_smoke_run_stops_on_its_time_budget_and_leaves_a_loadable_model(tmp_path
     out = tmp_path / "out"
     args = [sys.executable, str(SCRIPT), "--smoke", "--synthetic", f"--out={out}",
             f"--work={tmp_path / 'work'}", "--only=previous_20way_metanet", "--budget_s=14",
-            "--reserve_s=4", "--block_imports=tensorflow,tensorflow_datasets,tensorboard,"
-            "matplotlib"]  # fmt: skip
+            "--reserve_s=4", "--model_flags=--attention_scale=10",
+            "--block_imports=tensorflow,tensorflow_datasets,tensorboard,matplotlib"]  # fmt: skip
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -48,8 +48,27 @@ def test_smoke_run_stops_on_its_time_budget_and_leaves_a_loadable_model(tmp_path
     assert results["command"].startswith(
         "python -m experiments.omniglot --flagfile=experiments/flags/previous_20way_metanet.flags"
     )
+    assert "--attention_scale=10" in results["command"]
     config, params = mn.load_pretrained(folder)
     assert config.ways == 20 and config.output_units == 20 and config.conv_channels == 4
+    assert config.attention_scale == 10  # --model_flags reached the model
+
+
+def test_model_flags_may_not_set_what_the_script_sets(capsys):
+    module = _module()
+    assert module._args(["--model_flags=--train_ways=5,20 --rep_chunks=1"]).model_flags == [
+        "--train_ways=5,20",
+        "--rep_chunks=1",
+    ]
+    for bad, says in (("--steps=9", "--episodes_5way"), ("--meta_batch=4", "--meta_batch"),
+                      ("rep_chunks=1", "--name=value")):  # fmt: skip
+        try:
+            module._args([f"--model_flags={bad}"])
+        except SystemExit as stop:
+            assert stop.code == 2
+        else:
+            raise AssertionError(f"--model_flags={bad} was accepted")
+        assert says in capsys.readouterr().err
 
 
 def test_missing_caches_are_named_before_any_work(tmp_path, monkeypatch):
