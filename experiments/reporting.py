@@ -352,13 +352,14 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 
 
 def _omniglot_cell(ms, *, split, variant, trained, tested) -> list[Measurement]:
+    """The measurements of one Omniglot setting (`trained=None`: models of any ways)."""
     return [
         m for m in ms
         if m.dataset == "omniglot" and m.split == split and m.ways == tested and m.shots == 1
         and m.source.flag("dataset", "omniglot") == "omniglot"
         and m.source.flag("architecture", "omniglot_cnn") == "omniglot_cnn"
         and m.source.flag("variant", "metanet") == variant
-        and m.source.flag("ways") == trained and m.source.flag("shots", 1) == 1
+        and trained in (None, m.source.flag("ways")) and m.source.flag("shots", 1) == 1
     ]  # fmt: skip
 
 
@@ -374,7 +375,8 @@ def _omniglot_rows(ms: list[Measurement], settings) -> list[list[str]]:
 
 def _paper_tables(ms: list[Measurement]) -> list[str]:
     """The sections of the paper's tables, each with our measurements beside the paper's."""
-    tables = (_previous_split, _standard_split, _n_to_k, _mnist, _mini_imagenet)
+    tables = (_previous_split, _standard_split, _standard_k_way, _n_to_k, _mnist,
+              _mini_imagenet)  # fmt: skip
     return [line for table in tables for line in table(ms)]
 
 
@@ -397,6 +399,32 @@ def _standard_split(ms: list[Measurement]) -> list[str]:
         ((str(n), PAPER_STANDARD[n]), "standard", "metanet", n, n) for n in (5, 10, 15, 20)
     ])  # fmt: skip
     return out + _table(("N-way", "paper", *_CELL_HEADER), rows) + [""]
+
+
+def _trained_ways(source: Source) -> str:
+    mixed = source.flag("train_ways") or ()
+    ways = str(source.flag("ways", "?"))
+    return f"{ways} (episodes of {'/'.join(map(str, mixed))} ways)" if mixed else ways
+
+
+def _standard_k_way(ms: list[Measurement]) -> list[str]:
+    out = ["## Omniglot, standard split, models tested at other ways (MetaNet, 1-shot)", "",
+           "A standard-split model tested on K-way episodes of the 20 evaluation alphabets "
+           "other than the ways it names (`python -m experiments.evaluate --workdir=... "
+           "--ways=K`); the paper's number is for a model trained K-way.",
+           ""]  # fmt: skip
+    rows = []
+    for k in (5, 10, 15, 20):
+        found = [
+            m for m in _omniglot_cell(ms, split="standard", variant="metanet", trained=None,
+                                      tested=k)
+            if m.source.flag("ways") != k
+        ]  # fmt: skip
+        for m in sorted(found, key=lambda m: m.source.path):
+            rows.append([str(k), PAPER_STANDARD[k], _trained_ways(m.source), *_cells([m])[0]])
+    if not rows:
+        rows = [["", "", "", *_cells([])[0]]]
+    return out + _table(("tested", "paper", "trained", *_CELL_HEADER), rows) + [""]
 
 
 def _n_to_k(ms: list[Measurement]) -> list[str]:

@@ -159,6 +159,26 @@ def test_numbers_land_in_their_paper_cells(tmp_path, monkeypatch):
     assert reporting.build(["models"], **kw) == []
 
 
+def test_standard_split_models_tested_at_other_ways_have_their_own_rows(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    to20 = {"name": "a", "data": "omniglot/standard/test", "ways": 20, "shots": 1,
+            "queries_per_class": 10, "episodes": 1000, "seed": train.TEST_SEED,
+            "batch": 50, "accuracy": 0.9198, "ci95": 0.0023}  # fmt: skip
+    _source(tmp_path / "models", "std5", split="standard", ways=5, max_ways=20,
+            train_ways=(5, 10, 15, 20), evals=[to20])  # fmt: skip
+    text = reporting.results_markdown(
+        reporting.find_sources(["models"]), ["models"], ablations_dir=None
+    )
+    row = _row(text, "20", "95.92", "5 (episodes of 5/10/15/20 ways)")
+    assert "| 91.98 +- 0.23 | 1,000 | `models/std5` |" in row
+    assert row.endswith("`python -m experiments.evaluate --workdir=models/std5 --ways=20` |")
+    # Not in the standard split's own table (models trained and tested 20-way) ...
+    assert _row(text, "20", "95.92", "").endswith("|  |  |  |  |  |  |  |")
+    # ... and the model's own 5-way test stays there, not among the other ways.
+    assert "`models/std5`" in _row(text, "5", "98.45")
+    assert not [line for line in text.splitlines() if line.startswith("| 5 | 98.45 | 5 (")]
+
+
 def test_a_model_recording_its_flagfile_adds_a_result_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = _source(tmp_path / "models", "demo", steps=3500)
