@@ -147,13 +147,6 @@ def _typed(value: str | bool, like: Any) -> Any:
     return value
 
 
-def _run_value(run_flags: Mapping[str, Any], name: str, default: Any) -> Any:
-    """A run's flag value as the spec holds it (config.json stores an integer-list flag,
-    a tuple in the spec, as a list)."""
-    value = run_flags.get(name, default)
-    return tuple(value) if isinstance(value, list) else value
-
-
 def _flag_text(name: str, value: Any) -> str:
     if isinstance(value, bool):
         return f"--{name}" if value else f"--no{name}"
@@ -171,7 +164,7 @@ def flag_overrides(flagfile: str | os.PathLike, run_flags: Mapping[str, Any]) ->
     for name, default in _DEFAULTS.items():
         if name in _LOCAL_FLAGS:
             continue
-        want = _run_value(run_flags, name, default)
+        want = train.json_value(run_flags.get(name, default))
         if want is None:
             continue
         have = _typed(values[name], want) if name in values else default
@@ -214,7 +207,7 @@ def training_command(run_flags: Mapping[str, Any], flagfile: str | os.PathLike |
         return " ".join([head, *extra])
     parts = ["python -m experiments.omniglot"]
     for name, default in _DEFAULTS.items():
-        want = _run_value(run_flags, name, default)
+        want = train.json_value(run_flags.get(name, default))
         if name in _LOCAL_FLAGS - {"workdir"} or want is None or want == default:
             continue
         parts.append(_flag_text(name, want))

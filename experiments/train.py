@@ -312,6 +312,12 @@ def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
 
 
 # ----------------------------------------------------------------------------- workdir
+def json_value(value: Any) -> Any:
+    """A flag value read from config.json as the spec holds it: JSON has no tuples, so an
+    integer-list flag (a tuple in the spec, e.g. `train_ways`) comes back as a list."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     """A run's saved flags (config.json's `"flags"`) as `RunSpec` fields.
 
@@ -324,8 +330,7 @@ def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     names = set(values)
     del values["workdir"]  # required: no default
     values.update(LEGACY_RUN_VALUES)
-    values.update({k: v for k, v in flags.items() if k in names})
-    values["train_ways"] = tuple(values["train_ways"])  # a list in config.json
+    values.update({k: json_value(v) for k, v in flags.items() if k in names})
     return legacy_to_current(values)
 
 
