@@ -725,13 +725,13 @@ def _check_pools(spec: RunSpec, config: MetaNetConfig, splits: Mapping[str, np.n
 def _check_pool(spec: RunSpec, name: str, shape: tuple[int, ...]) -> None:
     """Whether the `name` split's classes `[C, D, ...]` hold the run's episodes."""
     classes, per_class = shape[0], shape[1]
-    flag = "--ways" if spec.eval_ways is None else "--eval_ways"
     pool = classes * (4 if spec.rotations_as_classes and name == "train" else 1)
     most = max((spec.model.ways, *spec.train_ways))
     if name == "train" and most > pool:
         flag = "--ways" if most == spec.model.ways else "--train_ways"
         raise ValueError(f"{flag} asks for {most} classes, more than the {pool} training classes")
     if name != "train" and classes and spec.test_ways() > classes:
+        flag = "--ways" if spec.eval_ways is None else "--eval_ways"
         raise ValueError(f"{flag}={spec.test_ways()} is more than the {classes} {name} classes")
     need = spec.model.shots + max(spec.model.queries_per_class, spec.eval_queries_per_class)
     if classes and need > per_class:
