@@ -106,6 +106,10 @@ def main(argv):
     total = pretrained.folder_size(FLAGS.pretrained_dir)
     print(f"written: {dest} ({size / 1e6:.2f} MB; {FLAGS.pretrained_dir}/ holds "
           f"{total / 1e6:.2f} MB)", flush=True)  # fmt: skip
+    if size > pretrained.MAX_MODEL_BYTES:
+        logging.warning("%s holds %.2f MB, above the %.0f MB the repository allows a model "
+                        "(keep it outside pretrained/)", dest, size / 1e6,
+                        pretrained.MAX_MODEL_BYTES / 1e6)  # fmt: skip
     if total > pretrained.MAX_TOTAL_BYTES:
         limit = pretrained.MAX_TOTAL_BYTES / 1e6
         logging.warning("%s/ holds %.2f MB, above the %.0f MB the repository allows",

@@ -351,24 +351,34 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
     return lines
 
 
-def _omniglot_cell(ms, *, split, variant, trained, tested) -> list[Measurement]:
-    """The measurements of one Omniglot setting (`trained=None`: models of any ways)."""
+def _mixed(source: Source) -> bool:
+    """Whether the model trained on episodes of several ways (`--train_ways`)."""
+    return bool(source.flag("train_ways"))
+
+
+def _omniglot_cell(ms, *, split, variant, trained, tested, one_ways=False) -> list[Measurement]:
+    """The measurements of one Omniglot setting. `trained`: the ways the model names (None:
+    any; "mixed": the tested ways, or any for a model trained on episodes of several ways);
+    `one_ways`: only models trained on episodes of one ways."""
     return [
         m for m in ms
         if m.dataset == "omniglot" and m.split == split and m.ways == tested and m.shots == 1
         and m.source.flag("dataset", "omniglot") == "omniglot"
         and m.source.flag("architecture", "omniglot_cnn") == "omniglot_cnn"
-        and m.source.flag("variant", "metanet") == variant
-        and trained in (None, m.source.flag("ways")) and m.source.flag("shots", 1) == 1
+        and m.source.flag("variant", "metanet") == variant and m.source.flag("shots", 1) == 1
+        and (trained in (None, m.source.flag("ways"))
+             or (trained == "mixed" and (_mixed(m.source) or m.source.flag("ways") == tested)))
+        and not (one_ways and _mixed(m.source))
     ]  # fmt: skip
 
 
-def _omniglot_rows(ms: list[Measurement], settings) -> list[list[str]]:
+def _omniglot_rows(ms: list[Measurement], settings, one_ways=False) -> list[list[str]]:
     """The rows of an Omniglot table: for each `(first columns, split, variant, trained ways,
     tested ways)` of `settings`, one row per measurement of that setting (or one empty)."""
     rows = []
     for first, split, variant, trained, tested in settings:
-        found = _omniglot_cell(ms, split=split, variant=variant, trained=trained, tested=tested)
+        found = _omniglot_cell(ms, split=split, variant=variant, trained=trained, tested=tested,
+                               one_ways=one_ways)  # fmt: skip
         rows += [[*first, *cells] for cells in _cells(found)]
     return rows
 
@@ -382,13 +392,20 @@ def _paper_tables(ms: list[Measurement]) -> list[str]:
 
 def _previous_split(ms: list[Measurement]) -> list[str]:
     out = ["## Omniglot, previous split (Vinyals et al.), 1-shot", "",
-           "Paper Table 1: trained and tested N-way, 1,200 training characters, 423 test "
-           "characters (`previous_<N>way_<variant>.flags`).", ""]  # fmt: skip
-    rows = _omniglot_rows(ms, [
-        ((VARIANT_NAMES[v], str(n), PAPER_PREVIOUS[v][n]), "previous", v, n, n)
-        for v in ("metanet-", "metanet", "metanet+") for n in (5, 10, 15, 20)
-    ])  # fmt: skip
-    return out + _table(("model", "N-way", "paper", *_CELL_HEADER), rows) + [""]
+           "Paper Table 1: N-way tests of 423 test characters after training on 1,200 "
+           "(`previous_<N>way_<variant>.flags`: trained N-way). A model trained on episodes "
+           "of several ways (`--train_ways`, e.g. `previous_cpu.flags`) stands in every "
+           "column it was tested at; \"trained\" says how each model was trained.",
+           ""]  # fmt: skip
+    rows = []
+    for v in ("metanet-", "metanet", "metanet+"):
+        for n in (5, 10, 15, 20):
+            found = _omniglot_cell(ms, split="previous", variant=v, trained="mixed", tested=n)
+            for m in sorted(found, key=lambda m: m.source.path) or [None]:
+                how = "" if m is None else _training(m.source)
+                cells = _cells([] if m is None else [m])[0]
+                rows.append([VARIANT_NAMES[v], str(n), PAPER_PREVIOUS[v][n], how, *cells])
+    return out + _table(("model", "N-way", "paper", "trained", *_CELL_HEADER), rows) + [""]
 
 
 def _standard_split(ms: list[Measurement]) -> list[str]:
@@ -401,10 +418,24 @@ def _standard_split(ms: list[Measurement]) -> list[str]:
     return out + _table(("N-way", "paper", *_CELL_HEADER), rows) + [""]
 
 
-def _trained_ways(source: Source) -> str:
-    mixed = source.flag("train_ways") or ()
-    ways = str(source.flag("ways", "?"))
-    return f"{ways} (episodes of {'/'.join(map(str, mixed))} ways)" if mixed else ways
+def _training(source: Source) -> str:
+    """How a model was trained, for a table's "trained" column: ways, channels, augmented
+    layers (the steps, wall time and hardware have columns of their own)."""
+    f = source.flags
+    mixed = f.get("train_ways") or ()
+    parts = [f"{'/'.join(map(str, mixed))}-way episodes" if mixed else f"{f.get('ways')}-way"]
+    if f.get("architecture", "omniglot_cnn") == "mlp":
+        parts.append("MLP networks")
+    elif f.get("conv_channels"):
+        parts.append(f"{f['conv_channels']} channels")
+    model = source.results.get("model_config") or {}
+    chosen = [model.get(k) for k in ("augment_base", "augment_representation")]
+    if any(c is not None for c in chosen):
+        named = ["all" if c is None else ",".join(c) for c in chosen]
+        parts.append(f"augmented b: {named[0]}; u: {named[1]}")
+    else:
+        parts.append("all layers augmented")
+    return ", ".join(parts)
 
 
 def _standard_k_way(ms: list[Measurement]) -> list[str]:
@@ -421,7 +452,7 @@ def _standard_k_way(ms: list[Measurement]) -> list[str]:
             if m.source.flag("ways") != k
         ]  # fmt: skip
         for m in sorted(found, key=lambda m: m.source.path):
-            rows.append([str(k), PAPER_STANDARD[k], _trained_ways(m.source), *_cells([m])[0]])
+            rows.append([str(k), PAPER_STANDARD[k], _training(m.source), *_cells([m])[0]])
     if not rows:
         rows = [["", "", "", *_cells([])[0]]]
     return out + _table(("tested", "paper", "trained", *_CELL_HEADER), rows) + [""]
@@ -430,11 +461,12 @@ def _standard_k_way(ms: list[Measurement]) -> list[str]:
 def _n_to_k(ms: list[Measurement]) -> list[str]:
     out = ["## Trained N-way, tested K-way (previous split, MetaNet, 1-shot)", "",
            "A model trained N-way with 20 output units (`--max_ways=20`) tested on K-way "
-           "episodes: `python -m experiments.evaluate --workdir=... --ways=K`.", ""]  # fmt: skip
+           "episodes: `python -m experiments.evaluate --workdir=... --ways=K` (models trained "
+           "on episodes of several ways stand in Table 1).", ""]  # fmt: skip
     rows = _omniglot_rows(ms, [
         ((str(n), str(k), PAPER_N_TO_K[n][k]), "previous", "metanet", n, k)
         for n in (5, 10, 15, 20) for k in (5, 10, 15, 20)
-    ])  # fmt: skip
+    ], one_ways=True)  # fmt: skip
     return out + _table(("trained", "tested", "paper", *_CELL_HEADER), rows) + [""]
 
 

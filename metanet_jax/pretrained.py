@@ -44,7 +44,8 @@ PARAMS_FILE = "params.npz"
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
 REPO_PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
-MAX_TOTAL_BYTES = 5_000_000  # all of the repository's pretrained/ together
+MAX_TOTAL_BYTES = 10_000_000  # all of the repository's pretrained/ together
+MAX_MODEL_BYTES = 2_000_000  # one model folder
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SEP = "/"
 

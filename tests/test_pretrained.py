@@ -70,6 +70,7 @@ def test_committed_pretrained_models_are_small_pickle_free_and_complete():
     assert pretrained.folder_size(models) <= pretrained.MAX_TOTAL_BYTES
     for model in sorted(p for p in models.iterdir() if p.is_dir()):
         assert pretrained.is_pretrained(model), model
+        assert pretrained.folder_size(model) <= pretrained.MAX_MODEL_BYTES, model
         for npz in model.glob("*.npz"):
             with np.load(npz, allow_pickle=False) as f:
                 for k in f.files:

@@ -169,7 +169,7 @@ def test_standard_split_models_tested_at_other_ways_have_their_own_rows(tmp_path
     text = reporting.results_markdown(
         reporting.find_sources(["models"]), ["models"], ablations_dir=None
     )
-    row = _row(text, "20", "95.92", "5 (episodes of 5/10/15/20 ways)")
+    row = _row(text, "20", "95.92", "5/10/15/20-way episodes, all layers augmented")
     assert "| 91.98 +- 0.23 | 1,000 | `models/std5` |" in row
     assert row.endswith("`python -m experiments.evaluate --workdir=models/std5 --ways=20` |")
     # Not in the standard split's own table (models trained and tested 20-way) ...
@@ -223,3 +223,50 @@ def test_report_program_check_fails_on_a_stale_readme(tmp_path):
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "out of date" in out.stderr and "README.md" in out.stderr
     assert readme.read_text().count("stale") == 1 and not (tmp_path / "R.md").exists()
+
+
+def test_table_1_shows_a_model_trained_on_several_ways_in_every_column_it_was_tested_at(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+
+    def tested(ways, accuracy):
+        return {"name": f"w{ways}", "data": "omniglot/previous/test", "ways": ways, "shots": 1,
+                "queries_per_class": 10, "episodes": 1000, "seed": train.TEST_SEED,
+                "batch": 50, "accuracy": accuracy, "ci95": 0.002}  # fmt: skip
+
+    mixed = dict(split="previous", ways=5, max_ways=20, train_ways=(5, 10, 15, 20),
+                 conv_channels=32)  # fmt: skip
+    _source(tmp_path / "models", "mix", evals=[tested(10, 0.97), tested(20, 0.95)], **mixed)
+    folder = _source(tmp_path / "models", "mix_minus", variant="metanet-",
+                     evals=[tested(15, 0.9611)], **mixed)  # fmt: skip
+    results = json.loads((folder / "results.json").read_text())  # the paper's last three
+    results["model_config"] = {"augment_base": ["conv_2", "conv_3", "out"],
+                               "augment_representation": None}  # fmt: skip
+    (folder / "results.json").write_text(json.dumps(results))
+    _source(tmp_path / "models", "one10", split="previous", ways=10, max_ways=20,
+            evals=[tested(20, 0.93)])  # fmt: skip
+    text = reporting.results_markdown(
+        reporting.find_sources(["models"]), ["models"], ablations_dir=None
+    )
+    how = "5/10/15/20-way episodes, 32 channels, all layers augmented"
+    row = _row(text, "MetaNet", "5", "98.95", how)
+    assert "| 97.12 +- 0.31 | 1,000 | `models/mix` | 1,000 | 1h02m | 1 x NVIDIA H200 |" in row
+    row = _row(text, "MetaNet", "10", "98.67", how)
+    assert "| 97.00 +- 0.20 | 1,000 | `models/mix` |" in row
+    assert row.endswith("`python -m experiments.evaluate --workdir=models/mix --ways=10` |")
+    assert "| 95.00 +- 0.20 | 1,000 | `models/mix` |" in _row(text, "MetaNet", "20", "97.0", how)
+    # Not tested 15-way: that column holds no row of it.
+    assert "`models/mix`" not in _row(text, "MetaNet", "15", "97.11", "")
+    # MetaNet-, with the augmented layers it names.
+    how_minus = "5/10/15/20-way episodes, 32 channels, augmented b: conv_2,conv_3,out; u: all"
+    assert "| 96.11 +- 0.20 | 1,000 | `models/mix_minus` |" in _row(
+        text, "MetaNet-", "15", "96.68", how_minus
+    )
+    # A model trained 10-way on one ways: its own test in Table 1, its 20-way test in the
+    # trained-N / tested-K table, which holds no model trained on several ways.
+    assert "`models/one10`" in _row(text, "MetaNet", "10", "98.67", "10-way, all layers augmented")
+    assert "`models/one10`" not in _row(text, "MetaNet", "20", "97.0", how)
+    assert "| 93.00 +- 0.20 | 1,000 | `models/one10` |" in _row(text, "10", "20", "96.21")
+    n_to_k = text[text.index("## Trained N-way, tested K-way") : text.index("## MNIST")]
+    assert "`models/mix" not in n_to_k
