@@ -18,6 +18,12 @@ see `fast_collection`). A layer's entry in `"fast"` holds any of:
   `W*_j` built and run as a batched matmul over `h_j`'s patches ("patches", fewer FLOPs);
 * `"task_kernel"` `[*k]`: a second task-level kernel (MetaNet+ for b).
 
+Recurrent layers: `AugmentedLSTMCell` (one step, for `nn.RNN` / `nn.scan` with the `"fast"`
+collection broadcast, `RNN_BROADCAST`) and `AugmentedLSTM` (the same over a sequence) hold two
+augmented kernels, `input/kernel` and `recurrent/kernel`, each with a `"fast"` entry of the
+forms above, the same at every time step; the gate pre-activations sum the slow and fast
+linear paths (`AugmentedLSTMCell`'s docstring has the equations).
+
 No entry (or no `"fast"` collection) means the plain slow layer. At `init` an augmented layer
 writes a zero `"kernel"` into `"fast"`: the template that says which layers are augmented and
 what their kernels look like (`networks.describe` reads it; zero fast weights add nothing).
