@@ -96,7 +96,7 @@ def _mini_imagenet(v):
 @flags.multi_flags_validator(
     ["dataset", "architecture"],
     message="--dataset=mini_imagenet needs --architecture=mini_imagenet_cnn and the other "
-    "data sets omniglot_cnn or mlp",
+    "data sets omniglot_cnn, mlp or rows_lstm",
 )
 def _architecture(v):
     return (v["dataset"] == "mini_imagenet") == (v["architecture"] == "mini_imagenet_cnn")

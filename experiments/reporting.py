@@ -292,6 +292,8 @@ def _setting(source: Source) -> str:
     arch = f.get("architecture", "omniglot_cnn")
     if arch == "mlp":
         text += ", MLP networks"
+    elif arch == "rows_lstm":
+        text += f", rows read by an LSTM of {f.get('hidden_units') or 64} units"
     elif f.get("conv_channels"):
         text += f", {f['conv_channels']} channels"
     return text
@@ -305,8 +307,8 @@ def paper_number(source: Source) -> str:
         return ""
     if f.get("dataset", "omniglot") == "mini_imagenet":
         return PAPER_MINI_IMAGENET if ways == 5 and variant == "metanet" else ""
-    if f.get("dataset", "omniglot") != "omniglot" or f.get("architecture") == "mlp":
-        return ""
+    if f.get("dataset", "omniglot") != "omniglot" or f.get("architecture") in ("mlp", "rows_lstm"):
+        return ""  # the paper's numbers are its CNN's
     if f.get("split") == "previous":
         return PAPER_PREVIOUS.get(variant, {}).get(ways, "")
     if f.get("split", "standard") == "standard" and variant == "metanet":

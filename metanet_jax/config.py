@@ -10,7 +10,8 @@ import dataclasses
 from typing import Literal
 
 VARIANTS = ("metanet", "metanet-", "metanet+")
-ARCHITECTURES = ("omniglot_cnn", "mini_imagenet_cnn", "mlp")
+ARCHITECTURES = ("omniglot_cnn", "mini_imagenet_cnn", "mlp", "rows_lstm")
+CONV_ARCHITECTURES = ("omniglot_cnn", "mini_imagenet_cnn")
 REP_LOSSES = ("auto", "ce", "contrastive")
 QUERY_PATHS = ("auto", "stacked", "patches")
 TASK_BATCHING = ("auto", "loop", "vmap")
@@ -50,6 +51,9 @@ _ARCH_DEFAULTS = {
         conv_channels=32, num_conv_layers=5, hidden_units=288, batchnorm_layers=3
     ),
     "mlp": dict(conv_channels=0, num_conv_layers=0, hidden_units=64, batchnorm_layers=0),
+    # An image read row by row: H steps of W*C pixels through one augmented LSTM of
+    # hidden_units (networks.py).
+    "rows_lstm": dict(conv_channels=0, num_conv_layers=0, hidden_units=64, batchnorm_layers=0),
 }
 
 
@@ -64,7 +68,9 @@ class MetaNetConfig:
       image_shape: `(H, W, C)` of one example.
       variant: "metanet", "metanet-" (no task-level fast weights) or "metanet+" (an extra
         task-level fast weight for the base learner; METANET.md's reading).
-      architecture: "omniglot_cnn", "mini_imagenet_cnn" or "mlp" (continual / MNIST runs).
+      architecture: "omniglot_cnn", "mini_imagenet_cnn", "mlp" (continual / MNIST runs) or
+        "rows_lstm" (each image read as a sequence of its rows by an augmented LSTM of
+        `hidden_units`; `networks` module docstring).
       conv_channels, num_conv_layers, hidden_units, num_hidden_layers, batchnorm_layers:
         network sizes; `None` takes the architecture's default (METANET.md).
       max_ways: output units of the base learner (>= ways); an episode uses the first `ways`
@@ -139,7 +145,7 @@ class MetaNetConfig:
     queries_per_class: int = 10
     image_shape: tuple[int, ...] = (28, 28, 1)
     variant: Literal["metanet", "metanet-", "metanet+"] = "metanet"
-    architecture: Literal["omniglot_cnn", "mini_imagenet_cnn", "mlp"] = "omniglot_cnn"
+    architecture: Literal["omniglot_cnn", "mini_imagenet_cnn", "mlp", "rows_lstm"] = "omniglot_cnn"
     conv_channels: int | None = None
     num_conv_layers: int | None = None
     hidden_units: int | None = None
@@ -238,9 +244,10 @@ class MetaNetConfig:
             raise ValueError("MetaNetConfig.hidden_units must be positive")
         if self.num_hidden_layers < 1:
             raise ValueError("MetaNetConfig.num_hidden_layers must be >= 1")
-        if self.architecture != "mlp" and self.resolved("num_conv_layers") <= 0:
+        conv = self.architecture in CONV_ARCHITECTURES
+        if conv and self.resolved("num_conv_layers") <= 0:
             raise ValueError(f"architecture {self.architecture!r} needs num_conv_layers >= 1")
-        if self.architecture != "mlp" and self.resolved("conv_channels") <= 0:
+        if conv and self.resolved("conv_channels") <= 0:
             raise ValueError(f"architecture {self.architecture!r} needs conv_channels >= 1")
 
     def _check_optimiser(self) -> None:

@@ -18,6 +18,12 @@ see `fast_collection`). A layer's entry in `"fast"` holds any of:
   `W*_j` built and run as a batched matmul over `h_j`'s patches ("patches", fewer FLOPs);
 * `"task_kernel"` `[*k]`: a second task-level kernel (MetaNet+ for b).
 
+Recurrent layers: `AugmentedLSTMCell` (one step, for `nn.RNN` / `nn.scan` with the `"fast"`
+collection broadcast, `RNN_BROADCAST`) and `AugmentedLSTM` (the same over a sequence) hold two
+augmented kernels, `input/kernel` and `recurrent/kernel`, each with a `"fast"` entry of the
+forms above, the same at every time step; the gate pre-activations sum the slow and fast
+linear paths (`AugmentedLSTMCell`'s docstring has the equations).
+
 No entry (or no `"fast"` collection) means the plain slow layer. At `init` an augmented layer
 writes a zero `"kernel"` into `"fast"`: the template that says which layers are augmented and
 what their kernels look like (`networks.describe` reads it; zero fast weights add nothing).
@@ -34,6 +40,7 @@ import contextvars
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -555,3 +562,189 @@ def fast_collection(
             if is_memory:
                 _put(out, module, "mix", mix)
     return out
+
+
+# ----------------------------------------------------------------------------- recurrent layers
+# The gates of the augmented LSTM, in this order along the last axis of the kernels [., 4H].
+LSTM_GATES = ("input", "forget", "cell", "output")
+orthogonal = nn.initializers.orthogonal()
+
+
+def lstm_gates(z: Array, c: Array) -> tuple[Array, Array]:
+    """One LSTM update from the gate pre-activations (gates in `LSTM_GATES` order).
+
+    `i, f, o = sigmoid(z_i, z_f, z_o)`, `g = tanh(z_g)`, `c' = f c + i g`, `h' = o tanh(c')`.
+
+    Args:
+      z: `[n, 4H]` pre-activations.
+      c: `[n, H]` the previous cell state.
+
+    Returns:
+      `(c', h')`, each `[n, H]`.
+    """
+    i, f, g, o = jnp.split(z, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    return c, jax.nn.sigmoid(o) * jnp.tanh(c)
+
+
+def _gate_bias(forget_bias: float):
+    def init(_key, shape, dtype=jnp.float32):
+        hidden = shape[0] // 4
+        return jnp.zeros(shape, dtype).at[hidden : 2 * hidden].set(forget_bias)
+
+    return init
+
+
+class _FastKernel(_Augmented):
+    """One slow kernel of a recurrent layer (param `kernel`) and its fast weights from the
+    `"fast"` collection, as `augmented_layer` arguments (the layer applies them itself)."""
+
+    shape: tuple[int, ...] = ()
+
+    @nn.compact
+    def __call__(self, n: int) -> tuple[Array, dict[str, Array]]:
+        slow = self.param("kernel", self.kernel_init or lecun_normal, self.shape, jnp.float32)
+        try:
+            return slow, self._fast_weights(self.shape, n)
+        except flax.errors.ScopeCollectionNotFound as err:  # under nn.scan without "fast"
+            raise ValueError(
+                f"layer {self.path_name()!r} cannot reach the {FAST!r} collection: under "
+                "nn.RNN / nn.scan broadcast it with the params, "
+                "variable_broadcast=layers.RNN_BROADCAST"
+            ) from err
+
+
+class _LSTMShape(nn.Module):
+    """The augmented LSTM layers' field before their options (see `_Augmented`)."""
+
+    features: int
+
+
+class _LSTMOptions(nn.Module):
+    """The options shared by `AugmentedLSTMCell` and `AugmentedLSTM`, and their weights."""
+
+    augmented: bool = True
+    kernel_init: Initializer | None = None
+    recurrent_kernel_init: Initializer | None = None
+    forget_bias: float = 1.0
+
+    def _weights(self, inputs: int, n: int):
+        """`(input (W_x, fast), recurrent (W_h, fast), b)`: the slow kernels `[D, 4H]` and
+        `[H, 4H]` (params `input/kernel`, `recurrent/kernel`) with their fast weights, and
+        the slow bias `[4H]` (param `bias`; not augmented)."""
+        hidden = 4 * self.features
+        x_kernel = _FastKernel(
+            augmented=self.augmented, kernel_init=self.kernel_init,
+            shape=(inputs, hidden), name="input",
+        )(n)  # fmt: skip
+        h_kernel = _FastKernel(
+            augmented=self.augmented, kernel_init=self.recurrent_kernel_init or orthogonal,
+            shape=(self.features, hidden), name="recurrent",
+        )(n)  # fmt: skip
+        bias = self.param("bias", _gate_bias(self.forget_bias), (hidden,), jnp.float32)
+        return x_kernel, h_kernel, bias
+
+
+def _pre_activation(h: Array, kernel: tuple[Array, dict[str, Array]]) -> Array:
+    """`h (W + W*) [+ h W+]`: a linear augmented layer (slow and fast paths summed)."""
+    slow, fast = kernel
+    return augmented_layer("dense", h, slow, **fast, relu=False)
+
+
+class AugmentedLSTMCell(_LSTMOptions, _LSTMShape, nn.RNNCellBase):
+    """An augmented LSTM cell: one time step, for `nn.RNN` / `nn.scan`.
+
+    Layer augmentation on the gate pre-activations, in the linear form (the authors' form for
+    their linear layers, b's output and u's key layer: slow and fast outputs summed):
+
+        z_t = x_t (W_x + W*_x) + h_{t-1} (W_h + W*_h) [+ x_t W+_x + h_{t-1} W+_h] + b
+        i, f, o = sigmoid(z_i, z_f, z_o); g = tanh(z_g)
+        c_t = f c_{t-1} + i g;  h_t = o tanh(c_t)
+
+    W_x `[D, 4H]`, W_h `[H, 4H]` and b `[4H]` are slow params (`input/kernel`,
+    `recurrent/kernel`, `bias`; gates in `LSTM_GATES` order); W*_x, W*_h are their fast
+    counterparts from the `"fast"` collection at `input/kernel`, `recurrent/kernel` (any form
+    of the module docstring: a shared Q*, one kernel per example, a memory with its `mix`, a
+    task kernel W+), the same at every time step. Not the ReLU form relu(slow) + relu(fast)
+    of the hidden layers: a ReLU under a gate keeps every gate >= 1/2 and the candidate g >= 0
+    (no gate could close, no cell value decrease). The bias is slow only (the authors' layers
+    have none; an LSTM's forget gate wants one, initialised to `forget_bias`).
+
+    Under `nn.RNN` (or `nn.scan`) the `"fast"` collection must be broadcast like the params:
+    `nn.RNN(cell, variable_broadcast=RNN_BROADCAST)`. A memory read then mixes the memory's
+    outputs at every step; `AugmentedLSTM` (the same equations and params over a whole
+    sequence) builds each example's W*_j once.
+
+    Attributes:
+      features: H, the hidden size.
+      augmented: `False` for a plain slow LSTM that takes no fast weights.
+      kernel_init: W_x's initialiser (default LeCun-normal).
+      recurrent_kernel_init: W_h's initialiser (default orthogonal).
+      forget_bias: the forget gate's initial bias.
+    """
+
+    @nn.compact
+    def __call__(self, carry: tuple[Array, Array], x: Array):
+        """`((c, h) [n, H] each, x_t [n, D]) -> ((c_t, h_t), h_t)`."""
+        c, h = carry
+        x_kernel, h_kernel, bias = self._weights(x.shape[-1], x.shape[0])
+        z = _pre_activation(x, x_kernel) + _pre_activation(h, h_kernel) + bias
+        c, h = lstm_gates(z, c)
+        return (c, h), h
+
+    @nn.nowrap
+    def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]):
+        """Zero `(c, h)`, each `[*batch, H]` for an input `[*batch, D]`, in JAX's default
+        float (float64 under `jax.enable_x64`, as the step's outputs then are)."""
+        del rng
+        zeros = jnp.zeros(tuple(input_shape[:-1]) + (self.features,), jnp.result_type(float))
+        return zeros, zeros
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+RNN_BROADCAST = ("params", FAST)  # nn.RNN's / nn.scan's variable_broadcast for the cell
+
+
+def _read_once(fast: dict[str, Array]) -> dict[str, Array]:
+    """A memory read (`memory` `[S, *k]`, `mix` `[n, S]`) as each example's kernel
+    `W*_j = sum_s mix[j, s] memory[s]` `[n, *k]`; other fast weights as given."""
+    if "memory" not in fast:
+        return fast
+    out = {k: v for k, v in fast.items() if k not in ("memory", "mix")}
+    out["per_example_kernel"] = jnp.einsum("ns,s...->n...", fast["mix"], fast["memory"])
+    return out
+
+
+class AugmentedLSTM(_LSTMOptions, _LSTMShape):
+    """`AugmentedLSTMCell` over a whole sequence: the same equations and params (`input`,
+    `recurrent`, `bias`), the fast weights read once per sequence.
+
+    A memory read becomes each example's kernel W*_j once (not mixed again at every step),
+    and `x_t (W_x + W*_x)` runs for all steps in one matmul before the `lax.scan` over time.
+
+    Attributes:
+      features, augmented, kernel_init, recurrent_kernel_init, forget_bias: as
+        `AugmentedLSTMCell`.
+    """
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """`[n, T, D] -> [n, T, H]`: h_t at every step, from zero `(c_0, h_0)`."""
+        if x.ndim != 3:
+            raise ValueError(f"AugmentedLSTM expects [n, T, D] inputs, got {x.shape}")
+        x_kernel, (h_slow, h_fast), bias = self._weights(x.shape[-1], x.shape[0])
+        x_kernel = (x_kernel[0], _read_once(x_kernel[1]))
+        h_kernel = (h_slow, _read_once(h_fast))
+        xz = _pre_activation(x, x_kernel) + bias  # [n, T, 4H]
+
+        def step(carry, xz_t):
+            c, h = carry
+            c, h = lstm_gates(xz_t + _pre_activation(h, h_kernel), c)
+            return (c, h), h
+
+        zeros = jnp.zeros((x.shape[0], self.features), xz.dtype)
+        _, hs = lax.scan(step, (zeros, zeros), jnp.swapaxes(xz, 0, 1))
+        return jnp.swapaxes(hs, 0, 1)

@@ -17,6 +17,12 @@ Built-in architectures (METANET.md):
 * "mini_imagenet_cnn": 5 x conv 3x3 32 channels, per-episode BatchNorm in blocks 1-3, 84x84
   -> 288 features; b: FC 288 -> 288 (ReLU), FC -> ways; u: key FC 288 -> 288.
 * "mlp": b: FC 64 -> FC 64 -> ways (ReLU); u: FC 64 (ReLU) -> key FC 64 (linear) -> head.
+* "rows_lstm": the image `[H, W, C]` read row by row, H steps of W*C pixels (Omniglot: 28
+  steps of 28), through one augmented LSTM of `hidden_units` H' (`layers.AugmentedLSTM`,
+  params `lstm/{input,recurrent}/kernel` `[W*C, 4H']`, `[H', 4H']` and `lstm/bias`), its
+  last hidden state h_T `[H']` the features; b: FC H' -> H' (ReLU) -> ways (linear); u: key
+  FC H' -> H' (linear) -> head. Every layer augmented by default (as the Omniglot CNN), the
+  LSTM's two kernels with it.
 * `base_input="r"`: b is an MLP (FC -> out) on u's key r.
 
 Their params keep the form checkpoints were written in: `{"conv_0": {"kernel"},
@@ -44,6 +50,7 @@ from metanet_jax.types import Array, FastWeights, Params
 KEY_LAYER = "key"
 HEAD_LAYER = "head"
 OUTPUT_LAYER = "out"
+RECURRENT_LAYER = "lstm"
 KINDS = ("conv", "dense")
 
 
@@ -53,7 +60,9 @@ def layer_names(config: MetaNetConfig, which: str) -> tuple[str, ...]:
     layer; the head is separate), in order."""
     hidden_layers = config.num_hidden_layers
     convs = []
-    if config.architecture != "mlp":
+    if config.architecture == "rows_lstm":
+        convs = [RECURRENT_LAYER]  # the trunk: one layer, not a conv
+    elif config.architecture != "mlp":
         convs = [f"conv_{i}" for i in range(config.resolved("num_conv_layers"))]
     if which == "base":
         if config.base_input == "r":
@@ -119,7 +128,15 @@ class _Builtin(nn.Module):
         )(h)  # fmt: skip
 
     def _trunk(self, h: Array) -> Array:
-        """conv 3x3 [-> BatchNorm on the slow path] -> ReLU -> 2x2 max-pool, per block."""
+        """conv 3x3 [-> BatchNorm on the slow path] -> ReLU -> 2x2 max-pool, per block; or
+        ("rows_lstm") the rows `[n, H, W*C]` through the LSTM, its last hidden state."""
+        if self.architecture == "rows_lstm":
+            rows = h.reshape(h.shape[0], h.shape[1], -1)
+            init = _kernel_init(self.weight_init)
+            return layers.AugmentedLSTM(
+                self.hidden, augmented=RECURRENT_LAYER in self.augmented, kernel_init=init,
+                recurrent_kernel_init=init, name=RECURRENT_LAYER,
+            )(rows)[:, -1]  # fmt: skip
         for i in range(self.conv_layers):
             name = f"conv_{i}"
             # Owned here (params `bn_conv_<i>` beside `conv_<i>`, the checkpoints' form).

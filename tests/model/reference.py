@@ -70,6 +70,8 @@ def layer_names(config, which):
         return ["fc_0", "out"]  # b is an MLP on u's representation
     n_conv = 0 if config.architecture == "mlp" else config.resolved("num_conv_layers")
     convs = [f"conv_{i}" for i in range(n_conv)]
+    if config.architecture == "rows_lstm":
+        convs = ["lstm"]  # the rows through one LSTM (see `lstm_forward`)
     if which == "base":
         if config.architecture == "mlp":
             return [f"fc_{i}" for i in range(config.num_hidden_layers)] + ["out"]
@@ -85,11 +87,12 @@ def augmented(config, which):
     names = layer_names(config, which)
     chosen = config.augment_base if which == "base" else config.augment_representation
     if chosen is not None:
-        return [n for n in names if n in chosen]
-    if config.architecture == "mini_imagenet_cnn":
+        names = [n for n in names if n in chosen]
+    elif config.architecture == "mini_imagenet_cnn":
         convs = [n for n in names if n.startswith("conv")]
-        return convs[-2:] + [n for n in names if not n.startswith("conv")]
-    return names
+        names = convs[-2:] + [n for n in names if not n.startswith("conv")]
+    # The LSTM's two kernels are two augmented kernels (flat names, see `flat`).
+    return [k for n in names for k in ((f"{n}/input", f"{n}/recurrent") if n == "lstm" else (n,))]
 
 
 def forward(names, slow, xs, fasts=None):
@@ -103,6 +106,9 @@ def forward(names, slow, xs, fasts=None):
     fasts = [()] * len(xs) if fasts is None else fasts
     hs = list(xs)
     for name in names:
+        if name == "lstm":
+            hs = [lstm_forward(slow, h, fast) for h, fast in zip(hs, fasts, strict=True)]
+            continue
         is_conv = name.startswith("conv")
         if not is_conv:
             hs = [h.reshape(-1) for h in hs]
@@ -122,6 +128,43 @@ def forward(names, slow, xs, fasts=None):
             new.append(pool(h) if is_conv else h)
         hs = new
     return hs
+
+
+def lstm_forward(slow, x, fast):
+    """The rows of one image `x` `[H, W, C]` (H steps of W*C pixels) through the augmented
+    LSTM, written out: gate pre-activations `z = x_t W_x + h W_h + b` plus, for each fast
+    weight f of the example, `x_t f_x + h f_h` (linear augmentation, no ReLU); gates in the
+    order i, f, g, o; `c = sigmoid(f) c + sigmoid(i) tanh(g)`, `h = sigmoid(o) tanh(c)`.
+    Returns the last `h` `[H']`."""
+    rows = x.reshape(x.shape[0], -1)
+    wx, wh, b = slow["lstm/input"]["kernel"], slow["lstm/recurrent"]["kernel"], slow["lstm"]["bias"]
+    hid = wh.shape[0]
+    h = jnp.zeros(hid, rows.dtype)
+    c = jnp.zeros(hid, rows.dtype)
+    for t in range(rows.shape[0]):
+        z = rows[t] @ wx + h @ wh + b
+        for f in fast:
+            if f is not None and "lstm/input" in f:
+                z = z + rows[t] @ f["lstm/input"]["kernel"] + h @ f["lstm/recurrent"]["kernel"]
+        i, fg, g, o = (z[k * hid : (k + 1) * hid] for k in range(4))
+        c = jax.nn.sigmoid(fg) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return h
+
+
+def flat(group):
+    """A network's params with nested layers flattened into `"layer/sub"` entries: the
+    LSTM's `{"lstm": {"input": {"kernel"}, "recurrent": {"kernel"}, "bias"}}` becomes
+    `"lstm/input"`, `"lstm/recurrent"` (each `{"kernel"}`) and `"lstm"` (`{"bias"}`); other
+    layers as they are."""
+    out = {}
+    for name, layer in group.items():
+        for key, value in layer.items():
+            if isinstance(value, dict):
+                out[f"{name}/{key}"] = value
+            else:
+                out.setdefault(name, {})[key] = value
+    return out
 
 
 def ce(logits, y):
@@ -265,7 +308,7 @@ def task_outputs(params, config, xs, ys, xq):
     one task. `ys` are concrete labels."""
     p, ways = config.grad_p, config.ways
     stop = (lambda t: t) if config.second_order else lax.stop_gradient
-    W, Q = params["base"], params["representation"]
+    W, Q = flat(params["base"]), flat(params["representation"])
     b_names, u_names = layer_names(config, "base"), layer_names(config, "representation")
     b_aug, u_aug = augmented(config, "base"), augmented(config, "representation")
     n = xs.shape[0]
