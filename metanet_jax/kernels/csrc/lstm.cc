@@ -37,9 +37,8 @@
 // whatever the number of threads or their scheduling. Chunks are claimed dynamically by the
 // caller and by tasks on the FFI thread pool.
 //
-// tanh is a rational approximation (Eigen's [13/6] minimax, clamped at +-7.9053) with the
-// division done by rcp14 + one Newton step: max relative error 2.9e-7 over all floats.
-// Sigmoid gates use pre-halved weights (exact: scaling by 0.5) and 0.5 tanh + 0.5.
+// tanh is a [9/6] rational approximation (see TanhImpl): max relative error 4.9e-7 over all
+// floats. Sigmoid gates use pre-halved weights (exact: scaling by 0.5) and 0.5 tanh + 0.5.
 
 #include <immintrin.h>
 
@@ -68,34 +67,38 @@ constexpr int64_t kChunkBlocks = 32;       // blocks per chunk (unit of work and
 constexpr int kMaxH = 64;
 
 // ----------------------------------------------------------------------------- math
-inline __m512 Tanh(__m512 x) {
-  const __m512 lim = _mm512_set1_ps(7.90531110763549805f);
-  const __m512 nlim = _mm512_set1_ps(-7.90531110763549805f);
-  x = _mm512_min_ps(_mm512_max_ps(x, nlim), lim);
-  const __m512 x2 = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_fmadd_ps(x2, _mm512_set1_ps(-2.76076847742355e-16f),
-                             _mm512_set1_ps(2.00018790482477e-13f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(-8.60467152213735e-11f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(5.12229709037114e-08f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(1.48572235717979e-05f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(6.37261928875436e-04f));
-  p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(4.89352455891786e-03f));
+// tanh(x) ~ x P(x^2) / Q(x^2), |x| clamped to 7.9053 (where tanh rounds to 1 in float32), with
+// P of degree 4 and Q of degree 3 (Q(0) = 1): a minimax fit of the relative error (ours).
+// Evaluated in float32 with a true division (the divider is not an FMA pipe): max relative
+// error 4.9e-7 over all floats, |tanh| <= 1. kHalf: returns 0.5 tanh(x) + 0.5 (the sigmoid
+// of 2x), folding the 0.5 into P's coefficients (exact) and adding 0.5 last.
+template <bool kHalf>
+inline __m512 TanhImpl(__m512 x) {
+  const float k = kHalf ? 0.5f : 1.0f;
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-7.90531110763549805f)),
+                    _mm512_set1_ps(7.90531110763549805f));
+  const __m512 s = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_fmadd_ps(s, _mm512_set1_ps(k * -6.256881235344736e-09f),
+                             _mm512_set1_ps(k * 7.225603440019768e-06f));
+  p = _mm512_fmadd_ps(s, p, _mm512_set1_ps(k * 0.0027047486510127783f));
+  p = _mm512_fmadd_ps(s, p, _mm512_set1_ps(k * 0.1272047609090805f));
+  p = _mm512_fmadd_ps(s, p, _mm512_set1_ps(k * 0.9999998211860657f));
   p = _mm512_mul_ps(p, x);
-  __m512 q = _mm512_fmadd_ps(x2, _mm512_set1_ps(1.19825839466702e-06f),
-                             _mm512_set1_ps(1.18534705686654e-04f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(2.26843463243900e-03f));
-  q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(4.89352518554385e-03f));
-  const __m512 r = _mm512_rcp14_ps(q);
-  const __m512 y = _mm512_mul_ps(p, r);
-  const __m512 e = _mm512_fnmadd_ps(q, y, p);  // p - q y
-  return _mm512_fmadd_ps(e, r, y);
+  __m512 q = _mm512_fmadd_ps(s, _mm512_set1_ps(0.00019782000163104385f),
+                             _mm512_set1_ps(0.022885719314217567f));
+  q = _mm512_fmadd_ps(s, q, _mm512_set1_ps(0.46053653955459595f));
+  q = _mm512_fmadd_ps(s, q, _mm512_set1_ps(1.0f));
+  const __m512 r = _mm512_div_ps(p, q);
+  return kHalf ? _mm512_add_ps(r, _mm512_set1_ps(0.5f)) : r;
 }
 
-// sigmoid(z) given zh = z / 2.
-inline __m512 SigmoidHalf(__m512 zh) {
-  const __m512 half = _mm512_set1_ps(0.5f);
-  return _mm512_fmadd_ps(Tanh(zh), half, half);
-}
+inline __m512 Tanh(__m512 x) { return TanhImpl<false>(x); }
+// sigmoid(z) given zh = z / 2: 0.5 tanh(zh) + 0.5.
+inline __m512 SigmoidHalf(__m512 zh) { return TanhImpl<true>(zh); }
+
+// Keeps a loaded vector in a register: stops GCC from folding the load into every FMA that
+// uses it (one load per use, which makes the small GEMMs load-bound).
+#define KEEP_IN_REG(x) __asm__("" : "+v"(x))
 
 inline __mmask16 LaneMask(int64_t remaining) {
   if (remaining >= kLanes) return 0xFFFF;
@@ -182,7 +185,7 @@ struct Scratch {
     for (int s = 0; s <= T; ++s) {
       float* ones = ARow(s, H + 2);
       for (size_t l = 0; l < row; ++l) ones[l] = 1.f;
-      float* h0 = ARow(s, 0);  // h_{-1} = 0 (never read, but keep it defined)
+      float* h0 = ARow(s, 0);  // h_{-1} = 0: read by GradRows at t = 0 (never written)
       if (s == 0) std::memset(h0, 0, static_cast<size_t>(H) * row * sizeof(float));
     }
   }
@@ -221,7 +224,6 @@ inline void FwdStep(const Problem& pr, Scratch& s, int t) {
   const int kbeg = (t == 0) ? H : 0;
   const float* A = s.ARow(t, 0);
   float* Anext = s.ARow(t + 1, 0);
-  const __m512 half = _mm512_set1_ps(0.5f);
   for (int u = 0; u < H; ++u) {
     const float* w = pr.wf.data() + static_cast<size_t>(u) * S * 4;
     __m512 acc[4][kNV];
@@ -235,7 +237,10 @@ inline void FwdStep(const Problem& pr, Scratch& s, int t) {
       const float* a = A + static_cast<size_t>(k) * kBlock;
       __m512 av[kNV];
 #pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) av[v] = _mm512_load_ps(a + v * kLanes);
+      for (int v = 0; v < kNV; ++v) {
+        av[v] = _mm512_load_ps(a + v * kLanes);
+        KEEP_IN_REG(av[v]);
+      }
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
         const __m512 wg = _mm512_set1_ps(w[k * 4 + g]);
@@ -247,10 +252,11 @@ inline void FwdStep(const Problem& pr, Scratch& s, int t) {
     const float* cprev = kStore ? (t > 0 ? s.CRow(t - 1, u) : nullptr) : crow;
 #pragma GCC unroll 4
     for (int v = 0; v < kNV; ++v) {
-      const __m512 i = _mm512_fmadd_ps(Tanh(acc[0][v]), half, half);
-      const __m512 f = _mm512_fmadd_ps(Tanh(acc[1][v]), half, half);
+      const __m512 i = SigmoidHalf(acc[0][v]);
+      // f is not needed at t = 0 (c_{-1} = 0): not computed, stored as 0.
+      const __m512 f = (t == 0) ? _mm512_setzero_ps() : SigmoidHalf(acc[1][v]);
       const __m512 g = Tanh(acc[2][v]);
-      const __m512 o = _mm512_fmadd_ps(Tanh(acc[3][v]), half, half);
+      const __m512 o = SigmoidHalf(acc[3][v]);
       const __m512 ig = _mm512_mul_ps(i, g);
       const __m512 c =
           (t == 0) ? ig : _mm512_fmadd_ps(f, _mm512_load_ps(cprev + v * kLanes), ig);
@@ -298,16 +304,22 @@ inline void BackTile(const float* dz, const float* wbt, int H, int k0, float* ou
       _mm512_store_ps(out + static_cast<size_t>(k0 + kk) * kBlock + v * kLanes, acc[kk][v]);
 }
 
+// Rows [r0, r1) of dz_t wbt^T in balanced tiles of at most 6 rows.
 inline void BackRows(const float* dz, const float* wbt, int H, int r0, int r1, float* out) {
+  const int rows = r1 - r0;
+  const int ntiles = (rows + 5) / 6;
   int k = r0;
-  for (; k + 6 <= r1; k += 6) BackTile<6>(dz, wbt, H, k, out);
-  switch (r1 - k) {
-    case 5: BackTile<5>(dz, wbt, H, k, out); break;
-    case 4: BackTile<4>(dz, wbt, H, k, out); break;
-    case 3: BackTile<3>(dz, wbt, H, k, out); break;
-    case 2: BackTile<2>(dz, wbt, H, k, out); break;
-    case 1: BackTile<1>(dz, wbt, H, k, out); break;
-    default: break;
+  for (int n = 0; n < ntiles; ++n) {
+    const int kt = rows / ntiles + (n < rows % ntiles ? 1 : 0);
+    switch (kt) {
+      case 6: BackTile<6>(dz, wbt, H, k, out); break;
+      case 5: BackTile<5>(dz, wbt, H, k, out); break;
+      case 4: BackTile<4>(dz, wbt, H, k, out); break;
+      case 3: BackTile<3>(dz, wbt, H, k, out); break;
+      case 2: BackTile<2>(dz, wbt, H, k, out); break;
+      default: BackTile<1>(dz, wbt, H, k, out); break;
+    }
+    k += kt;
   }
 }
 
@@ -328,11 +340,14 @@ inline void GradTile(const Scratch& s, int k0, int tbeg, float* acc) {
       for (int v = 0; v < kNV; ++v) {
         __m512 av[KT];
 #pragma GCC unroll 8
-        for (int kk = 0; kk < KT; ++kk)
+        for (int kk = 0; kk < KT; ++kk) {
           av[kk] = _mm512_load_ps(A + static_cast<size_t>(kk) * kBlock + v * kLanes);
+          KEEP_IN_REG(av[kk]);
+        }
 #pragma GCC unroll 4
         for (int jj = 0; jj < 4; ++jj) {
-          const __m512 d = _mm512_load_ps(D + static_cast<size_t>(jj) * kBlock + v * kLanes);
+          __m512 d = _mm512_load_ps(D + static_cast<size_t>(jj) * kBlock + v * kLanes);
+          KEEP_IN_REG(d);
 #pragma GCC unroll 8
           for (int kk = 0; kk < KT; ++kk) sum[kk][jj] = _mm512_fmadd_ps(av[kk], d, sum[kk][jj]);
         }
@@ -348,17 +363,30 @@ inline void GradTile(const Scratch& s, int k0, int tbeg, float* acc) {
   }
 }
 
-inline void GradRows(const Scratch& s, int r0, int r1, int tbeg, float* acc) {
-  if (tbeg >= s.T) return;
-  int k = r0;
-  for (; k + 6 <= r1; k += 6) GradTile<6>(s, k, tbeg, acc);
-  switch (r1 - k) {
-    case 5: GradTile<5>(s, k, tbeg, acc); break;
-    case 4: GradTile<4>(s, k, tbeg, acc); break;
-    case 3: GradTile<3>(s, k, tbeg, acc); break;
-    case 2: GradTile<2>(s, k, tbeg, acc); break;
-    case 1: GradTile<1>(s, k, tbeg, acc); break;
-    default: break;
+// Weight-gradient GEMM of a block: rows k' < H (dwh) over steps t >= 1, rows H..H+2 (dwx, db)
+// over all steps. The H + 3 rows are cut into balanced tiles of at most 6 rows; the tile that
+// holds rows >= H also runs step 0, where its h rows (h_{-1}) are zeros (abuf[0] rows < H).
+inline void GradRows(const Scratch& s, float* acc) {
+  const int H = s.H, T = s.T;
+  if (T == 1) {  // only x and the bias rows have a gradient
+    GradTile<3>(s, H, 0, acc);
+    return;
+  }
+  const int rows = H + 3;
+  const int ntiles = (rows + 5) / 6;
+  int k = 0;
+  for (int n = 0; n < ntiles; ++n) {
+    const int kt = rows / ntiles + (n < rows % ntiles ? 1 : 0);
+    const int tbeg = (k + kt > H) ? 0 : 1;
+    switch (kt) {
+      case 6: GradTile<6>(s, k, tbeg, acc); break;
+      case 5: GradTile<5>(s, k, tbeg, acc); break;
+      case 4: GradTile<4>(s, k, tbeg, acc); break;
+      case 3: GradTile<3>(s, k, tbeg, acc); break;
+      case 2: GradTile<2>(s, k, tbeg, acc); break;
+      default: GradTile<1>(s, k, tbeg, acc); break;
+    }
+    k += kt;
   }
 }
 
@@ -461,8 +489,7 @@ void BwdBlock(const Problem& pr, Scratch& s, int64_t p0, const float* dy, bool n
     }
   }
   // dwh (rows < H, steps t >= 1), dwx and db (rows H..H+2, all steps).
-  GradRows(s, 0, H, 1, s.acc);
-  GradRows(s, H, H + 3, 0, s.acc);
+  GradRows(s, s.acc);
 }
 
 // ----------------------------------------------------------------------------- threading
