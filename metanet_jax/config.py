@@ -322,10 +322,11 @@ class MetaNetConfig:
         compute dtype, the backend, or the kernels not built, with how to build them), or
         `None` when they can."""
         if self.compute_dtype != "float32":
-            return f"they compute in float32 only (compute_dtype={self.compute_dtype!r})"
+            dtype = self.compute_dtype
+            return f"the fused kernels compute in float32 only (compute_dtype={dtype!r})"
         backend = _backend(backend)
         if backend != "cpu":
-            return f"they run on the CPU only (backend {backend!r})"
+            return f"the fused kernels run on the CPU only (backend {backend!r})"
         from metanet_jax import kernels
 
         return kernels.unavailable_reason()

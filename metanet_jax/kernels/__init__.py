@@ -38,10 +38,7 @@ def describe(config, backend: str | None = None) -> str:
         return f"generator kernel: fused (C++ kernels, CPU float32; {config.generator_kernel})"
     if config.generator_kernel == "xla":
         return "generator kernel: xla (asked for)"
-    return (
-        "generator kernel: xla (auto; the fused kernels cannot run: "
-        f"{config.fused_generator_unavailable(backend)})"
-    )
+    return f"generator kernel: xla (auto: {config.fused_generator_unavailable(backend)})"
 
 
 def __getattr__(name):

@@ -74,8 +74,7 @@ def test_auto_picks_fused_for_float32_on_cpu_and_xla_otherwise():
     assert config.replace(generator_kernel="fused").resolved_generator_kernel("cpu") == "fused"
     assert kernels.describe(config, "cpu").startswith("generator kernel: fused")
     assert kernels.describe(config, "gpu") == (
-        "generator kernel: xla (auto; the fused kernels cannot run: they run on the CPU only "
-        "(backend 'gpu'))"
+        "generator kernel: xla (auto: the fused kernels run on the CPU only (backend 'gpu'))"
     )
     assert kernels.describe(config.replace(generator_kernel="xla")) == (
         "generator kernel: xla (asked for)"
