@@ -35,6 +35,7 @@
 // outputs whatever the scheduling or the number of threads. Small calls run inline.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
