@@ -3,6 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The fused generator kernels (C++, XLA FFI; metanet_jax/kernels/build.py): rebuilt when a
+# source changes. A failed build stops make: the kernels are never silently skipped.
+KERNEL_DIR := metanet_jax/kernels
+KERNELS    := $(KERNEL_DIR)/_metanet_kernels.so
+KERNEL_SRC := $(wildcard $(KERNEL_DIR)/csrc/*.cc $(KERNEL_DIR)/csrc/*.h) $(KERNEL_DIR)/build.py \
+              $(KERNEL_DIR)/_paths.py
 
 # Offline data sets (read-only) and a writable data/cache folder.
 SHARED_DATASETS := $(abspath ../shared/datasets)
@@ -14,9 +20,9 @@ export METANET_DATA_DIR ?= $(HOME)/.cache/metanet_jax/data
 export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/metanet_jax/jax_cache
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install kernels test demo bench lint format clean
 
-install: $(STAMP)
+install: $(STAMP) $(KERNELS)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,13 +35,20 @@ $(STAMP): pyproject.toml constraints.txt
 # prepared under an inter-process lock). PYTEST_WORKERS=0 runs them in this process.
 PYTEST_WORKERS ?= 2
 
-test: $(STAMP)
+# The library records the digest of its sources (a rebuild with nothing changed only touches it).
+$(KERNELS): $(KERNEL_SRC) $(STAMP)
+	$(BIN)/python -m metanet_jax.kernels.build
+	@touch $@
+
+kernels: $(KERNELS)
+
+test: install
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests
 
-demo: $(STAMP)
+demo: install
 	$(BIN)/python -m experiments.omniglot --flagfile=experiments/flags/demo.flags
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/python benchmarks/episode_throughput.py
 
 lint: $(STAMP)
@@ -47,4 +60,4 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info $(KERNELS)

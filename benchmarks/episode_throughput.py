@@ -77,6 +77,7 @@ def run_setting(name: str, reps: int, overrides: dict) -> dict:
 
     step = mn.make_train_step(config, optimizer, validate=False)
     out["task_batching"] = step.task_batching
+    out["generator_kernel"] = config.resolved_generator_kernel()
     state = mn.init_train_state(params, optimizer, jax.random.key(2))
     out["train_gflop_per_episode"] = flop_count.train_gflop_per_episode(config, batch) or np.nan
 
@@ -159,13 +160,14 @@ def side_by_side(baseline_path: str, reps: int, overrides: dict) -> dict:
 
 def _table(rows) -> str:
     lines = [
-        "| setting | batching | train ep/s | first step s | GFLOP/ep | GFLOP/s | of peak"
-        " | predict ep/s | peak RSS MB |",
+        "| setting | batching, generators | train ep/s | first step s | GFLOP/ep | GFLOP/s"
+        " | of peak | predict ep/s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {r['task_batching']} | {r['train_episodes_per_s']:.2f} | "
+            f"| {r['setting']} | {r['task_batching']}, {r.get('generator_kernel', 'xla')} | "
+            f"{r['train_episodes_per_s']:.2f} | "
             f"{r['train_compile_s']:.1f} | "
             f"{r['train_gflop_per_episode']:.1f} | {r['train_gflops_achieved']:.1f} | "
             f"{100 * r['train_fraction_of_peak']:.1f}% | {r['predict_episodes_per_s']:.2f} | "
@@ -183,12 +185,22 @@ def main(argv=None) -> int:
     parser.add_argument("--skip_baseline", action="store_true")
     parser.add_argument("--task_batching", default=None, choices=["auto", "loop", "vmap"])
     parser.add_argument("--query_path", default=None, choices=["auto", "stacked", "patches"])
+    parser.add_argument(
+        "--generator_kernel",
+        default=None,
+        choices=["auto", "xla", "fused"],
+        help="code computing m and d (FLOPs are counted on the XLA generators either way)",
+    )
     parser.add_argument("--json", default="", help="write all results to this file")
     parser.add_argument("--_child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be >= 1")
-    overrides = {k: getattr(args, k) for k in ("task_batching", "query_path") if getattr(args, k)}
+    overrides = {
+        k: getattr(args, k)
+        for k in ("task_batching", "query_path", "generator_kernel")
+        if getattr(args, k)
+    }
     if args._child:
         print(json.dumps(run_setting(args._child, args.reps, overrides)))
         return 0

@@ -29,10 +29,13 @@ def train_gflop_per_episode(config, batch: int = 1) -> float | None:
     """GFLOPs per episode of the pure (vmapped) train step at meta-batch `batch`, lowered for
     the host CPU from shapes only (nothing runs), so the count is the same whatever the
     backend and whatever `config.task_batching` runs (a host loop's per-task program alone
-    would leave out the update)."""
+    would leave out the update). Counted on the XLA generators (`generator_kernel="xla"`):
+    XLA counts no FLOPs in the fused kernels' custom calls."""
     import jax
 
     import metanet_jax as mn
+
+    config = config.replace(generator_kernel="xla")
 
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     optimizer = mn.make_optimizer(config)

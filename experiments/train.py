@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from metanet_jax import checkpointing, evaluation, logging_utils, parallel
+from metanet_jax import checkpointing, evaluation, kernels, logging_utils, parallel
 from metanet_jax.config import LEGACY_VALUES, MetaNetConfig, legacy_to_current
 from metanet_jax.data import SPLIT_SCHEMES
 from metanet_jax.model.episode import init
@@ -75,6 +75,7 @@ MUTABLE_FIELDS = frozenset(
         "checkpoint_every",
         "keep_checkpoints",
         "log_every",
+        "generator_kernel",  # an execution choice: the same mathematics
     }
 )
 
@@ -133,6 +134,8 @@ MODEL_FLAGS = common.config_flags(
         "(a host loop over one per-task program) or vmap.",
         "query_path": "How queries read their own fast weights: auto (patches on CPU, stacked "
         "on accelerators), stacked or patches (README).",
+        "generator_kernel": "Code computing m and d: auto (fused on CPU in float32 when built, "
+        "else xla), xla or fused (C++ kernels: make kernels). May change on resume.",
         "compute_dtype": "Activation dtype.",
         "bn_statistics": "BatchNorm statistics (Mini-ImageNet network): authors (the whole "
         "support set for the meta-gradients, support set and queries apart for the keys) or "
@@ -625,6 +628,7 @@ def train_and_evaluate(
     mesh = parallel.make_mesh() if mesh is None else mesh
     parallel.check_meta_batch(spec.meta_batch, mesh)  # before any work
     logging.info(parallel.device_summary(mesh, spec.meta_batch))
+    logging.info(kernels.describe(spec.model))  # ValueError: "fused" where it cannot run
     splits = _load_data(spec) if splits is None else splits
     run, state = _start_run(spec, splits, mesh, t_start)
     try:

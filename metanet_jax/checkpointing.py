@@ -114,6 +114,10 @@ def config_from_dict(values: Mapping[str, Any]) -> MetaNetConfig:
     # A configuration saved before a field existed keeps the behaviour it had then; one saved
     # with a since-removed mode gets the kept mode that computes the same numbers.
     kwargs = legacy_to_current({**LEGACY_VALUES, **kwargs})
+    # An execution choice, not the model: a run trained with the fused generator kernels
+    # loads wherever they cannot run (an accelerator, a machine without them built).
+    if kwargs.get("generator_kernel") == "fused":
+        kwargs["generator_kernel"] = "auto"
     return MetaNetConfig(**kwargs)
 
 

@@ -15,6 +15,7 @@ CONV_ARCHITECTURES = ("omniglot_cnn", "mini_imagenet_cnn")
 REP_LOSSES = ("auto", "ce", "contrastive")
 QUERY_PATHS = ("auto", "stacked", "patches")
 TASK_BATCHING = ("auto", "loop", "vmap")
+GENERATOR_KERNELS = ("auto", "xla", "fused")
 BASE_INPUTS = ("x", "r")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 GENERATOR_INITS = ("small", "authors")
@@ -98,6 +99,14 @@ class MetaNetConfig:
         CPU, "vmap" on accelerators), resolved once when the entry point is made
         (`resolved_task_batching`). The pure functions (`episode_loss`, `predict`,
         `train_step`) and the sharded step always `vmap` (no host loop inside a trace).
+      generator_kernel: which code computes m and d (the same mathematics): "xla" (the JAX
+        code of `generators`, the reference, on every backend), "fused" (float32 C++ kernels
+        for the CPU, `metanet_jax.kernels`, built by `make kernels`; an error where they cannot
+        run) or "auto" (default: "fused" for float32 compute on the CPU when the kernels are
+        built, "xla" otherwise), resolved when a function is traced
+        (`resolved_generator_kernel`). The two agree to float32 rounding. An execution
+        choice: a resumed run may change it, and a saved configuration holding "fused" loads
+        as "auto" (it runs where the kernels cannot).
       lstm_hidden, generator_hidden, grad_p: sizes of d and m, and the preprocessing's p.
       learning_rate, clip_norm: the outer optimiser (Adam after global-norm clipping).
       compute_dtype: dtype of the networks' activations and convolutions ("float32" default;
@@ -162,6 +171,7 @@ class MetaNetConfig:
     rep_loss_in_objective: bool = False
     query_path: Literal["auto", "stacked", "patches"] = "auto"
     task_batching: Literal["auto", "loop", "vmap"] = "auto"
+    generator_kernel: Literal["auto", "xla", "fused"] = "auto"
     lstm_hidden: int = 20
     generator_hidden: int = 20
     grad_p: float = 7.0
@@ -211,6 +221,7 @@ class MetaNetConfig:
             ("rep_loss", REP_LOSSES),
             ("query_path", QUERY_PATHS),
             ("task_batching", TASK_BATCHING),
+            ("generator_kernel", GENERATOR_KERNELS),
             ("base_input", BASE_INPUTS),
             ("compute_dtype", COMPUTE_DTYPES),
             ("generator_init", GENERATOR_INITS),
@@ -312,6 +323,31 @@ class MetaNetConfig:
         if self.query_path != "auto":
             return self.query_path
         return "patches" if _backend(backend) == "cpu" else "stacked"
+
+    def fused_generator_unavailable(self, backend: str | None = None) -> str | None:
+        """Why the fused generator kernels cannot run this configuration here (the
+        compute dtype, the backend, or the kernels not built, with how to build them), or
+        `None` when they can."""
+        if self.compute_dtype != "float32":
+            dtype = self.compute_dtype
+            return f"the fused kernels compute in float32 only (compute_dtype={dtype!r})"
+        backend = _backend(backend)
+        if backend != "cpu":
+            return f"the fused kernels run on the CPU only (backend {backend!r})"
+        from metanet_jax import kernels
+
+        return kernels.unavailable_reason()
+
+    def resolved_generator_kernel(self, backend: str | None = None) -> str:
+        """The code that computes m and d: "fused" or "xla" ("auto" resolved as in the
+        field's description). Raises `ValueError` naming why, and how to build the kernels,
+        when "fused" is asked for where it cannot run."""
+        if self.generator_kernel == "xla":
+            return "xla"
+        reason = self.fused_generator_unavailable(backend)
+        if self.generator_kernel == "fused" and reason is not None:
+            raise ValueError(f"MetaNetConfig.generator_kernel='fused' cannot run: {reason}")
+        return "xla" if reason is not None else "fused"
 
     def replace(self, **changes) -> MetaNetConfig:
         """A copy with some fields changed (validated again)."""

@@ -429,7 +429,8 @@ def _generate(generator, gen_params: Params, meta_info: FastWeights, config: Met
     `second_order` the meta information is a constant of the outer gradient."""
     if not config.second_order:
         meta_info = lax.stop_gradient(meta_info)
-    return generator(gen_params, meta_info, config.grad_p, _dtypes(config)[1])
+    kernel = config.resolved_generator_kernel()
+    return generator(gen_params, meta_info, config.grad_p, _dtypes(config)[1], kernel=kernel)
 
 
 def _task_level(params: Params, support: Episode, config: MetaNetConfig, key, networks):

@@ -11,6 +11,11 @@ information with a leading axis (N support examples for m, T chunks for d).
 
 Layout: the inputs keep coordinates on the *last* axis (`[features, P]`). Internally the MLP
 stays feature-major and the LSTM works coordinate-major (`[P, 4H]`), whichever measured faster.
+
+Two implementations compute m and d (`kernel=`): "xla" (the JAX code below, the reference, on
+every backend) and "fused" (float32 C++ kernels for the CPU, `metanet_jax.kernels`: each
+coordinate's MLP or LSTM steps in registers, backward by recomputation; reverse mode only, no
+reverse-over-reverse). `MetaNetConfig.generator_kernel` chooses (`resolved_generator_kernel`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ import numpy as np
 from metanet_jax.types import Array, FastWeights, Params
 
 LOG_EPS = 1e-12
+KERNELS = ("xla", "fused")
+
+
+def _check_kernel(kernel: str) -> None:
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown generator kernel {kernel!r}; expected one of {KERNELS}")
 
 
 def preprocess_gradients(g: Array, p: float = 7.0) -> Array:
@@ -170,17 +181,24 @@ def _mlp_core_bwd(res, dy):
 _mlp_core.defvjp(_mlp_core_fwd, _mlp_core_bwd)
 
 
-def mlp_generator(params: Params, features: Array) -> Array:
+def mlp_generator(params: Params, features: Array, kernel: str = "xla") -> Array:
     """m on preprocessed coordinates: `[2, M] -> [M]` (paper eq. for W*_i = m(Z, grad_i)).
 
     Args:
       params: one MLP's weights (`init_mlp_generator`).
       features: `[2, M]` preprocessed gradient coordinates.
+      kernel: "xla" (this module's JAX code) or "fused" (`metanet_jax.kernels.mlp_core`:
+        float32 features on the CPU, the kernels built; reverse mode only).
 
     Returns:
       `[M]` fast-weight coordinates.
     """
+    _check_kernel(kernel)
     weights = _mlp_weights(params, features.dtype)
+    if kernel == "fused":
+        from metanet_jax import kernels
+
+        return kernels.mlp_core(*weights, features)
     m = features.shape[-1]
     if m <= _MLP_BLOCK:
         return _mlp_core(*weights, features)
@@ -262,7 +280,7 @@ def _lstm_core_bwd(res, dy):
 _lstm_core.defvjp(_lstm_core_fwd, _lstm_core_bwd)
 
 
-def lstm_generator(params: Params, features: Array) -> Array:
+def lstm_generator(params: Params, features: Array, kernel: str = "xla") -> Array:
     """d on preprocessed coordinate sequences: `[T, 2, P] -> [P]` (paper: Q* = d(G, {grad_t})).
 
     A coordinate-wise LSTM (every coordinate an independent sequence of T steps, all sharing
@@ -274,12 +292,21 @@ def lstm_generator(params: Params, features: Array) -> Array:
     Args:
       params: one LSTM's weights (`init_lstm_generator`).
       features: `[T, 2, P]` preprocessed gradients, one row per chunk.
+      kernel: "xla" (this module's JAX code) or "fused" (`metanet_jax.kernels.lstm_core`:
+        float32 features on the CPU, the kernels built; reverse mode only).
 
     Returns:
       `[P]` fast-weight coordinates.
     """
+    _check_kernel(kernel)
     dtype = features.dtype
-    return _lstm_core(
+    if kernel == "fused":
+        from metanet_jax import kernels
+
+        core = kernels.lstm_core
+    else:
+        core = _lstm_core
+    return core(
         params["input_kernel"].astype(dtype),
         params["recurrent_kernel"].astype(dtype),
         params["bias"].astype(dtype),
@@ -324,7 +351,7 @@ def _generate(tree: FastWeights, lead: int, generate) -> FastWeights:
 
 
 def example_fast_weights(
-    gen_params: Params, meta_info: FastWeights, p: float = 7.0, dtype=None
+    gen_params: Params, meta_info: FastWeights, p: float = 7.0, dtype=None, kernel: str = "xla"
 ) -> FastWeights:
     """Example-level fast weights W*_i = m(Z, grad_W loss_i) (paper, eq. 2 / Alg. 1 line 9).
 
@@ -334,6 +361,7 @@ def example_fast_weights(
         (mirroring b's augmented params).
       p: preprocessing constant.
       dtype: compute dtype of the generator (default: the gradients' dtype).
+      kernel: "xla" or "fused" (`mlp_generator`).
 
     Returns:
       `{..., layer: {"kernel": [N, *k]}}`: the memory values M = [W*_1 .. W*_N].
@@ -343,13 +371,13 @@ def example_fast_weights(
         feats = preprocess_gradients(flat.reshape(-1), p)
         if dtype is not None:
             feats = feats.astype(dtype)
-        return mlp_generator(gen_params[kind], feats).reshape(flat.shape[0], -1)
+        return mlp_generator(gen_params[kind], feats, kernel).reshape(flat.shape[0], -1)
 
     return _generate(meta_info, 1, generate)
 
 
 def task_fast_weights(
-    gen_params: Params, meta_info: FastWeights, p: float = 7.0, dtype=None
+    gen_params: Params, meta_info: FastWeights, p: float = 7.0, dtype=None, kernel: str = "xla"
 ) -> FastWeights:
     """Task-level fast weights Q* = d(G, {grad_Q loss_t}_{t=1..T}) (paper, eq. 1 / Alg. 1 l. 5).
 
@@ -359,6 +387,7 @@ def task_fast_weights(
         (or of b's task loss, for MetaNet+).
       p: preprocessing constant.
       dtype: compute dtype of the generator (default: the gradients' dtype).
+      kernel: "xla" or "fused" (`lstm_generator`).
 
     Returns:
       `{..., layer: {"kernel": k}}` shaped like the augmented slow subtree.
@@ -368,6 +397,6 @@ def task_fast_weights(
         feats = jnp.moveaxis(preprocess_gradients(flat, p), 0, 1)  # [T, 2, P]
         if dtype is not None:
             feats = feats.astype(dtype)
-        return lstm_generator(gen_params[kind], feats)
+        return lstm_generator(gen_params[kind], feats, kernel)
 
     return _generate(meta_info, 1, generate)

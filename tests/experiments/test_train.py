@@ -118,7 +118,7 @@ def test_a_workdir_written_before_the_nested_spec_resumes(spec_factory, caplog):
     assert saved == {k: now[k] for k in saved}  # the same flags, flat
     # Only fields added since the fixture was written are missing (their defaults are what
     # the run did).
-    assert set(now) - set(saved) == {"attention_scale", "train_ways"}
+    assert set(now) - set(saved) == {"attention_scale", "train_ways", "generator_kernel"}
     spec = replace(spec, steps=2)
     assert train.train_and_evaluate(spec)["status"] == "completed"
     with caplog.at_level(logging.INFO):
@@ -126,8 +126,12 @@ def test_a_workdir_written_before_the_nested_spec_resumes(spec_factory, caplog):
     assert out["status"] == "completed" and "resumed from step 2" in caplog.text
     saved = json.loads(open(os.path.join(spec.workdir, "config.json")).read())
     # config.json keeps its flags, the new steps, and now records the newer fields' values.
-    assert saved["flags"] == dict(old["flags"], steps=3, attention_scale=1.0, train_ways=[])
-    assert saved["model_config"] == dict(old["model_config"], attention_scale=1.0)
+    assert saved["flags"] == dict(
+        old["flags"], steps=3, attention_scale=1.0, train_ways=[], generator_kernel="auto"
+    )
+    assert saved["model_config"] == dict(
+        old["model_config"], attention_scale=1.0, generator_kernel="auto"
+    )
     with pytest.raises(train.WorkdirMismatch, match=r"hidden_units \(5 -> 6\)"):
         train.check_workdir(replace(spec, hidden_units=6))
 
