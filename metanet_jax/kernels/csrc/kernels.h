@@ -40,7 +40,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
-#include <thread>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -74,6 +73,7 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, Body&& body) {
       if (i >= n) return;
       s.call(s.body, i);
       s.done.fetch_add(1, std::memory_order_release);
+      s.done.notify_all();
     }
   };
   int64_t helpers = std::min<int64_t>(threads, n) - 1;
@@ -81,7 +81,10 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t n, Body&& body) {
     pool.Schedule([state, n, work] { work(*state, n); });
   }
   work(*state, n);
-  while (state->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  // Blocks (no spinning: the machine may be shared) until the claimed chunks are done.
+  for (int64_t d; (d = state->done.load(std::memory_order_acquire)) < n;) {
+    state->done.wait(d, std::memory_order_acquire);
+  }
 }
 
 // 64-byte aligned scratch memory.
