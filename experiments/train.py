@@ -44,7 +44,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common
-from metanet_jax import checkpointing, evaluation, logging_utils, parallel
+from metanet_jax import checkpointing, evaluation, logging_utils, parallel, runtime
 from metanet_jax.config import LEGACY_VALUES, MetaNetConfig, legacy_to_current
 from metanet_jax.data import SPLIT_SCHEMES
 from metanet_jax.model.episode import init
@@ -456,23 +456,9 @@ class StopRequest:
 
 
 # ----------------------------------------------------------------------------- the run
-@functools.lru_cache(maxsize=8)
-def jitted_train_step(config: MetaNetConfig):
-    """The single-device train step of `config` (labels unchecked: the sampler makes them),
-    jitted once per configuration and reused by later runs in the same process."""
-    return make_train_step(config, make_optimizer(config), validate=False)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_sharded_step(config: MetaNetConfig, mesh):
-    """The data-parallel train step over `mesh` (several devices or processes)."""
-    return parallel.make_sharded_train_step(config, make_optimizer(config), mesh)
-
-
-def is_sharded(mesh) -> bool:
-    """Whether a run on `mesh` uses the data-parallel step (more than one device or process);
-    a single device in a single process runs the single-device program unchanged."""
-    return mesh.size > 1 or jax.process_count() > 1
+# The library's names (runtime.steps) under their earlier names here.
+jitted_train_step = runtime.steps.single_device_step
+is_sharded = parallel.is_sharded
 
 
 def _local(tree):
@@ -590,6 +576,7 @@ class _Loop(Loop):
     window: dict[str, list[float]] = dataclasses.field(default_factory=dict)
     window_steps: int = 0
     eval_time: float = 0.0
+    compilations: runtime.Compilations | None = None  # programs compiling ahead of time
 
 
 def train_and_evaluate(
@@ -820,7 +807,11 @@ def _train(run: _Run, state: TrainState, step_factory: Callable) -> dict[str, An
       "eval_time_s"}`, or `{"status": "interrupted" | "nan", "step", ...}`.
     """
     loop = _start_loop(run, state, step_factory)
-    stopped = run_loop(loop, run.spec.steps, functools.partial(_after_step, run, loop))
+    try:
+        stopped = run_loop(loop, run.spec.steps, functools.partial(_after_step, run, loop))
+    finally:
+        if loop.compilations is not None:
+            loop.compilations.close()
     loop.bar.close()
     return _end_loop(run, loop) if stopped is None else stopped
 
@@ -829,18 +820,10 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
     from metanet_jax import data
 
     spec, sharded = run.spec, is_sharded(run.mesh)
-
-    def make_step(config: MetaNetConfig) -> Callable:
-        if step_factory is not make_train_step:
-            return step_factory(config, make_optimizer(config), validate=False)
-        if sharded:
-            return _cached_sharded_step(config, run.mesh)
-        return jitted_train_step(config)
-
-    if spec.train_ways:
-        step_fn = _step_by_ways(run.config, make_step)
-    else:
-        step_fn = make_step(run.config)
+    make = None
+    if step_factory is not make_train_step:  # used as given, also on several devices
+        make = lambda config: step_factory(config, make_optimizer(config), validate=False)  # noqa: E731
+    step_fn = runtime.make_step(run.config, ways=spec.train_ways, mesh=run.mesh, make=make)
     if sharded:
         state = parallel.replicate(state, run.mesh)
         sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)
@@ -857,30 +840,39 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
         rotations_as_classes=spec.rotations_as_classes,
     )
     out = None if parallel.is_primary() else io.StringIO()
+    start = int(state.step)
     return _Loop(
         state=state,
         step_fn=step_fn,
         episodes=episodes,
-        start=int(state.step),
+        start=start,
         val_images=jax.device_put(run.splits["validation"]),
         bar=logging_utils.ProgressBar(spec.steps, out),
         last_saved=run.ckpt.latest_step(),
+        compilations=_compile_ahead(run, step_fn, state, start),
     )
 
 
-def _step_by_ways(config: MetaNetConfig, make_step: Callable) -> Callable:
-    """A train step for episodes of any ways (`train_ways`): the step of `config` with the
-    episodes' ways (read from the support labels' static shape), each made on first use;
-    all share the parameters and optimiser state, whose shapes do not depend on the ways."""
-    steps: dict[int, Callable] = {}
+def _compile_ahead(run: _Run, step_fn: runtime.TrainStep, state, start: int):
+    """Starts compiling the training step of every ways and the validation step on threads
+    (`runtime.steps`; the loop waits for each before its first use). Not in a run of several
+    processes (each would compile on its own schedule) nor when there is nothing to train.
 
-    def step_fn(state, support, query):
-        ways = support.y.shape[-1] // config.shots
-        if ways not in steps:
-            steps[ways] = make_step(config.replace(ways=ways))
-        return steps[ways](state, support, query)
-
-    return step_fn
+    Returns:
+      The `runtime.Compilations`, or `None`.
+    """
+    spec = run.spec
+    if start >= spec.steps or jax.process_count() > 1:
+        return None
+    compilations = step_fn.compile(state, spec.meta_batch, first=spec.step_ways(start))
+    if compilations is not None:
+        cfg = run.eval_config()
+        batch = min(spec.eval_batch, spec.eval_episodes)
+        support, query = runtime.steps.episode_shapes(cfg, cfg.ways, batch)
+        params = runtime.steps.abstract(_local(state.params))
+        fn = evaluation._episode_loss(cfg)
+        compilations.submit("eval", runtime.steps.programs(fn, params, support, query))
+    return compilations
 
 
 def _after_step(
@@ -941,6 +933,8 @@ def _log(run: _Run, loop: _Loop, metrics: Mapping[str, float], done: int) -> Non
 def _validate(run: _Run, loop: _Loop, done: int) -> float:
     """Validation accuracy of the current parameters (written to the metrics)."""
     t0 = time.time()
+    if loop.compilations is not None:
+        loop.compilations.wait("eval")
     cfg = run.eval_config()
     batches = _eval_batches(loop.val_images, cfg, run.spec.eval_episodes, run.spec, VALIDATION_SEED)
     result = evaluation.evaluate(_local(loop.state.params), cfg, batches)

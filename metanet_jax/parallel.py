@@ -181,6 +181,12 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = TASK
     return Mesh(np.array(devices), (axis_name,), **kwargs)
 
 
+def is_sharded(mesh: Mesh) -> bool:
+    """Whether a run on `mesh` uses the data-parallel step (more than one device or process);
+    a single device in a single process runs the single-device program unchanged."""
+    return mesh.size > 1 or jax.process_count() > 1
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (task) axis split over the mesh, the rest whole."""
     return NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
