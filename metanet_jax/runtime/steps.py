@@ -122,11 +122,14 @@ class Compilations:
                 self._futures[key] = self._pool.submit(run)
 
     def wait(self, key: Hashable) -> None:
+        """Returns once `key`'s programs are compiled (at once for a key never submitted or
+        dropped by `close`: its programs then compile on first call, as without this)."""
         future = self._futures.get(key)
-        if future is not None:
+        if future is not None and not future.cancelled():
             future.result()
 
     def wait_all(self) -> None:
+        """Waits for every key submitted."""
         for key in list(self._futures):
             self.wait(key)
 

@@ -162,3 +162,18 @@ def test_a_compile_error_is_raised_where_the_step_is_called():
         pool.wait(("train", 2))
     pool.wait("never submitted")  # nothing to wait for
     pool.close()
+
+
+def test_programs_dropped_by_close_are_not_waited_for():
+    import threading
+
+    release = threading.Event()
+    pool = runtime.Compilations(1)
+    pool.submit("busy", [release.wait])
+    pool.submit("queued", [lambda: None])
+    pool.close()  # "queued" never starts
+    pool.wait("queued")
+    assert "queued" not in pool.times
+    release.set()
+    pool.wait("busy")
+    assert "busy" in pool.times
