@@ -696,7 +696,7 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime
 
 
 def _compile_ahead(run: _Run, step_fn: runtime.TrainStep, state, start: int):
-    """Starts compiling the training step of every ways and the validation step on threads
+    """Starts compiling the training step of every ways, then the validation step, on threads
     (`runtime.steps`; the loop waits for each before its first use). Not in a run of several
     processes (each would compile on its own schedule) nor when there is nothing to train.
 
@@ -713,7 +713,9 @@ def _compile_ahead(run: _Run, step_fn: runtime.TrainStep, state, start: int):
         support, query = runtime.steps.episode_shapes(cfg, cfg.ways, batch)
         params = runtime.steps.abstract(parallel.local_copy(state.params))
         fn = evaluation._episode_loss(cfg)
-        compilations.submit("eval", runtime.steps.programs(fn, params, support, query))
+        programs = runtime.steps.programs(fn, params, support, query)
+        # After the training steps': the first steps need those, the first validation later.
+        compilations.submit("eval", programs, after=[("train", w) for w in step_fn.ways])
     return compilations
 
 

@@ -107,11 +107,22 @@ class Compilations:
         self._lock = threading.Lock()
         self.times: dict[Hashable, float] = {}
 
-    def submit(self, key: Hashable, work: Iterable[Program]) -> None:
-        """Compiles `work` (in this order, on one thread) under `key` (once per key)."""
-        work = list(work)
+    def submit(
+        self, key: Hashable, work: Iterable[Program], *, after: Iterable[Hashable] = ()
+    ) -> None:
+        """Compiles `work` (in this order, on one thread) under `key` (once per key).
+
+        Args:
+          key: what `wait` names.
+          work: the programs' compilations.
+          after: keys submitted before this one whose programs compile first (e.g. the
+            evaluation's after the training's, which the first steps need).
+        """
+        work, after = list(work), list(after)
 
         def run():
+            for earlier in after:  # submitted before: already started (the pool is FIFO)
+                self.wait(earlier)
             t0 = time.perf_counter()
             for program in work:
                 program()

@@ -177,3 +177,17 @@ def test_programs_dropped_by_close_are_not_waited_for():
     release.set()
     pool.wait("busy")
     assert "busy" in pool.times
+
+
+def test_a_key_submitted_after_others_compiles_once_they_are_done():
+    import threading
+
+    order, release = [], threading.Event()
+    pool = runtime.Compilations(2)
+    pool.submit("train", [release.wait, lambda: order.append("train")])
+    pool.submit("eval", [lambda: order.append("eval")], after=["train"])
+    assert not release.wait(0.2) and order == []  # eval waits although a thread is free
+    release.set()
+    pool.wait("eval")
+    assert order == ["train", "eval"]
+    pool.close()
