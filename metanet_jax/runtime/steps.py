@@ -10,11 +10,12 @@ depend on the ways). So a `TrainStep` computes bitwise what those functions comp
 
 Ahead-of-time compilation (`TrainStep.compile`, `Compilations`): each program is lowered from
 abstract inputs (`jax.ShapeDtypeStruct`s) and compiled (`jit(f).lower(...).compile()`) on a
-thread pool. XLA releases the GIL while it compiles, so the programs compile at the same time
-as each other and as the training steps that are already possible; lowering (tracing) is
-Python and takes the GIL in turn. A jitted function called later with arrays of those shapes
-finds the compiled executable in JAX's caches and compiles nothing. A program is waited for
-(`Compilations.wait`) before its first call, so none is compiled twice.
+thread pool (`default_workers`). XLA releases the GIL while it compiles, so the programs
+compile at the same time as the training steps that are already possible (and, with more
+than one worker, as each other); lowering (tracing) is Python and takes the GIL in turn. A
+jitted function called later with arrays of those shapes finds the compiled executable in
+JAX's caches and compiles nothing. A program is waited for (`Compilations.wait`) before its
+first call, so none is compiled twice.
 """
 
 from __future__ import annotations
@@ -88,6 +89,18 @@ def programs(fn, *args) -> list[Program]:
 
 
 # ----------------------------------------------------------------------------- compilation
+def default_workers() -> int:
+    """Compile threads: half the CPU cores (1 to 4).
+
+    XLA's CPU compiler already spreads one compilation over about two threads (measured on
+    this project's 2-core machine: two of its threads busy during one compile), so on 2
+    cores a second concurrent compilation only competes with the first; there one thread
+    compiles the programs one after the other while the loop trains the steps whose programs
+    are ready. Machines with more cores compile several programs at once.
+    """
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
 class Compilations:
     """Programs compiling on a thread pool, each under a key (e.g. `("train", 5)`).
 
@@ -97,11 +110,11 @@ class Compilations:
     overlap).
 
     Args:
-      workers: threads (default: the CPU count, at most 4).
+      workers: threads (default `default_workers()`).
     """
 
     def __init__(self, workers: int | None = None):
-        workers = workers or min(os.cpu_count() or 1, 4)
+        workers = workers or default_workers()
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, "metanet-compile")
         self._futures: dict[Hashable, concurrent.futures.Future] = {}
         self._lock = threading.Lock()
