@@ -30,6 +30,7 @@ from collections.abc import Callable, Hashable, Iterable
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from metanet_jax import batching, parallel, training
 from metanet_jax.config import MetaNetConfig
@@ -147,10 +148,25 @@ class Compilations:
 
     def wait(self, key: Hashable) -> None:
         """Returns once `key`'s programs are compiled (at once for a key never submitted or
-        dropped by `close`: its programs then compile on first call, as without this)."""
+        dropped by `close`: its programs then compile on first call, as without this).
+
+        A compilation ahead of time that failed is one warning (naming the key and the
+        error), not an error: the program then compiles on its first call, where a real
+        fault in it raises as it would have without this.
+        """
         future = self._futures.get(key)
-        if future is not None and not future.cancelled():
+        if future is None or future.cancelled():
+            return
+        try:
             future.result()
+        except Exception as e:  # noqa: BLE001 - reported, and met again on the first call
+            with self._lock:
+                if self._futures.get(key) is future:
+                    del self._futures[key]
+                    logging.warning(
+                        "compiling %s ahead of time failed (%s: %s); it compiles on first use",
+                        key, type(e).__name__, e,
+                    )  # fmt: skip
 
     def wait_all(self) -> None:
         """Waits for every key submitted."""
