@@ -246,9 +246,11 @@ def fail(message: str) -> None:
 class _DropLibraryInfo:
     """A logging filter: drops orbax's INFO chatter (warnings and errors still pass), its
     warnings that a checkpoint folder opened for reading is read-only (by design), asyncio's
-    reports of orbax's background reads of a checkpoint already reported corrupt, and JAX's
+    reports of orbax's background reads of a checkpoint already reported corrupt, JAX's
     INFO records on backends it probed and did not find (e.g. "Unable to initialize backend
-    'tpu'" on every machine without a TPU)."""
+    'tpu'" on every machine without a TPU) and matplotlib's INFO records and its font-cache
+    notice ("generated new fontManager", "Matplotlib is building the font cache": once per
+    machine, when the plots or TFDS first import it); matplotlib's other warnings pass."""
 
     def filter(self, record) -> bool:
         import logging as std_logging
@@ -256,6 +258,8 @@ class _DropLibraryInfo:
         info = record.levelno < std_logging.WARNING
         if record.name.startswith("jax._src.xla_bridge"):
             return not info
+        if record.name.startswith("matplotlib"):
+            return not info and "building the font cache" not in str(record.msg)
         if record.name == "asyncio" and "exception was never retrieved" in str(record.msg):
             # orbax's background reads of a damaged checkpoint fail again after the restore
             # has failed and been reported (checkpointing names the file and the cause).
@@ -270,11 +274,15 @@ class _DropLibraryInfo:
 
 
 def quiet_libraries() -> None:
-    """Keeps the log readable: progress lines, not orbax's per-save INFO records or JAX's
-    backend probing."""
+    """Keeps the log readable: progress lines, not orbax's per-save INFO records, JAX's
+    backend probing or matplotlib's font cache (`_DropLibraryInfo`). Call it first in
+    `main`, before anything starts a JAX backend (which logs its probing at once); calling
+    it again adds nothing."""
     from absl import logging
 
-    logging.get_absl_handler().addFilter(_DropLibraryInfo())
+    handler = logging.get_absl_handler()
+    if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+        handler.addFilter(_DropLibraryInfo())
 
 
 # ----------------------------------------------------------------------------- specs

@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common, train
-from metanet_jax import evaluation, logging_utils
+from metanet_jax import evaluation, logging_utils, runtime
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.model.episode import init
 from metanet_jax.training import init_train_state, make_optimizer
@@ -81,16 +81,15 @@ def switch_task(params, fresh) -> dict[str, Any]:
 
 def _train(spec, state, images, key, steps, name, permutations=None, on_step=None):
     """`steps` updates of `state` on episodes of `images` (MNIST: pixel-permuted classes)
-    through the training program's loop (`train.run_loop`); `on_step(done, state)` after
-    each."""
+    through the programs' loop (`runtime.run_loop`); `on_step(done, state)` after each."""
     from metanet_jax import data
 
     perms = None if permutations is None else jax.device_put(permutations)
-    episodes = train.episode_source(
+    episodes = runtime.episode_source(
         data.sample_episodes, key, images, spec.model, spec.meta_batch,
         rotate=permutations is None, permutations=perms,
     )  # fmt: skip
-    loop = train.Loop(state, train.jitted_train_step(spec.model), episodes)
+    loop = runtime.Loop(state, runtime.make_step(spec.model), episodes)
     t0 = time.time()
 
     def after_step(done, metrics):
@@ -101,7 +100,7 @@ def _train(spec, state, images, key, steps, name, permutations=None, on_step=Non
         if on_step is not None:
             on_step(done, loop.state)
 
-    train.run_loop(loop, steps, after_step)
+    runtime.run_loop(loop, steps, after_step)
     return loop.state
 
 

@@ -114,8 +114,8 @@ def spec_from_flags() -> train.RunSpec:
 def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    common.start_distributed()  # first: before anything starts a JAX backend
-    common.quiet_libraries()
+    common.quiet_libraries()  # first: JAX logs its backend probing when it starts one
+    common.start_distributed()  # before anything starts a JAX backend
     logging.info(train.environment_summary())
     try:
         spec = spec_from_flags()

@@ -3,8 +3,10 @@
 `RunSpec` is the complete, frozen description of a run: the program's flags, the model's as
 a nested `MetaNetConfig` (`RunSpec.from_flags` / `RunSpec.to_dict` convert from and to the
 flat flags). `train_and_evaluate(spec)` does the work; the program only parses and validates
-flags. Its training loop, `run_loop` (over a `Loop`, with the episodes of `episode_source`),
-is the one loop of the programs: the continual-learning protocol trains through it too.
+flags. Its loop is the library's (`metanet_jax.runtime`: the train step of `make_step`,
+compiled ahead of time, the episodes of `episode_source`, logs, validation and checkpoints at
+the spec's `Cadence`); `Loop`, `run_loop`, `episode_source`, `StopRequest`,
+`jitted_train_step` and `is_sharded` keep their names here.
 
 Workdir layout (`spec.workdir`):
 
@@ -29,11 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
-import json
-import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -43,9 +41,9 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import common
-from metanet_jax import checkpointing, evaluation, kernels, logging_utils, parallel
-from metanet_jax.config import LEGACY_VALUES, MetaNetConfig, legacy_to_current
+from experiments import common, workdir
+from metanet_jax import checkpointing, evaluation, kernels, logging_utils, parallel, runtime
+from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
 from metanet_jax.data import SPLIT_SCHEMES
 from metanet_jax.model.episode import init
 from metanet_jax.synthetic import synthetic_classes
@@ -258,14 +256,6 @@ class RunSpec(common.Spec):
         return self.model.ways if self.eval_ways is None else self.eval_ways
 
 
-class WorkdirMismatch(ValueError):
-    """The workdir was created by a run with different model or data flags."""
-
-
-class WorkdirError(ValueError):
-    """The workdir cannot be created or written (names the path and the system's reason)."""
-
-
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN or infinite loss."""
 
@@ -314,205 +304,23 @@ def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
     return dataclasses.replace(spec.model, image_shape=tuple(int(s) for s in image_shape))
 
 
-# ----------------------------------------------------------------------------- workdir
-def json_value(value: Any) -> Any:
-    """A flag value read from config.json as the spec holds it: JSON has no tuples, so an
-    integer-list flag (a tuple in the spec, e.g. `train_ways`) comes back as a list."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's saved flags (config.json's `"flags"`) as `RunSpec` fields.
-
-    A field added after the run was saved counts as what the run did before the field
-    existed: its `LEGACY_RUN_VALUES` entry where it has one, else its default. Fields this
-    version does not know are dropped; a since-removed mode becomes the kept one that
-    computes the same numbers (`config.legacy_to_current`).
-    """
-    values = RunSpec(workdir="").to_dict()
-    names = set(values)
-    del values["workdir"]  # required: no default
-    values.update(LEGACY_RUN_VALUES)
-    values.update({k: json_value(v) for k, v in flags.items() if k in names})
-    return legacy_to_current(values)
-
-
-def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
-    """Compares `spec` with an existing workdir's `config.json` (reads only).
-
-    Returns:
-      The saved config, or `None` when the workdir has none yet.
-
-    Raises:
-      WorkdirMismatch: a model or data field differs; the message names each one.
-    """
-    path = Path(spec.workdir) / "config.json"
-    if not path.exists():
-        return None
-    saved = json.loads(path.read_text())
-    was = saved_flags(saved.get("flags", {}))
-    now = spec.to_dict()
-    ignored = set(MUTABLE_FIELDS)
-    if not spec.model.resolved("batchnorm_layers"):
-        ignored.add("bn_statistics")  # no BatchNorm layer: the same model either way
-    diffs = [
-        f"{k} ({was[k]!r} -> {now[k]!r})"
-        for k in sorted(now)
-        if k not in ignored and was[k] != now[k]
-    ]
-    if diffs:
-        raise WorkdirMismatch(
-            f"workdir {spec.workdir} was created with different model/data flags: "
-            + ", ".join(diffs)
-            + "; use a new --workdir (only "
-            + ", ".join(sorted(MUTABLE_FIELDS - {"workdir"}))
-            + " may change)"
-        )
-    return saved
-
-
-def data_record(spec: RunSpec) -> dict[str, Any] | None:
-    """What identifies the run's data beyond its flags: for Mini-ImageNet the SHA-256 of the
-    split CSV files (`{"mini_imagenet_csv_sha256": {"train": ..., "val": ..., "test": ...}}`),
-    recorded in config.json; `None` for the other data sets."""
-    if spec.dataset != "mini_imagenet":
-        return None
-    from metanet_jax.data import mini_imagenet
-
-    sums = {
-        s: mini_imagenet.split_info(spec.mini_imagenet_dir, s)["sha256"]
-        for s in mini_imagenet.SPLIT_CLASSES
-    }
-    return {"mini_imagenet_csv_sha256": sums}
-
-
-def check_data_record(spec: RunSpec, saved: Mapping[str, Any] | None, record) -> None:
-    """Refuses to resume a workdir whose recorded data (`data_record`) differs from now.
-
-    Raises:
-      WorkdirMismatch: naming each file whose checksum changed.
-    """
-    was = (saved or {}).get("data") or {}
-    now = record or {}
-    changed = [
-        f"{group}/{name} ({old[:12]}... -> {now[group].get(name, 'missing')[:12]}...)"
-        for group, old_sums in was.items()
-        if group in now
-        for name, old in old_sums.items()
-        if now[group].get(name) != old
-    ]
-    if changed:
-        raise WorkdirMismatch(
-            f"workdir {spec.workdir} was trained on other data files: "
-            + ", ".join(changed)
-            + "; use a new --workdir"
-        )
-
-
-def write_workdir_config(
-    spec: RunSpec, config: MetaNetConfig, data: Mapping[str, Any] | None = None
-) -> None:
-    """Creates the workdir and writes its config.json.
-
-    Raises:
-      WorkdirError: the folder cannot be created or written (e.g. a file of that name, or
-        no permission), with the path and the reason in one line.
-    """
-    workdir = Path(spec.workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        record = {
-            "flags": spec.to_dict(),
-            "model_config": checkpointing.config_to_dict(config),
-            "versions": logging_utils.library_versions(),
-        }
-        if data:
-            record["data"] = dict(data)
-        logging_utils.write_json_atomic(workdir / "config.json", record)
-    except OSError as e:
-        raise WorkdirError(
-            f"--workdir={spec.workdir}: cannot create or write it ({e.strerror or e}"
-            + (f": {e.filename}" if e.filename else "")
-            + ")"
-        ) from e
-
-
-# ----------------------------------------------------------------------------- signals
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop polls (handlers restored by `close`)."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._old = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        del frame
-        self.signal_name = signal.Signals(signum).name
-
-    def close(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
-
-
 # ----------------------------------------------------------------------------- the run
-@functools.lru_cache(maxsize=8)
-def jitted_train_step(config: MetaNetConfig):
-    """The single-device train step of `config` (labels unchecked: the sampler makes them),
-    jitted once per configuration and reused by later runs in the same process."""
-    return make_train_step(config, make_optimizer(config), validate=False)
-
-
-@functools.lru_cache(maxsize=8)
-def _cached_sharded_step(config: MetaNetConfig, mesh):
-    """The data-parallel train step over `mesh` (several devices or processes)."""
-    return parallel.make_sharded_train_step(config, make_optimizer(config), mesh)
-
-
-def is_sharded(mesh) -> bool:
-    """Whether a run on `mesh` uses the data-parallel step (more than one device or process);
-    a single device in a single process runs the single-device program unchanged."""
-    return mesh.size > 1 or jax.process_count() > 1
-
-
-def _local(tree):
-    """This process's copy of replicated arrays (on its first device) for evaluation."""
-
-    def local(x):
-        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
-            return x.addressable_data(0)
-        return x
-
-    return jax.tree.map(local, tree)
-
-
-class _NullWriter:
-    """The metrics writer of the processes other than process 0 (they write nothing)."""
-
-    def write(self, step, values) -> None:
-        del step, values
-
-    def close(self) -> None:
-        pass
-
-
-def _any_process(flag: bool) -> bool:
-    """Whether `flag` is set on any process (a collective: every process must call it)."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+# The workdir's config.json (experiments.workdir) and the library's loop (metanet_jax.runtime,
+# metanet_jax.parallel) under their earlier names here.
+WorkdirMismatch = workdir.WorkdirMismatch
+WorkdirError = workdir.WorkdirError
+json_value = workdir.json_value
+saved_flags = workdir.saved_flags
+check_workdir = workdir.check_workdir
+data_record = workdir.data_record
+check_data_record = workdir.check_data_record
+write_workdir_config = workdir.write_workdir_config
+Loop = runtime.Loop
+run_loop = runtime.run_loop
+episode_source = runtime.episode_source
+StopRequest = runtime.StopRequest
+jitted_train_step = runtime.steps.single_device_step
+is_sharded = parallel.is_sharded
 
 
 def _eval_batches(images, cfg: MetaNetConfig, n: int, spec: RunSpec, seed: int, permutations=None):
@@ -540,7 +348,7 @@ class _Run:
     splits: Mapping[str, np.ndarray]
     mesh: Any
     ckpt: checkpointing.Checkpointer
-    writer: Any  # logging_utils.MetricsWriter on process 0, else _NullWriter
+    writer: Any  # logging_utils.MetricsWriter on process 0, else runtime.NullWriter
     stop: StopRequest
     t_start: float  # when this process started the run
     wall_before: float  # wall time of the run's earlier segments (before the resume)
@@ -560,39 +368,21 @@ class _Run:
             self.config, spec.test_ways(), spec.model.shots, spec.eval_queries_per_class
         )
 
+    def loop_context(self) -> runtime.LoopContext:
+        """The run as its training loop sees it (`runtime.train`)."""
+        spec, cfg = self.spec, self.eval_config()
+        images = jax.device_put(self.splits["validation"])
 
-@dataclasses.dataclass
-class Loop:
-    """What the training loop (`run_loop`) reads and updates: the state, how a step trains,
-    and on what.
+        def validate(params):
+            batches = _eval_batches(images, cfg, spec.eval_episodes, spec, VALIDATION_SEED)
+            return evaluation.evaluate(params, cfg, batches)
 
-    Attributes:
-      state: the train state, replaced by every step.
-      step_fn: `(state, support, query) -> (state, metrics)`, a jitted train step.
-      episodes: step t (0-based) -> its meta-batch `(support, query)` (`episode_source`).
-      start: the first step to run (the step `state` is at).
-      train_time: seconds spent sampling episodes and in `step_fn` (not after the steps).
-    """
-
-    state: TrainState
-    step_fn: Callable
-    episodes: Callable[[int], tuple[Any, Any]]
-    start: int = 0
-    train_time: float = 0.0
-
-
-@dataclasses.dataclass(kw_only=True)
-class _Loop(Loop):
-    """`train_and_evaluate`'s loop: what its logs, validation and checkpoints accumulate."""
-
-    val_images: jax.Array
-    bar: logging_utils.ProgressBar
-    last_saved: int | None  # the step of the last checkpoint
-    t_segment: float = dataclasses.field(default_factory=time.time)
-    t_window: float = dataclasses.field(default_factory=time.time)
-    window: dict[str, list[float]] = dataclasses.field(default_factory=dict)
-    window_steps: int = 0
-    eval_time: float = 0.0
+        cadence = runtime.Cadence(
+            spec.steps, spec.log_every, spec.eval_every, spec.checkpoint_every, spec.meta_batch
+        )
+        return runtime.LoopContext(
+            cadence, self.ckpt, self.writer, self.stop, validate=validate, meta=self.meta
+        )
 
 
 def train_and_evaluate(
@@ -632,7 +422,7 @@ def train_and_evaluate(
     splits = _load_data(spec) if splits is None else splits
     run, state = _start_run(spec, splits, mesh, t_start)
     try:
-        outcome = _train(run, state, step_factory)
+        outcome = runtime.train(_start_loop(run, state, step_factory), run.loop_context())
         if outcome["status"] != "completed":
             return outcome
         return _final_test(run, outcome)
@@ -655,7 +445,7 @@ def _start_run(
     if parallel.is_primary():
         writer = logging_utils.MetricsWriter(Path(spec.workdir), resume_step=int(state.step))
     else:
-        writer = _NullWriter()
+        writer = runtime.NullWriter()
     run = _Run(
         spec=spec,
         config=config,
@@ -674,7 +464,7 @@ def _load_data(spec: RunSpec) -> dict[str, np.ndarray]:
     """The run's class arrays; fails before any write. Process 0 prepares the data caches
     before the others read them."""
     splits = load_splits(spec) if parallel.is_primary() else None
-    _barrier("experiments.train:data")
+    parallel.barrier("experiments.train:data")
     return load_splits(spec) if splits is None else splits
 
 
@@ -686,7 +476,7 @@ def _prepare_workdir(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> MetaNet
     saved = check_workdir(spec)
     data_info = data_record(spec)
     check_data_record(spec, saved, data_info)
-    _barrier("experiments.train:checked")  # every process read config.json before
+    parallel.barrier("experiments.train:checked")  # every process read config.json before
     if parallel.is_primary():
         write_workdir_config(spec, config, data_info)
     return config
@@ -745,106 +535,19 @@ def _check_pool(spec: RunSpec, name: str, shape: tuple[int, ...]) -> None:
         )
 
 
-def run_loop(loop: Loop, steps: int, after_step: Callable[[int, dict[str, float]], Any]) -> Any:
-    """The training loop of the programs: steps `loop.start` to `steps - 1` (0-based).
-
-    Step t trains `loop.state` on `loop.episodes(t)`; then `after_step(t + 1, metrics)`, with
-    the step's metrics as floats, checks, logs, evaluates or saves. A result other than
-    `None` stops the loop.
-
-    Returns:
-      The result that stopped the loop, else `None` once `steps` is reached.
-    """
-    for step in range(loop.start, steps):
-        t0 = time.time()
-        support, query = loop.episodes(step)
-        loop.state, metrics = loop.step_fn(loop.state, support, query)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        loop.train_time += time.time() - t0
-        outcome = after_step(step + 1, metrics)
-        if outcome is not None:
-            return outcome
-    return None
-
-
-def episode_source(
-    sample: Callable,
-    data_key,
-    images,
-    config: MetaNetConfig,
-    meta_batch: int,
-    step_ways: Callable[[int], int] | None = None,
-    **options,
-) -> Callable[[int], tuple[Any, Any]]:
-    """The episodes of a run: step t's meta-batch, decided by `fold_in(data_key, t)` alone
-    (so a resumed run draws what the uninterrupted one would have).
-
-    Args:
-      sample: `data.sample_episodes`, or `parallel.sample_process_episodes` bound to a mesh.
-      data_key: the run's episode key.
-      images: the training classes `[C, D, H, W, ch]`.
-      config: the model: its ways, shots and queries per class; `label_units="any"` spreads
-        the labels over all its output units.
-      meta_batch: tasks per step.
-      step_ways: step t -> the ways of its episodes (`RunSpec.step_ways`); default
-        `config.ways` for every step.
-      **options: the sampler's options (`rotate`, `rotations_as_classes`, `permutations`).
-
-    Returns:
-      `episodes(t) -> (support, query)`.
-    """
-    from metanet_jax import data
-
-    def episodes(step: int):
-        step_key = jax.random.fold_in(data_key, step)
-        ways = config.ways if step_ways is None else step_ways(step)
-        support, query = sample(
-            step_key,
-            images,
-            ways,
-            config.shots,
-            config.queries_per_class,
-            meta_batch,
-            **options,
-        )
-        if config.label_units == "any":  # train every output unit, not only the first `ways`
-            support, query = data.spread_labels(
-                jax.random.fold_in(step_key, 1), support, query, ways, config.output_units
-            )
-        return support, query
-
-    return episodes
-
-
-def _train(run: _Run, state: TrainState, step_factory: Callable) -> dict[str, Any]:
-    """The training loop from the state's step to `spec.steps`.
-
-    Returns:
-      `{"status": "completed", "segment_steps", "episodes_per_s", "train_time_s",
-      "eval_time_s"}`, or `{"status": "interrupted" | "nan", "step", ...}`.
-    """
-    loop = _start_loop(run, state, step_factory)
-    stopped = run_loop(loop, run.spec.steps, functools.partial(_after_step, run, loop))
-    loop.bar.close()
-    return _end_loop(run, loop) if stopped is None else stopped
-
-
-def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
+def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime.TrainingLoop:
+    """The run's loop from the state's step: its train step (`runtime.make_step`, compiling
+    ahead of time), its episodes and its progress bar."""
     from metanet_jax import data
 
     spec, sharded = run.spec, is_sharded(run.mesh)
+    make = None
+    if step_factory is not make_train_step:  # used as given, also on several devices
 
-    def make_step(config: MetaNetConfig) -> Callable:
-        if step_factory is not make_train_step:
+        def make(config):
             return step_factory(config, make_optimizer(config), validate=False)
-        if sharded:
-            return _cached_sharded_step(config, run.mesh)
-        return jitted_train_step(config)
 
-    if spec.train_ways:
-        step_fn = _step_by_ways(run.config, make_step)
-    else:
-        step_fn = make_step(run.config)
+    step_fn = runtime.make_step(run.config, ways=spec.train_ways, mesh=run.mesh, make=make)
     if sharded:
         state = parallel.replicate(state, run.mesh)
         sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)
@@ -861,164 +564,40 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> _Loop:
         rotations_as_classes=spec.rotations_as_classes,
     )
     out = None if parallel.is_primary() else io.StringIO()
-    return _Loop(
+    start = int(state.step)
+    return runtime.TrainingLoop(
         state=state,
         step_fn=step_fn,
         episodes=episodes,
-        start=int(state.step),
-        val_images=jax.device_put(run.splits["validation"]),
+        start=start,
         bar=logging_utils.ProgressBar(spec.steps, out),
         last_saved=run.ckpt.latest_step(),
+        compilations=_compile_ahead(run, step_fn, state, start),
     )
 
 
-def _step_by_ways(config: MetaNetConfig, make_step: Callable) -> Callable:
-    """A train step for episodes of any ways (`train_ways`): the step of `config` with the
-    episodes' ways (read from the support labels' static shape), each made on first use;
-    all share the parameters and optimiser state, whose shapes do not depend on the ways."""
-    steps: dict[int, Callable] = {}
-
-    def step_fn(state, support, query):
-        ways = support.y.shape[-1] // config.shots
-        if ways not in steps:
-            steps[ways] = make_step(config.replace(ways=ways))
-        return steps[ways](state, support, query)
-
-    return step_fn
-
-
-def _after_step(
-    run: _Run, loop: _Loop, done: int, metrics: Mapping[str, float]
-) -> dict[str, Any] | None:
-    """What follows step `done` (1-based): its logs, validation and checkpoint.
+def _compile_ahead(run: _Run, step_fn: runtime.TrainStep, state, start: int):
+    """Starts compiling the training step of every ways, then the validation step, on threads
+    (`runtime.steps`; the loop waits for each before its first use). Not in a run of several
+    processes (each would compile on its own schedule) nor when there is nothing to train.
 
     Returns:
-      `None` to go on, else the loop's outcome (a NaN loss or a signal).
+      The `runtime.Compilations`, or `None`.
     """
-    if not math.isfinite(metrics["loss"]):
-        return _non_finite(run, loop, metrics["loss"], done)
-    _log(run, loop, metrics, done)
-    validated = None
-    if done % run.spec.eval_every == 0 or done == run.spec.steps:
-        validated = _validate(run, loop, done)
-    return _checkpoint(run, loop, done, validated)
-
-
-def _non_finite(run: _Run, loop: _Loop, loss: float, done: int) -> dict[str, Any]:
-    last = loop.last_saved
-    where = (
-        f"the last good checkpoint is step {last} ({run.ckpt.step_path(last)})"
-        if last is not None
-        else "no checkpoint was saved yet"
-    )
-    logging.error("non-finite loss (%s) at step %d; stopping without saving; %s", loss, done, where)
-    return {"status": "nan", "step": done, "last_good_step": last}
-
-
-def _log(run: _Run, loop: _Loop, metrics: Mapping[str, float], done: int) -> None:
-    """Adds the step's metrics to the log window; writes the window's averages every
-    `--log_every` steps and at the last step."""
-    spec, total = run.spec, run.spec.steps
-    for k, v in metrics.items():
-        loop.window.setdefault(k, []).append(v)
-    loop.window_steps += 1
-    loop.bar.update(done, f"loss {metrics['loss']:.2f} acc {metrics['accuracy']:.3f}")
-    if done % spec.log_every and done != total:
-        return
-    now = time.time()
-    avg = {k: float(np.mean(v)) for k, v in loop.window.items()}
-    eps = loop.window_steps * spec.meta_batch / max(now - loop.t_window, 1e-9)
-    avg["episodes_per_s"] = eps
-    # The averages cover the steps of this window run by this process: after a resume in the
-    # middle of a window (or at the last step) fewer than --log_every.
-    avg["window_steps"] = loop.window_steps
-    run.writer.write(done, avg)
-    rate = (done - loop.start) / max(now - loop.t_segment, 1e-9)
-    line = logging_utils.progress_line(
-        done, total, eps, avg["loss"], avg["accuracy"], (total - done) / rate
-    )
-    note = logging_utils.window_note(loop.window_steps, spec.log_every, done, loop.start)
-    logging.info(line + note)
-    loop.window, loop.t_window, loop.window_steps = {}, now, 0
-
-
-def _validate(run: _Run, loop: _Loop, done: int) -> float:
-    """Validation accuracy of the current parameters (written to the metrics)."""
-    t0 = time.time()
-    cfg = run.eval_config()
-    batches = _eval_batches(loop.val_images, cfg, run.spec.eval_episodes, run.spec, VALIDATION_SEED)
-    result = evaluation.evaluate(_local(loop.state.params), cfg, batches)
-    loop.eval_time += time.time() - t0
-    loop.t_window += time.time() - t0  # episodes/s counts training time only
-    run.writer.write(done, {"validation_accuracy": result.mean, "validation_ci95": result.ci95})
-    logging.info("step %d validation %s", done, result.line())
-    return result.mean
-
-
-def _checkpoint(
-    run: _Run, loop: _Loop, done: int, validated: float | None
-) -> dict[str, Any] | None:
-    """Saves a checkpoint when due (or validated, or stopping); stops on a signal."""
-    # Every process stops at the same step (one SIGTERM reaches processes at different
-    # times), so that all of them take part in the same checkpoint save.
-    stopping = _any_process(run.stop.signal_name is not None)
-    if validated is not None or done % run.spec.checkpoint_every == 0 or stopping:
-        run.ckpt.save(loop.state, run.meta(), validation_accuracy=validated)
-        loop.last_saved = done
-    if not stopping or done >= run.spec.steps:
+    spec = run.spec
+    if start >= spec.steps or jax.process_count() > 1:
         return None
-    signal_name = run.stop.signal_name or "a signal (on another process)"
-    logging.warning(
-        "%s received: saved the checkpoint of step %d in %s and stopped; run the same "
-        "command again to resume",
-        signal_name,
-        done,
-        run.ckpt.step_path(done),
-    )
-    return {"status": "interrupted", "step": done, "signal": signal_name}
-
-
-def _end_loop(run: _Run, loop: _Loop) -> dict[str, Any]:
-    total = run.spec.steps
-    if loop.start >= total:
-        logging.info("step %d already reached (--steps=%d): evaluating only", loop.start, total)
-    segment_steps = max(total - loop.start, 0)
-    if total > loop.start and run.ckpt.latest_step() != total:
-        run.ckpt.save(loop.state, run.meta())
-    eps = segment_steps * run.spec.meta_batch / loop.train_time if loop.train_time else None
-    return {
-        "status": "completed",
-        "segment_steps": segment_steps,
-        "episodes_per_s": eps,
-        "train_time_s": loop.train_time,
-        "eval_time_s": loop.eval_time,
-    }
-
-
-class _Interrupted(Exception):
-    """A signal arrived during the final test (raised between evaluation batches)."""
-
-
-def _interruptible(batches, stop: StopRequest):
-    """`batches`, stopping with `_Interrupted` before the next one once a signal arrived."""
-    for batch in batches:
-        if stop.signal_name is not None:
-            raise _Interrupted
-        yield batch
-    if stop.signal_name is not None:
-        raise _Interrupted
-
-
-def _interrupted_test(stop: StopRequest, ckpt: checkpointing.Checkpointer) -> dict[str, Any]:
-    step = ckpt.latest_step()
-    logging.warning(
-        "%s received during the final test: stopped it; training is complete (checkpoint of "
-        "step %d in %s); run the same command again to test",
-        stop.signal_name,
-        step,
-        ckpt.directory,
-    )
-    return {"status": "interrupted", "step": step, "signal": stop.signal_name, "phase": "test"}
+    compilations = step_fn.compile(state, spec.meta_batch, first=spec.step_ways(start))
+    if compilations is not None:
+        cfg = run.eval_config()
+        batch = min(spec.eval_batch, spec.eval_episodes)
+        support, query = runtime.steps.episode_shapes(cfg, cfg.ways, batch)
+        params = runtime.steps.abstract(parallel.local_copy(state.params))
+        fn = evaluation._episode_loss(cfg)
+        programs = runtime.steps.programs(fn, params, support, query)
+        # After the training steps': the first steps need those, the first validation later.
+        compilations.submit("eval", programs, after=[("train", w) for w in step_fn.ways])
+    return compilations
 
 
 def _final_test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
@@ -1026,8 +605,17 @@ def _final_test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
     test stops it (the rerun tests)."""
     try:
         results = _test(run, outcome)
-    except _Interrupted:
-        return _interrupted_test(run.stop, run.ckpt)
+    except runtime.Interrupted:
+        step = run.ckpt.latest_step()
+        logging.warning(
+            "%s received during the final test: stopped it; training is complete (checkpoint "
+            "of step %d in %s); run the same command again to test",
+            run.stop.signal_name,
+            step,
+            run.ckpt.directory,
+        )
+        return {"status": "interrupted", "step": step, "signal": run.stop.signal_name,
+                "phase": "test"}  # fmt: skip
     if run.stop.signal_name is not None:
         logging.warning(
             "%s received after the final test: the results were written in full",
@@ -1048,7 +636,7 @@ def _test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
     images = jax.device_put(run.splits["test"])
     batches = _eval_batches(images, test_cfg, spec.test_episodes, spec, TEST_SEED)
     test = evaluation.evaluate(
-        state.params, test_cfg, _interruptible(batches, run.stop), keep_first=True
+        state.params, test_cfg, runtime.interruptible(batches, run.stop), keep_first=True
     )
     logging.info("test (checkpoint of step %d) %s", step, test.line())
     counts = parallel.device_counts(run.mesh)
@@ -1097,7 +685,7 @@ def _mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params, stop) -> 
     cfg = evaluation.eval_config(config, 10, 1, spec.eval_queries_per_class)
     images = jax.device_put(mnist["test"].images)
     batches = _eval_batches(images, cfg, spec.mnist_test_episodes, spec, MNIST_SEED)
-    result = evaluation.evaluate(params, cfg, _interruptible(batches, stop))
+    result = evaluation.evaluate(params, cfg, runtime.interruptible(batches, stop))
     logging.info("MNIST 10-way 1-shot (out of domain) %s", result.line())
     return {"mnist_accuracy": result.mean, "mnist_ci95": result.ci95,
             "mnist_episodes": result.episodes}  # fmt: skip

@@ -140,6 +140,19 @@ class TaskLoop:
         shared, tasks = self._split(*args)
         return self._per_task.lower(shared, jax.tree.map(lambda a: a[0], tasks), jnp.int32(0))
 
+    def compile(self, *args) -> None:
+        """Compiles both programs ahead of time for arguments like `args` (arrays or
+        `jax.ShapeDtypeStruct`s): a later call with such arguments compiles nothing (the
+        jitted functions find the executables in JAX's caches)."""
+        shared, tasks = self._split(*args)
+        batch = jax.tree.leaves(tasks)[0].shape[0]
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tasks)
+        shape = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)
+        lowered = self._per_task.lower(shape(shared), one, jax.ShapeDtypeStruct((), jnp.int32))
+        lowered.compile()
+        out = shape(lowered.out_info)
+        self._finish.lower(shape(shared), [out] * batch).compile()
+
 
 def per_task_loss(config: MetaNetConfig, networks=None):
     """`one((params, key), (support, query), index) -> (loss, aux)` for one task (key

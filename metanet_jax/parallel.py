@@ -168,6 +168,36 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set on any process (a collective: every process must call it; one
+    process: `flag` itself, nothing is exchanged)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reached the barrier `name` (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def local_copy(tree):
+    """This process's copy of replicated arrays (on its first device), e.g. for evaluation;
+    arrays on one device and other leaves are returned as they are."""
+
+    def local(x):
+        if isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+            return x.addressable_data(0)
+        return x
+
+    return jax.tree.map(local, tree)
+
+
 # ----------------------------------------------------------------------------- mesh
 def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = TASK_AXIS) -> Mesh:
     """A 1-D mesh over `devices` (default: all devices of all processes, in process order)."""
@@ -179,6 +209,12 @@ def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = TASK
     if hasattr(jax.sharding, "AxisType"):
         kwargs["axis_types"] = (jax.sharding.AxisType.Auto,)
     return Mesh(np.array(devices), (axis_name,), **kwargs)
+
+
+def is_sharded(mesh: Mesh) -> bool:
+    """Whether a run on `mesh` uses the data-parallel step (more than one device or process);
+    a single device in a single process runs the single-device program unchanged."""
+    return mesh.size > 1 or jax.process_count() > 1
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

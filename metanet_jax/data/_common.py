@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,6 +109,62 @@ def local_folder(manual_dir: str | os.PathLike | None, name: str) -> Path | None
             f"${DATASETS_ENV} to let TFDS download them."
         )
     return folder
+
+
+class DataUnavailable(FileNotFoundError):
+    """A data set is neither cached, nor in a local folder, nor downloadable from here.
+
+    Raised by `require_download` before TFDS starts its downloader: no `manual_dir`, no
+    `$METANET_DATASETS`, and the download host cannot be reached (no network, or a name
+    that does not resolve). The message names `$METANET_DATASETS` (the programs'
+    `--datasets`) and the files expected there. A `FileNotFoundError`, so that the programs
+    report it in one line like the other missing-file errors.
+    """
+
+
+# Seconds to wait for the download host before calling the data set unreachable.
+PROBE_TIMEOUT_S = 10.0
+
+
+def require_download(what: str, url: str, subdir: str, files: list[str], how: str) -> None:
+    """Checks, before TFDS's downloader starts, that `url`'s host answers at all.
+
+    The check is one HTTP `HEAD` request through `requests` (TFDS's own HTTP library, so the
+    same proxy settings, `HTTPS_PROXY` etc., apply). Any answer, even an HTTP error status,
+    means there is a network and TFDS's normal download goes ahead (its own errors then
+    stand). No answer (the name does not resolve, the connection is refused, or nothing
+    within `PROBE_TIMEOUT_S` seconds) raises `DataUnavailable` at once, instead of TFDS's
+    retries and a long traceback ending in `requests.exceptions.ConnectionError`.
+
+    Args:
+      what: the data set's name in the message, e.g. "Omniglot".
+      url: one file TFDS would download.
+      subdir: the folder under `$METANET_DATASETS` that would hold the files.
+      files: the file names expected there.
+      how: where to get them (one sentence).
+
+    Raises:
+      DataUnavailable: the host cannot be reached.
+    """
+    try:
+        import requests
+    except ImportError:  # pragma: no cover - a TFDS dependency; TFDS reports it itself
+        return
+    try:
+        requests.head(url, timeout=PROBE_TIMEOUT_S, allow_redirects=False).close()
+    except requests.RequestException as e:
+        # requests wraps urllib3's error, whose `reason` is the cause (e.g. the name lookup).
+        inner = getattr(e.args[0], "reason", e.args[0]) if e.args else e
+        reason = " ".join(f"{type(inner).__name__}: {inner}".split())
+        if len(reason) > 160:
+            reason = reason[:160] + "..."
+        host = urllib.parse.urlsplit(url).hostname
+        raise DataUnavailable(
+            f"{what}: not cached, no local folder given, and TFDS cannot download it from here "
+            f"({host} does not answer: {reason}). Set ${DATASETS_ENV} (the programs' "
+            f"--datasets, the loaders' manual_dir=) to a folder holding {subdir}/ with "
+            f"{', '.join(files)}. {how}"
+        ) from None
 
 
 def require_files(folder: Path, names: list[str], what: str, how: str) -> None:

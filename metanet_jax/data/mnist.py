@@ -14,6 +14,7 @@ from metanet_jax.data._common import (
     local_folder,
     preparation_lock,
     prepared_builder,
+    require_download,
     require_files,
     sha256,
 )
@@ -42,6 +43,8 @@ _HOW = (
     "downloads), or unset METANET_DATASETS and pass no manual_dir to let TFDS download them."
 )
 SPLITS = ("train", "test")
+# Where TFDS's stock builder downloads the files (its `_MNIST_URL`; a test compares them).
+DOWNLOAD_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 
 
 def _group(images: np.ndarray, labels: np.ndarray) -> ClassImages:
@@ -80,6 +83,8 @@ def load_mnist(
 
     Raises:
       FileNotFoundError: a configured local folder or one of the four files is missing.
+      DataUnavailable: (a `FileNotFoundError`) no local folder and no network: TFDS's
+        download host does not answer (`_common.require_download`; nothing is written).
       ValueError: a local file whose sha256 is not MNIST's.
     """
     root = _data_dir(data_dir)
@@ -95,6 +100,10 @@ def load_mnist(
                     f"MNIST: {folder / name} has sha256 {digest}, expected {expected} "
                     f"(corrupt file). {_HOW}"
                 )
+    else:
+        files = list(MNIST_FILES)
+        how = "Get them from https://storage.googleapis.com/cvdf-datasets/mnist/ (docs/DATA.md)."
+        require_download("MNIST", DOWNLOAD_URL + files[0], "mnist", files, how)
     with preparation_lock(root):
         if all(p.is_file() for p in paths.values()):  # prepared by another process meanwhile
             return {s: ClassImages.load(p) for s, p in paths.items()}

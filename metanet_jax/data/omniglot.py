@@ -16,6 +16,7 @@ from metanet_jax.data._common import (
     local_folder,
     preparation_lock,
     prepared_builder,
+    require_download,
     require_files,
     sha256,
     strokes_to_ink,
@@ -58,6 +59,9 @@ _HOW = (
     "Get them from https://github.com/brendenlake/omniglot/tree/master/python (the zips TFDS "
     "downloads), or unset METANET_DATASETS and pass no manual_dir to let TFDS download them."
 )
+_GET = "Get them from https://github.com/brendenlake/omniglot/tree/master/python (docs/DATA.md)."
+# Where TFDS's stock builder downloads each zip (its `_DL_URLS`; a test compares them).
+DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 
 
 def _parts_for(scheme: str, validation_classes: int) -> tuple[str, ...]:
@@ -161,6 +165,8 @@ def load_omniglot_parts(
     Raises:
       FileNotFoundError: a configured local folder or one of the needed zips is missing
         (checked for all parts before any work; nothing is written).
+      DataUnavailable: (a `FileNotFoundError`) no local folder and no network: TFDS's
+        download host does not answer (`_common.require_download`; nothing is written).
       ValueError: unknown part, or a zip whose sha256 is neither the original's nor the
         rebuilt one's.
     """
@@ -175,8 +181,11 @@ def load_omniglot_parts(
     if not todo:
         return out
     folder = local_folder(manual_dir, "omniglot")
+    names = [ZIP_NAMES[p] for p in todo]
     if folder is not None:
-        require_files(folder, [ZIP_NAMES[p] for p in todo], "Omniglot", _HOW)
+        require_files(folder, names, "Omniglot", _HOW)
+    else:
+        require_download("Omniglot", DOWNLOAD_URL + names[0], "omniglot", names, _GET)
     builders = {p: _builder_name(folder, p) for p in todo}  # all checked before any work
     with preparation_lock(root):
         for p in todo:

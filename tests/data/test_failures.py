@@ -138,3 +138,76 @@ def test_preparation_lock_makes_a_second_process_wait(tmp_path):
     assert float(out.split()[1]) >= released
     assert not root.exists()  # the lock file sits beside the data folder, not in it
     assert (tmp_path / ".data.lock").is_file()
+
+
+@pytest.fixture
+def no_local_data(tmp_path, monkeypatch):
+    """No `$METANET_DATASETS` and an empty data folder (returned): a load must download."""
+    monkeypatch.delenv("METANET_DATASETS", raising=False)
+
+    def no_tfds(*args, **kwargs):
+        raise AssertionError("TFDS's preparation started")
+
+    monkeypatch.setattr(data.omniglot, "prepared_builder", no_tfds)
+    monkeypatch.setattr(data.mnist, "prepared_builder", no_tfds)
+    return tmp_path / "out"
+
+
+def test_no_local_data_and_an_unreachable_host_is_one_clear_error(no_local_data, monkeypatch):
+    """Without a local folder and without a network (here: a host name that cannot resolve,
+    RFC 2606's `.invalid`), the load stops before TFDS with one error naming
+    METANET_DATASETS / --datasets and the files expected, its traceback free of TFDS's."""
+    monkeypatch.setattr(data.omniglot, "DOWNLOAD_URL", "https://metanet-jax.invalid/omniglot/")
+    monkeypatch.setattr(data.mnist, "DOWNLOAD_URL", "https://metanet-jax.invalid/mnist/")
+    t = time.perf_counter()
+    with pytest.raises(data.DataUnavailable) as e:
+        data.load_omniglot("standard", data_dir=no_local_data)
+    message = str(e.value)
+    for needed in ("$METANET_DATASETS", "--datasets", "omniglot/", "images_background.zip",
+                   "images_evaluation.zip", "metanet-jax.invalid"):  # fmt: skip
+        assert needed in message, (needed, message)
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    assert isinstance(e.value, FileNotFoundError)  # the programs' one-line errors
+    with pytest.raises(data.DataUnavailable, match=r"mnist/ with train-images-idx3-ubyte.gz"):
+        data.load_mnist(data_dir=no_local_data)
+    assert time.perf_counter() - t < 30
+    assert _empty(no_local_data)
+
+
+def test_no_local_data_with_a_network_goes_to_tfds_download(no_local_data, monkeypatch):
+    """A host that answers (any HTTP status) means a network: TFDS's normal download
+    (no manual folder) goes ahead, for only the parts the split needs."""
+    import requests
+
+    asked = []
+
+    class Answer:
+        def close(self):
+            pass
+
+    monkeypatch.setattr(requests, "head", lambda url, **kw: asked.append(url) or Answer())
+    prepared = []
+
+    def prepare(part, folder, builder_name, root):
+        prepared.append((part, folder, builder_name))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(data.omniglot, "_prepare_part", prepare)
+    with pytest.raises(RuntimeError, match="stop here"):
+        data.load_omniglot_parts(("small1",), data_dir=no_local_data)
+    assert asked == [data.omniglot.DOWNLOAD_URL + "images_background_small1.zip"]
+    assert prepared == [("small1", None, "metanet_omniglot")]
+
+
+def test_the_probed_urls_are_those_tfds_downloads():
+    from tensorflow_datasets.image_classification import mnist as tfds_mnist
+    from tensorflow_datasets.image_classification import omniglot as tfds_omniglot
+
+    from metanet_jax.data import _tfds_builders
+
+    for part, name in data.omniglot.ZIP_NAMES.items():
+        assert data.omniglot.DOWNLOAD_URL + name == _tfds_builders.url(part)
+    assert set(tfds_omniglot._DL_URLS.values()) == {
+        data.omniglot.DOWNLOAD_URL + n for n in data.omniglot.ZIP_NAMES.values()
+    }
+    assert data.mnist.DOWNLOAD_URL == tfds_mnist._MNIST_URL

@@ -161,3 +161,22 @@ def test_an_integer_list_flag_checks_each_value(tmp_path, arg):
     values = _parse(train.RunSpec, f"--workdir={tmp_path / 'w'}", "--max_ways=20",
                     "--train_ways=5,20")  # fmt: skip
     assert train.RunSpec.from_flag_values(values).train_ways == (5, 20)
+
+
+def test_the_library_filter_drops_backend_probing_and_the_font_cache_only():
+    import logging as std_logging
+
+    drop = common._DropLibraryInfo()
+
+    def record(name, level, msg, path="/x/y.py"):
+        return std_logging.LogRecord(name, level, path, 1, msg, None, None)
+
+    tpu = "Unable to initialize backend 'tpu': INTERNAL: Failed to open libtpu.so"
+    assert not drop.filter(record("jax._src.xla_bridge", std_logging.INFO, tpu))
+    assert drop.filter(record("jax._src.xla_bridge", std_logging.WARNING, "no GPU found"))
+    fm = "matplotlib.font_manager"
+    assert not drop.filter(record(fm, std_logging.INFO, "generated new fontManager"))
+    building = "Matplotlib is building the font cache; this may take a moment."
+    assert not drop.filter(record(fm, std_logging.WARNING, building))
+    assert drop.filter(record(fm, std_logging.WARNING, "findfont: Font family %r not found."))
+    assert drop.filter(record("experiments.train", std_logging.INFO, "starting a new run"))

@@ -206,10 +206,19 @@ def _fake_lake_runs(folder, runs=2, ways=3, size=28):
 
 def test_evaluate_program_on_lake_runs_prints_the_ci_line_and_writes_json(tmp_path):
     workdir = tmp_path / "run"
+    # As on a user's first run: JAX probes every backend (no JAX_PLATFORMS) and matplotlib
+    # builds its font cache (a fresh MPLCONFIGDIR); neither says so in the program's log.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["MPLCONFIGDIR"] = str(tmp_path / "mpl")
     out = _run(["-m", "experiments.omniglot", f"--workdir={workdir}", *TINY_FLAGS, "--steps=2",
-                "--synthetic_size=28"])  # fmt: skip
+                "--synthetic_size=28"], env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "test accuracy" in out.stdout
+    assert (workdir / "learning_curve.png").is_file()  # matplotlib was used
+    assert (tmp_path / "mpl").is_dir()  # and built its font cache there
+    log = out.stderr.lower()
+    assert "backend 'tpu'" not in log and "fontmanager" not in log and "font cache" not in log
+    assert "starting a new run" in log  # the program's own INFO lines are still there
     _fake_lake_runs(tmp_path / "lake")
     out = _run(["-m", "experiments.evaluate", f"--workdir={workdir}", "--checkpoint=latest",
                 f"--lake_runs_dir={tmp_path / 'lake'}"])  # fmt: skip
