@@ -15,6 +15,9 @@ Under `jax.vmap` each call runs once per batch element (`vmap_method="sequential
 correct for batched weights or features alike; the training code calls the generators on
 flattened coordinates of one task, and vmaps them only in the "vmap" task batching and the
 sharded step.
+
+`make_ops(suffix)` makes the same two ops bound to the FFI targets `metanet_*{suffix}`: the
+tests register a library built for another target (`-march`) under a suffix and check it.
 """
 
 from __future__ import annotations
@@ -59,72 +62,77 @@ def _zeros_if_symbolic(ct, like):
     return ct
 
 
-# ----------------------------------------------------------------------------- m (MLP)
-def _mlp_fwd_call(w0, b0, w1, b1, w2, b2, x):
-    return _call("metanet_mlp_fwd", _sds(x.shape[1:]), w0, b0, w1, b1, w2, b2, x)
+def make_ops(suffix: str = ""):
+    """`(mlp_core, lstm_core)` calling the FFI targets `metanet_{mlp,lstm}_{fwd,bwd}{suffix}`.
+    With the empty suffix (this module's `mlp_core`, `lstm_core`) the targets are the ones
+    `_loader` registers from the built library, and a call raises when they are unavailable;
+    with another suffix the caller registers them (`jax.ffi.register_ffi_target`)."""
+    mlp_fwd, mlp_bwd = f"metanet_mlp_fwd{suffix}", f"metanet_mlp_bwd{suffix}"
+    lstm_fwd, lstm_bwd = f"metanet_lstm_fwd{suffix}", f"metanet_lstm_bwd{suffix}"
+
+    def require(*targets):
+        if not suffix:
+            _require(*targets)
+
+    # ------------------------------------------------------------------------- m (MLP)
+    def _mlp_fwd_call(w0, b0, w1, b1, w2, b2, x):
+        return _call(mlp_fwd, _sds(x.shape[1:]), w0, b0, w1, b1, w2, b2, x)
+
+    @jax.custom_vjp
+    def mlp_core(w0, b0, w1, b1, w2, b2, x):
+        """m per coordinate: `w0 [2,H], b0 [H], w1 [H,H], b1 [H], w2 [H], b2 [], x [2,M] ->
+        [M]`."""
+        require(mlp_fwd, mlp_bwd)
+        _check_f32(w0, b0, w1, b1, w2, b2, x)
+        return _mlp_fwd_call(w0, b0, w1, b1, w2, b2, x)
+
+    def _mlp_fwd(w0, b0, w1, b1, w2, b2, x):
+        args = [_value(a) for a in (w0, b0, w1, b1, w2, b2, x)]
+        require(mlp_fwd, mlp_bwd)
+        _check_f32(*args)
+        # The residual's shape carries whether the features need a cotangent (static in bwd).
+        flag = np.zeros((1 if x.perturbed else 0,), np.float32)
+        return _mlp_fwd_call(*args), (*args, flag)
+
+    def _mlp_bwd(res, dy):
+        *args, flag = res
+        x = args[-1]
+        dy = _zeros_if_symbolic(dy, jax.ShapeDtypeStruct(x.shape[1:], _F32))
+        shapes = [a.shape for a in args]
+        outs = _call(mlp_bwd, [_sds(s) for s in shapes], *args, dy, need_dx=bool(flag.shape[0]))
+        return tuple(outs)
+
+    mlp_core.defvjp(_mlp_fwd, _mlp_bwd, symbolic_zeros=True)
+
+    # ------------------------------------------------------------------------- d (LSTM)
+    def _lstm_fwd_call(wx, wh, b, wo, bo, feats):
+        return _call(lstm_fwd, _sds(feats.shape[2:]), wx, wh, b, wo, bo, feats)
+
+    @jax.custom_vjp
+    def lstm_core(wx, wh, b, wo, bo, feats):
+        """d per coordinate: `wx [2,4H], wh [H,4H], b [4H], wo [H], bo [], feats [T,2,P] ->
+        [P]`."""
+        require(lstm_fwd, lstm_bwd)
+        _check_f32(wx, wh, b, wo, bo, feats)
+        return _lstm_fwd_call(wx, wh, b, wo, bo, feats)
+
+    def _lstm_fwd(wx, wh, b, wo, bo, feats):
+        args = [_value(a) for a in (wx, wh, b, wo, bo, feats)]
+        require(lstm_fwd, lstm_bwd)
+        _check_f32(*args)
+        flag = np.zeros((1 if feats.perturbed else 0,), np.float32)
+        return _lstm_fwd_call(*args), (*args, flag)
+
+    def _lstm_bwd(res, dy):
+        *args, flag = res
+        feats = args[-1]
+        dy = _zeros_if_symbolic(dy, jax.ShapeDtypeStruct(feats.shape[2:], _F32))
+        shapes = [a.shape for a in args]
+        outs = _call(lstm_bwd, [_sds(s) for s in shapes], *args, dy, need_dfeat=bool(flag.shape[0]))
+        return tuple(outs)
+
+    lstm_core.defvjp(_lstm_fwd, _lstm_bwd, symbolic_zeros=True)
+    return mlp_core, lstm_core
 
 
-@jax.custom_vjp
-def mlp_core(w0, b0, w1, b1, w2, b2, x):
-    """m per coordinate: `w0 [2,H], b0 [H], w1 [H,H], b1 [H], w2 [H], b2 [], x [2,M] -> [M]`."""
-    _require("metanet_mlp_fwd", "metanet_mlp_bwd")
-    _check_f32(w0, b0, w1, b1, w2, b2, x)
-    return _mlp_fwd_call(w0, b0, w1, b1, w2, b2, x)
-
-
-def _mlp_fwd(w0, b0, w1, b1, w2, b2, x):
-    args = [_value(a) for a in (w0, b0, w1, b1, w2, b2, x)]
-    _require("metanet_mlp_fwd", "metanet_mlp_bwd")
-    _check_f32(*args)
-    # The residual's shape carries whether the features need a cotangent (static in bwd).
-    flag = np.zeros((1 if x.perturbed else 0,), np.float32)
-    return _mlp_fwd_call(*args), (*args, flag)
-
-
-def _mlp_bwd(res, dy):
-    *args, flag = res
-    x = args[-1]
-    dy = _zeros_if_symbolic(dy, jax.ShapeDtypeStruct(x.shape[1:], _F32))
-    shapes = [a.shape for a in args]
-    outs = _call(
-        "metanet_mlp_bwd", [_sds(s) for s in shapes], *args, dy, need_dx=bool(flag.shape[0])
-    )
-    return tuple(outs)
-
-
-mlp_core.defvjp(_mlp_fwd, _mlp_bwd, symbolic_zeros=True)
-
-
-# ----------------------------------------------------------------------------- d (LSTM)
-def _lstm_fwd_call(wx, wh, b, wo, bo, feats):
-    return _call("metanet_lstm_fwd", _sds(feats.shape[2:]), wx, wh, b, wo, bo, feats)
-
-
-@jax.custom_vjp
-def lstm_core(wx, wh, b, wo, bo, feats):
-    """d per coordinate: `wx [2,4H], wh [H,4H], b [4H], wo [H], bo [], feats [T,2,P] -> [P]`."""
-    _require("metanet_lstm_fwd", "metanet_lstm_bwd")
-    _check_f32(wx, wh, b, wo, bo, feats)
-    return _lstm_fwd_call(wx, wh, b, wo, bo, feats)
-
-
-def _lstm_fwd(wx, wh, b, wo, bo, feats):
-    args = [_value(a) for a in (wx, wh, b, wo, bo, feats)]
-    _require("metanet_lstm_fwd", "metanet_lstm_bwd")
-    _check_f32(*args)
-    flag = np.zeros((1 if feats.perturbed else 0,), np.float32)
-    return _lstm_fwd_call(*args), (*args, flag)
-
-
-def _lstm_bwd(res, dy):
-    *args, flag = res
-    feats = args[-1]
-    dy = _zeros_if_symbolic(dy, jax.ShapeDtypeStruct(feats.shape[2:], _F32))
-    shapes = [a.shape for a in args]
-    outs = _call(
-        "metanet_lstm_bwd", [_sds(s) for s in shapes], *args, dy, need_dfeat=bool(flag.shape[0])
-    )
-    return tuple(outs)
-
-
-lstm_core.defvjp(_lstm_fwd, _lstm_bwd, symbolic_zeros=True)
+mlp_core, lstm_core = make_ops()

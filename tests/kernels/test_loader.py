@@ -5,6 +5,7 @@ the training program's flag)."""
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import subprocess
 import sys
 
@@ -22,8 +23,25 @@ def test_built_from_the_present_sources():
     assert kernels.unavailable_reason() is None
     assert _loader.library_digest(_paths.LIBRARY) == _paths.source_digest()
     cmd = build.command(_paths.LIBRARY)
-    assert "-march=native" in cmd and "-O3" in cmd and not any("fast-math" in c for c in cmd)
+    assert "-O3" in cmd and not any("fast-math" in c for c in cmd)
+    assert all(f in cmd for f in build.target_flags())
+    assert build.library_target_flags(_paths.LIBRARY) == shlex.join(build.target_flags())
     assert {p.name for p in _paths.sources()} >= {"kernels.h", "mlp.cc", "lstm.cc", "digest.cc"}
+
+
+def test_target_flags_default_and_overrides(monkeypatch):
+    """-march=native unless $METANET_KERNEL_CFLAGS or --march says otherwise (the portable
+    paths are built and checked in test_targets.py)."""
+    monkeypatch.delenv(build.TARGET_FLAGS_ENV, raising=False)
+    assert build.target_flags() == ["-march=native"]
+    monkeypatch.setenv(build.TARGET_FLAGS_ENV, " ")
+    assert build.target_flags() == ["-march=native"]
+    monkeypatch.setenv(build.TARGET_FLAGS_ENV, "-march=x86-64-v3 -mtune=generic")
+    assert build.target_flags() == ["-march=x86-64-v3", "-mtune=generic"]
+    assert build.target_flags("x86-64") == ["-march=x86-64"]
+    cmd = build.command(_paths.LIBRARY)
+    assert "-march=x86-64-v3" in cmd and "-march=native" not in cmd
+    assert '-DMETANET_TARGET_FLAGS="-march=x86-64-v3 -mtune=generic"' in cmd
 
 
 def test_importing_the_package_loads_nothing():

@@ -23,24 +23,23 @@
 //                   (dfeat is zero-filled when need_dfeat is false).
 // 1 <= H <= 64, T >= 1, P >= 0.
 //
-// Layout: coordinates are the vector lanes (16 floats per AVX-512 vector). A block of
-// kBlock = 64 coordinates (4 vectors) runs all its T steps with its state in L1/L2: the
-// forward is a register-tiled small GEMM per hidden unit (its 4 gate rows x 4 vectors of
-// coordinates) followed by the gate nonlinearities in registers; the backward recomputes the
-// forward for the block, keeping every step's gates, c and tanh(c), then back-propagates
-// (elementwise dz, then dh = dz wh^T as a register-tiled GEMM). The weight gradients of a
-// block are one more small GEMM, dW[k', j] += sum_t sum_lanes a_t[k'] dz_t[j] with
-// a_t = [h_{t-1}; x_t; 1], accumulated lane-wise in per-thread vector accumulators (no
-// horizontal sums per coordinate). Coordinates are split into fixed chunks of kChunkBlocks
-// blocks; each chunk's accumulators are reduced (fixed order) to doubles in its own slot, and
-// the slots are summed in chunk order at the end, so the results are bitwise deterministic
-// whatever the number of threads or their scheduling. Chunks are claimed dynamically by the
-// caller and by tasks on the FFI thread pool.
+// Layout: coordinates are the vector lanes (kLanes floats per vector: 16 with AVX-512, 8 with
+// AVX, 4 otherwise; see "vectors" below). A block of kBlock = kNV vectors of coordinates (64
+// with AVX-512) runs all its T steps with its state in L1/L2: the forward is a register-tiled
+// small GEMM per hidden unit (its 4 gate rows x kNV vectors of coordinates) followed by the
+// gate nonlinearities in registers; the backward recomputes the forward for the block,
+// keeping every step's gates, c and tanh(c), then back-propagates (elementwise dz, then
+// dh = dz wh^T as a register-tiled GEMM). The weight gradients of a block are one more small
+// GEMM, dW[k', j] += sum_t sum_lanes a_t[k'] dz_t[j] with a_t = [h_{t-1}; x_t; 1],
+// accumulated lane-wise in per-thread vector accumulators (no horizontal sums per
+// coordinate). Coordinates are split into fixed chunks of kChunkBlocks blocks (2048
+// coordinates); each chunk's accumulators are reduced (fixed order) to doubles in its own
+// slot, and the slots are summed in chunk order at the end, so the results are bitwise
+// deterministic whatever the number of threads or their scheduling. Chunks are claimed
+// dynamically by the caller and by tasks on the FFI thread pool.
 //
 // tanh is a [9/6] rational approximation (see TanhImpl): max relative error 4.9e-7 over all
 // floats. Sigmoid gates use pre-halved weights (exact: scaling by 0.5) and 0.5 tanh + 0.5.
-
-#include <immintrin.h>
 
 #include <algorithm>
 #include <atomic>
@@ -56,15 +55,103 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;                 // floats per vector
-constexpr int kNV = 4;                     // vectors per block
-constexpr int kBlock = kLanes * kNV;       // coordinates per block (= floats per row)
-constexpr int64_t kChunkBlocks = 32;       // blocks per chunk (unit of work and of reduction)
+// ----------------------------------------------------------------------------- vectors
+// V is one vector of kLanes floats; the kernels below use only the operations defined here.
+// With AVX-512 (-march=native on a machine that has it) they are the AVX-512 intrinsics, with
+// masked tail loads and stores. Elsewhere V is a GCC vector type as wide as the target's
+// vectors (8 floats with AVX, 4 otherwise: SSE2, NEON, ...), its operators compiled to the
+// target's instructions (g++ contracts a * b + c to an FMA where the target has one), and the
+// tails are copied lane by lane. Same arithmetic in every case, up to FMA contraction and the
+// order of the sums (the block width sets it); each build is deterministic.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+using V = __m512;
+inline V Set1(float x) { return _mm512_set1_ps(x); }
+inline V Zero() { return _mm512_setzero_ps(); }
+inline V Load(const float* p) { return _mm512_load_ps(p); }  // 64-byte aligned
+inline void Store(float* p, V v) { _mm512_store_ps(p, v); }
+inline V Add(V a, V b) { return _mm512_add_ps(a, b); }
+inline V Sub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V Div(V a, V b) { return _mm512_div_ps(a, b); }
+inline V Min(V a, V b) { return _mm512_min_ps(a, b); }
+inline V Max(V a, V b) { return _mm512_max_ps(a, b); }
+inline V Fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+inline V Fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+inline __mmask16 LaneMask(int64_t n) {
+  if (n >= kLanes) return 0xFFFF;
+  if (n <= 0) return 0;
+  return static_cast<__mmask16>((1u << n) - 1u);
+}
+// The first n lanes (all when n >= kLanes) from p, unaligned; zeros in the others. Reads
+// nothing past p + n.
+inline V LoadTail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(LaneMask(n), p); }
+// Writes the first n lanes of v (all when n >= kLanes) to p, unaligned; nothing past p + n.
+inline void StoreTail(float* p, int64_t n, V v) { _mm512_mask_storeu_ps(p, LaneMask(n), v); }
+#else
+#if defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float V __attribute__((vector_size(kLanes * sizeof(float))));
+inline V Set1(float x) { return V{} + x; }
+inline V Zero() { return V{}; }
+inline V Load(const float* p) { return *reinterpret_cast<const V*>(p); }  // aligned
+inline void Store(float* p, V v) { *reinterpret_cast<V*>(p) = v; }
+inline V Add(V a, V b) { return a + b; }
+inline V Sub(V a, V b) { return a - b; }
+inline V Mul(V a, V b) { return a * b; }
+inline V Div(V a, V b) { return a / b; }
+// As the x86 min/max instructions: b where a is NaN.
+inline V Min(V a, V b) { return a < b ? a : b; }
+inline V Max(V a, V b) { return a > b ? a : b; }
+inline V Fmadd(V a, V b, V c) { return a * b + c; }
+inline V Fnmadd(V a, V b, V c) { return c - a * b; }
+inline V LoadTail(const float* p, int64_t n) {
+  V v;
+  if (n >= kLanes) {
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  v = V{};
+  for (int64_t l = 0; l < n; ++l) v[l] = p[l];
+  return v;
+}
+inline void StoreTail(float* p, int64_t n, V v) {
+  if (n >= kLanes) {
+    std::memcpy(p, &v, sizeof(V));
+    return;
+  }
+  for (int64_t l = 0; l < n; ++l) p[l] = v[l];
+}
+#endif
+
+// Register tiles: a block is kNV vectors wide; BackTile takes at most kBackRows rows (kBackRows
+// x kNV accumulators), GradTile at most kGradRows (kGradRows x 4). Sized for 32 vector
+// registers (AVX-512, aarch64) or 16 (x86 without AVX-512).
+#if defined(__AVX512F__) || defined(__aarch64__)
+constexpr int kNV = 4;
+constexpr int kBackRows = 6;
+constexpr int kGradRows = 6;
+#else
+constexpr int kNV = 2;
+constexpr int kBackRows = 6;
+constexpr int kGradRows = 3;
+#endif
+constexpr int kBlock = kLanes * kNV;                 // coordinates per block (= floats per row)
+constexpr int64_t kChunkBlocks = 2048 / kBlock;      // blocks per chunk (2048 coordinates: the
+                                                     // unit of work and of reduction)
 constexpr int kMaxH = 64;
+static_assert(kBlock * sizeof(float) % 16 == 0 && 2048 % kBlock == 0);
 
 // ----------------------------------------------------------------------------- math
 // tanh(x) ~ x P(x^2) / Q(x^2), |x| clamped to 7.9053 (where tanh rounds to 1 in float32), with
@@ -73,38 +160,35 @@ constexpr int kMaxH = 64;
 // error 4.9e-7 over all floats, |tanh| <= 1. kHalf: returns 0.5 tanh(x) + 0.5 (the sigmoid
 // of 2x), folding the 0.5 into P's coefficients (exact) and adding 0.5 last.
 template <bool kHalf>
-inline __m512 TanhImpl(__m512 x) {
+inline V TanhImpl(V x) {
   const float k = kHalf ? 0.5f : 1.0f;
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-7.90531110763549805f)),
-                    _mm512_set1_ps(7.90531110763549805f));
-  const __m512 s = _mm512_mul_ps(x, x);
-  __m512 p = _mm512_fmadd_ps(s, _mm512_set1_ps(k * -6.256881235344736e-09f),
-                             _mm512_set1_ps(k * 7.225603440019768e-06f));
-  p = _mm512_fmadd_ps(s, p, _mm512_set1_ps(k * 0.0027047486510127783f));
-  p = _mm512_fmadd_ps(s, p, _mm512_set1_ps(k * 0.1272047609090805f));
-  p = _mm512_fmadd_ps(s, p, _mm512_set1_ps(k * 0.9999998211860657f));
-  p = _mm512_mul_ps(p, x);
-  __m512 q = _mm512_fmadd_ps(s, _mm512_set1_ps(0.00019782000163104385f),
-                             _mm512_set1_ps(0.022885719314217567f));
-  q = _mm512_fmadd_ps(s, q, _mm512_set1_ps(0.46053653955459595f));
-  q = _mm512_fmadd_ps(s, q, _mm512_set1_ps(1.0f));
-  const __m512 r = _mm512_div_ps(p, q);
-  return kHalf ? _mm512_add_ps(r, _mm512_set1_ps(0.5f)) : r;
+  x = Min(Max(x, Set1(-7.90531110763549805f)), Set1(7.90531110763549805f));
+  const V s = Mul(x, x);
+  V p = Fmadd(s, Set1(k * -6.256881235344736e-09f), Set1(k * 7.225603440019768e-06f));
+  p = Fmadd(s, p, Set1(k * 0.0027047486510127783f));
+  p = Fmadd(s, p, Set1(k * 0.1272047609090805f));
+  p = Fmadd(s, p, Set1(k * 0.9999998211860657f));
+  p = Mul(p, x);
+  V q = Fmadd(s, Set1(0.00019782000163104385f), Set1(0.022885719314217567f));
+  q = Fmadd(s, q, Set1(0.46053653955459595f));
+  q = Fmadd(s, q, Set1(1.0f));
+  const V r = Div(p, q);
+  return kHalf ? Add(r, Set1(0.5f)) : r;
 }
 
-inline __m512 Tanh(__m512 x) { return TanhImpl<false>(x); }
+inline V Tanh(V x) { return TanhImpl<false>(x); }
 // sigmoid(z) given zh = z / 2: 0.5 tanh(zh) + 0.5.
-inline __m512 SigmoidHalf(__m512 zh) { return TanhImpl<true>(zh); }
+inline V SigmoidHalf(V zh) { return TanhImpl<true>(zh); }
 
 // Keeps a loaded vector in a register: stops GCC from folding the load into every FMA that
 // uses it (one load per use, which makes the small GEMMs load-bound).
+#if defined(__x86_64__) || defined(__i386__)
 #define KEEP_IN_REG(x) __asm__("" : "+v"(x))
-
-inline __mmask16 LaneMask(int64_t remaining) {
-  if (remaining >= kLanes) return 0xFFFF;
-  if (remaining <= 0) return 0;
-  return static_cast<__mmask16>((1u << remaining) - 1u);
-}
+#elif defined(__aarch64__)
+#define KEEP_IN_REG(x) __asm__("" : "+w"(x))
+#else
+#define KEEP_IN_REG(x) ((void)0)
+#endif
 
 // Horizontal sum in a fixed order.
 inline double HSum(const float* v) {
@@ -210,8 +294,7 @@ inline void LoadFeatures(const Problem& pr, Scratch& s, int64_t p0) {
       const float* src = pr.feats + (static_cast<int64_t>(t) * 2 + r) * P + p0;
       float* dst = s.ARow(t, pr.H + r);
       for (int v = 0; v < kNV; ++v) {
-        const __mmask16 m = LaneMask(P - p0 - v * kLanes);
-        _mm512_store_ps(dst + v * kLanes, _mm512_maskz_loadu_ps(m, src + v * kLanes));
+        Store(dst + v * kLanes, LoadTail(src + v * kLanes, P - p0 - v * kLanes));
       }
     }
 }
@@ -226,50 +309,50 @@ inline void FwdStep(const Problem& pr, Scratch& s, int t) {
   float* Anext = s.ARow(t + 1, 0);
   for (int u = 0; u < H; ++u) {
     const float* w = pr.wf.data() + static_cast<size_t>(u) * S * 4;
-    __m512 acc[4][kNV];
+    V acc[4][kNV];
 #pragma GCC unroll 4
     for (int g = 0; g < 4; ++g) {
-      const __m512 bg = _mm512_set1_ps(w[(H + 2) * 4 + g]);
+      const V bg = Set1(w[(H + 2) * 4 + g]);
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) acc[g][v] = bg;
     }
     for (int k = kbeg; k < H + 2; ++k) {
       const float* a = A + static_cast<size_t>(k) * kBlock;
-      __m512 av[kNV];
+      V av[kNV];
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) {
-        av[v] = _mm512_load_ps(a + v * kLanes);
+        av[v] = Load(a + v * kLanes);
         KEEP_IN_REG(av[v]);
       }
 #pragma GCC unroll 4
       for (int g = 0; g < 4; ++g) {
-        const __m512 wg = _mm512_set1_ps(w[k * 4 + g]);
+        const V wg = Set1(w[k * 4 + g]);
 #pragma GCC unroll 4
-        for (int v = 0; v < kNV; ++v) acc[g][v] = _mm512_fmadd_ps(av[v], wg, acc[g][v]);
+        for (int v = 0; v < kNV; ++v) acc[g][v] = Fmadd(av[v], wg, acc[g][v]);
       }
     }
     float* crow = s.CRow(kStore ? t : 0, u);
     const float* cprev = kStore ? (t > 0 ? s.CRow(t - 1, u) : nullptr) : crow;
 #pragma GCC unroll 4
     for (int v = 0; v < kNV; ++v) {
-      const __m512 i = SigmoidHalf(acc[0][v]);
+      const V i = SigmoidHalf(acc[0][v]);
       // f is not needed at t = 0 (c_{-1} = 0): not computed, stored as 0.
-      const __m512 f = (t == 0) ? _mm512_setzero_ps() : SigmoidHalf(acc[1][v]);
-      const __m512 g = Tanh(acc[2][v]);
-      const __m512 o = SigmoidHalf(acc[3][v]);
-      const __m512 ig = _mm512_mul_ps(i, g);
-      const __m512 c =
-          (t == 0) ? ig : _mm512_fmadd_ps(f, _mm512_load_ps(cprev + v * kLanes), ig);
-      const __m512 tc = Tanh(c);
-      const __m512 h = _mm512_mul_ps(o, tc);
-      _mm512_store_ps(crow + v * kLanes, c);
-      _mm512_store_ps(Anext + static_cast<size_t>(u) * kBlock + v * kLanes, h);
+      const V f = (t == 0) ? Zero() : SigmoidHalf(acc[1][v]);
+      const V g = Tanh(acc[2][v]);
+      const V o = SigmoidHalf(acc[3][v]);
+      const V ig = Mul(i, g);
+      const V c =
+          (t == 0) ? ig : Fmadd(f, Load(cprev + v * kLanes), ig);
+      const V tc = Tanh(c);
+      const V h = Mul(o, tc);
+      Store(crow + v * kLanes, c);
+      Store(Anext + static_cast<size_t>(u) * kBlock + v * kLanes, h);
       if (kStore) {
-        _mm512_store_ps(s.GRow(t, u) + v * kLanes, i);
-        _mm512_store_ps(s.GRow(t, H + u) + v * kLanes, f);
-        _mm512_store_ps(s.GRow(t, 2 * H + u) + v * kLanes, g);
-        _mm512_store_ps(s.GRow(t, 3 * H + u) + v * kLanes, o);
-        _mm512_store_ps(s.TCRow(t, u) + v * kLanes, tc);
+        Store(s.GRow(t, u) + v * kLanes, i);
+        Store(s.GRow(t, H + u) + v * kLanes, f);
+        Store(s.GRow(t, 2 * H + u) + v * kLanes, g);
+        Store(s.GRow(t, 3 * H + u) + v * kLanes, o);
+        Store(s.TCRow(t, u) + v * kLanes, tc);
       }
     }
   }
@@ -279,35 +362,35 @@ inline void FwdStep(const Problem& pr, Scratch& s, int t) {
 template <int KT>
 inline void BackTile(const float* dz, const float* wbt, int H, int k0, float* out) {
   const int J = 4 * H, S = H + 2;
-  __m512 acc[KT][kNV];
+  V acc[KT][kNV];
 #pragma GCC unroll 8
   for (int kk = 0; kk < KT; ++kk)
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) acc[kk][v] = _mm512_setzero_ps();
+    for (int v = 0; v < kNV; ++v) acc[kk][v] = Zero();
   for (int j = 0; j < J; ++j) {
     const float* d = dz + static_cast<size_t>(j) * kBlock;
     const float* w = wbt + static_cast<size_t>(j) * S + k0;
-    __m512 dv[kNV];
+    V dv[kNV];
 #pragma GCC unroll 4
-    for (int v = 0; v < kNV; ++v) dv[v] = _mm512_load_ps(d + v * kLanes);
+    for (int v = 0; v < kNV; ++v) dv[v] = Load(d + v * kLanes);
 #pragma GCC unroll 8
     for (int kk = 0; kk < KT; ++kk) {
-      const __m512 wk = _mm512_set1_ps(w[kk]);
+      const V wk = Set1(w[kk]);
 #pragma GCC unroll 4
-      for (int v = 0; v < kNV; ++v) acc[kk][v] = _mm512_fmadd_ps(dv[v], wk, acc[kk][v]);
+      for (int v = 0; v < kNV; ++v) acc[kk][v] = Fmadd(dv[v], wk, acc[kk][v]);
     }
   }
 #pragma GCC unroll 8
   for (int kk = 0; kk < KT; ++kk)
 #pragma GCC unroll 4
     for (int v = 0; v < kNV; ++v)
-      _mm512_store_ps(out + static_cast<size_t>(k0 + kk) * kBlock + v * kLanes, acc[kk][v]);
+      Store(out + static_cast<size_t>(k0 + kk) * kBlock + v * kLanes, acc[kk][v]);
 }
 
-// Rows [r0, r1) of dz_t wbt^T in balanced tiles of at most 6 rows.
+// Rows [r0, r1) of dz_t wbt^T in balanced tiles of at most kBackRows rows.
 inline void BackRows(const float* dz, const float* wbt, int H, int r0, int r1, float* out) {
   const int rows = r1 - r0;
-  const int ntiles = (rows + 5) / 6;
+  const int ntiles = (rows + kBackRows - 1) / kBackRows;
   int k = r0;
   for (int n = 0; n < ntiles; ++n) {
     const int kt = rows / ntiles + (n < rows % ntiles ? 1 : 0);
@@ -328,28 +411,28 @@ template <int KT>
 inline void GradTile(const Scratch& s, int k0, int tbeg, float* acc) {
   const int H = s.H, T = s.T, J = 4 * H;
   for (int j0 = 0; j0 < J; j0 += 4) {
-    __m512 sum[KT][4];
+    V sum[KT][4];
 #pragma GCC unroll 8
     for (int kk = 0; kk < KT; ++kk)
 #pragma GCC unroll 4
-      for (int jj = 0; jj < 4; ++jj) sum[kk][jj] = _mm512_setzero_ps();
+      for (int jj = 0; jj < 4; ++jj) sum[kk][jj] = Zero();
     for (int t = tbeg; t < T; ++t) {
       const float* A = s.ARow(t, k0);
       const float* D = s.GRow(t, j0);
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) {
-        __m512 av[KT];
+        V av[KT];
 #pragma GCC unroll 8
         for (int kk = 0; kk < KT; ++kk) {
-          av[kk] = _mm512_load_ps(A + static_cast<size_t>(kk) * kBlock + v * kLanes);
+          av[kk] = Load(A + static_cast<size_t>(kk) * kBlock + v * kLanes);
           KEEP_IN_REG(av[kk]);
         }
 #pragma GCC unroll 4
         for (int jj = 0; jj < 4; ++jj) {
-          __m512 d = _mm512_load_ps(D + static_cast<size_t>(jj) * kBlock + v * kLanes);
+          V d = Load(D + static_cast<size_t>(jj) * kBlock + v * kLanes);
           KEEP_IN_REG(d);
 #pragma GCC unroll 8
-          for (int kk = 0; kk < KT; ++kk) sum[kk][jj] = _mm512_fmadd_ps(av[kk], d, sum[kk][jj]);
+          for (int kk = 0; kk < KT; ++kk) sum[kk][jj] = Fmadd(av[kk], d, sum[kk][jj]);
         }
       }
     }
@@ -358,14 +441,15 @@ inline void GradTile(const Scratch& s, int k0, int tbeg, float* acc) {
 #pragma GCC unroll 4
       for (int jj = 0; jj < 4; ++jj) {
         float* c = acc + (static_cast<size_t>(k0 + kk) * J + j0 + jj) * kLanes;
-        _mm512_store_ps(c, _mm512_add_ps(_mm512_load_ps(c), sum[kk][jj]));
+        Store(c, Add(Load(c), sum[kk][jj]));
       }
   }
 }
 
 // Weight-gradient GEMM of a block: rows k' < H (dwh) over steps t >= 1, rows H..H+2 (dwx, db)
-// over all steps. The H + 3 rows are cut into balanced tiles of at most 6 rows; the tile that
-// holds rows >= H also runs step 0, where its h rows (h_{-1}) are zeros (abuf[0] rows < H).
+// over all steps. The H + 3 rows are cut into balanced tiles of at most kGradRows rows; the
+// tile that holds rows >= H also runs step 0, where its h rows (h_{-1}) are zeros (abuf[0]
+// rows < H).
 inline void GradRows(const Scratch& s, float* acc) {
   const int H = s.H, T = s.T;
   if (T == 1) {  // only x and the bias rows have a gradient
@@ -373,7 +457,7 @@ inline void GradRows(const Scratch& s, float* acc) {
     return;
   }
   const int rows = H + 3;
-  const int ntiles = (rows + 5) / 6;
+  const int ntiles = (rows + kGradRows - 1) / kGradRows;
   int k = 0;
   for (int n = 0; n < ntiles; ++n) {
     const int kt = rows / ntiles + (n < rows % ntiles ? 1 : 0);
@@ -397,11 +481,11 @@ void FwdBlock(const Problem& pr, Scratch& s, int64_t p0, float* y) {
   for (int t = 0; t < T; ++t) FwdStep<false>(pr, s, t);
   const float* hT = s.ARow(T, 0);
   for (int v = 0; v < kNV; ++v) {
-    __m512 out = _mm512_set1_ps(pr.bo);
+    V out = Set1(pr.bo);
     for (int k = 0; k < H; ++k)
-      out = _mm512_fmadd_ps(_mm512_load_ps(hT + static_cast<size_t>(k) * kBlock + v * kLanes),
-                            _mm512_set1_ps(pr.wo[k]), out);
-    _mm512_mask_storeu_ps(y + p0 + v * kLanes, LaneMask(pr.P - p0 - v * kLanes), out);
+      out = Fmadd(Load(hT + static_cast<size_t>(k) * kBlock + v * kLanes),
+                            Set1(pr.wo[k]), out);
+    StoreTail(y + p0 + v * kLanes, pr.P - p0 - v * kLanes, out);
   }
 }
 
@@ -412,8 +496,8 @@ void BwdBlock(const Problem& pr, Scratch& s, int64_t p0, const float* dy, bool n
   const int64_t P = pr.P;
   LoadFeatures(pr, s, p0);
   for (int v = 0; v < kNV; ++v)
-    _mm512_store_ps(s.dybuf + v * kLanes,
-                    _mm512_maskz_loadu_ps(LaneMask(P - p0 - v * kLanes), dy + p0 + v * kLanes));
+    Store(s.dybuf + v * kLanes,
+                    LoadTail(dy + p0 + v * kLanes, P - p0 - v * kLanes));
   for (int t = 0; t < T; ++t) FwdStep<true>(pr, s, t);
 
   // dwo += h_{T-1} dy, dbo += dy.
@@ -422,21 +506,21 @@ void BwdBlock(const Problem& pr, Scratch& s, int64_t p0, const float* dy, bool n
   {
     const float* hT = s.ARow(T, 0);
     for (int k = 0; k < H; ++k) {
-      __m512 a = _mm512_load_ps(acc_wo + k * kLanes);
+      V a = Load(acc_wo + k * kLanes);
       for (int v = 0; v < kNV; ++v)
-        a = _mm512_fmadd_ps(_mm512_load_ps(hT + static_cast<size_t>(k) * kBlock + v * kLanes),
-                            _mm512_load_ps(s.dybuf + v * kLanes), a);
-      _mm512_store_ps(acc_wo + k * kLanes, a);
+        a = Fmadd(Load(hT + static_cast<size_t>(k) * kBlock + v * kLanes),
+                            Load(s.dybuf + v * kLanes), a);
+      Store(acc_wo + k * kLanes, a);
     }
-    __m512 a = _mm512_load_ps(acc_bo);
-    for (int v = 0; v < kNV; ++v) a = _mm512_add_ps(a, _mm512_load_ps(s.dybuf + v * kLanes));
-    _mm512_store_ps(acc_bo, a);
+    V a = Load(acc_bo);
+    for (int v = 0; v < kNV; ++v) a = Add(a, Load(s.dybuf + v * kLanes));
+    Store(acc_bo, a);
   }
 
-  const __m512 one = _mm512_set1_ps(1.f);
+  const V one = Set1(1.f);
   for (int t = T - 1; t >= 0; --t) {
     for (int u = 0; u < H; ++u) {
-      const __m512 wo_u = _mm512_set1_ps(pr.wo[u]);
+      const V wo_u = Set1(pr.wo[u]);
       float* gi = s.GRow(t, u);
       float* gf = s.GRow(t, H + u);
       float* gg = s.GRow(t, 2 * H + u);
@@ -448,30 +532,30 @@ void BwdBlock(const Problem& pr, Scratch& s, int64_t p0, const float* dy, bool n
 #pragma GCC unroll 4
       for (int v = 0; v < kNV; ++v) {
         const int o_ = v * kLanes;
-        const __m512 dh = (t == T - 1) ? _mm512_mul_ps(_mm512_load_ps(s.dybuf + o_), wo_u)
-                                       : _mm512_load_ps(dhr + o_);
-        const __m512 i = _mm512_load_ps(gi + o_);
-        const __m512 f = _mm512_load_ps(gf + o_);
-        const __m512 g = _mm512_load_ps(gg + o_);
-        const __m512 o = _mm512_load_ps(go + o_);
-        const __m512 tc = _mm512_load_ps(tcr + o_);
-        const __m512 dc_t = _mm512_mul_ps(_mm512_mul_ps(dh, o), _mm512_fnmadd_ps(tc, tc, one));
-        const __m512 dc = (t == T - 1) ? dc_t : _mm512_add_ps(_mm512_load_ps(dcr + o_), dc_t);
-        const __m512 dzi = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dc, g), i),
-                                         _mm512_sub_ps(one, i));
-        const __m512 dzf =
-            (t > 0) ? _mm512_mul_ps(
-                          _mm512_mul_ps(_mm512_mul_ps(dc, _mm512_load_ps(cprev + o_)), f),
-                          _mm512_sub_ps(one, f))
-                    : _mm512_setzero_ps();
-        const __m512 dzg = _mm512_mul_ps(_mm512_mul_ps(dc, i), _mm512_fnmadd_ps(g, g, one));
-        const __m512 dzo = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(dh, tc), o),
-                                         _mm512_sub_ps(one, o));
-        _mm512_store_ps(dcr + o_, _mm512_mul_ps(dc, f));
-        _mm512_store_ps(gi + o_, dzi);
-        _mm512_store_ps(gf + o_, dzf);
-        _mm512_store_ps(gg + o_, dzg);
-        _mm512_store_ps(go + o_, dzo);
+        const V dh = (t == T - 1) ? Mul(Load(s.dybuf + o_), wo_u)
+                                       : Load(dhr + o_);
+        const V i = Load(gi + o_);
+        const V f = Load(gf + o_);
+        const V g = Load(gg + o_);
+        const V o = Load(go + o_);
+        const V tc = Load(tcr + o_);
+        const V dc_t = Mul(Mul(dh, o), Fnmadd(tc, tc, one));
+        const V dc = (t == T - 1) ? dc_t : Add(Load(dcr + o_), dc_t);
+        const V dzi = Mul(Mul(Mul(dc, g), i),
+                                         Sub(one, i));
+        const V dzf =
+            (t > 0) ? Mul(
+                          Mul(Mul(dc, Load(cprev + o_)), f),
+                          Sub(one, f))
+                    : Zero();
+        const V dzg = Mul(Mul(dc, i), Fnmadd(g, g, one));
+        const V dzo = Mul(Mul(Mul(dh, tc), o),
+                                         Sub(one, o));
+        Store(dcr + o_, Mul(dc, f));
+        Store(gi + o_, dzi);
+        Store(gf + o_, dzf);
+        Store(gg + o_, dzg);
+        Store(go + o_, dzo);
       }
     }
     // dh_{t-1} = dz_t wh^T (rows < H, when t > 0); dfeat_t = dz_t wx^T (rows H, H+1).
@@ -483,8 +567,8 @@ void BwdBlock(const Problem& pr, Scratch& s, int64_t p0, const float* dy, bool n
         float* dst = dfeat + (static_cast<int64_t>(t) * 2 + r) * P + p0;
         const float* src = s.dhbuf + static_cast<size_t>(H + r) * kBlock;
         for (int v = 0; v < kNV; ++v)
-          _mm512_mask_storeu_ps(dst + v * kLanes, LaneMask(P - p0 - v * kLanes),
-                                _mm512_load_ps(src + v * kLanes));
+          StoreTail(dst + v * kLanes, P - p0 - v * kLanes,
+                                Load(src + v * kLanes));
       }
     }
   }

@@ -1,12 +1,13 @@
 // m, the example-level generator: a coordinate-wise MLP 2 -> H -> H -> 1 (ReLU), forward and
 // backward, fused (ABI in kernels.h).
 //
-// Coordinates are processed in blocks of kB = 16 * kNV (structure of arrays: one vector holds
-// 16 coordinates of one feature). A block's hidden layers [H][kB] stay in L1; the H x H layer
-// and its two backward products are register-tiled like a small GEMM (accumulators of R rows x
-// kNV vectors, weights broadcast from memory). The backward pass recomputes the forward. The
-// weight gradients are accumulated per chunk of coordinates in vectors (one lane per
-// coordinate slot), summed over lanes at the chunk's end, and the chunks summed in order.
+// Coordinates are processed in blocks of kB = kL * kNV (structure of arrays: one vector holds
+// kL coordinates of one feature; kL = 16 with AVX-512, 8 with AVX, 4 otherwise: SSE2, NEON).
+// A block's hidden layers [H][kB] stay in L1; the H x H layer and its two backward products
+// are register-tiled like a small GEMM (accumulators of R rows x kNV vectors, weights
+// broadcast from memory). The backward pass recomputes the forward. The weight gradients are
+// accumulated per chunk of coordinates in vectors (one lane per coordinate slot), summed over
+// lanes at the chunk's end, and the chunks summed in order.
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -19,8 +20,16 @@ namespace ffi = xla::ffi;
 namespace metanet {
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));
-constexpr int kL = 16;              // lanes per vector
+// Lanes per vector: the target's vector width (a wider GCC vector type would be split into
+// several registers, slow to compile and to run).
+#if defined(__AVX512F__)
+constexpr int kL = 16;
+#elif defined(__AVX__)
+constexpr int kL = 8;
+#else
+constexpr int kL = 4;
+#endif
+typedef float vf __attribute__((vector_size(kL * sizeof(float))));
 constexpr int kNV = 4;              // vectors per block
 constexpr int kB = kL * kNV;        // coordinates per block
 constexpr int64_t kChunk = 8192;    // coordinates per parallel chunk (a multiple of kB)
@@ -57,7 +66,7 @@ inline void Tiles(int n, F&& f) {
   }
 }
 
-// acc[r][v] = sum_s w[s * ldw + r] * in[s * kB + 16 v], r < R (one output tile), then
+// acc[r][v] = sum_s w[s * ldw + r] * in[s * kB + kL v], r < R (one output tile), then
 // epi(acc).
 template <int R, typename Epi>
 inline void TileGemm(const float* w, int ldw, const float* in, int S, Epi&& epi) {
@@ -110,7 +119,7 @@ void BlockFwd(const Weights& w, const float* x0, const float* x1, float* y, floa
   for (int v = 0; v < kNV; ++v) St(y + v * kL, out[v]);
 }
 
-// Per-chunk gradient accumulators: one vector (16 coordinate slots) per weight.
+// Per-chunk gradient accumulators: one vector (kL coordinate slots) per weight.
 struct Grads {
   int H;
   Scratch mem;
