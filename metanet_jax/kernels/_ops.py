@@ -52,14 +52,45 @@ def _sds(shape):
     return jax.ShapeDtypeStruct(tuple(shape), _F32)
 
 
-def _value(primal):
-    return primal.value
-
-
 def _zeros_if_symbolic(ct, like):
     if isinstance(ct, SymbolicZero) or ct is None:
         return jnp.zeros(like.shape, like.dtype)
     return ct
+
+
+def _fused_op(name: str, suffix: str, need_attr: str, lead: int, doc: str):
+    """A `jax.custom_vjp` over the FFI targets `metanet_<name>_{fwd,bwd}<suffix>`: its last
+    argument is the features (`[*lead axes, coordinates]`), its output one value per
+    coordinate; the backward gives the cotangent of every argument (`need_attr` tells the
+    kernel whether the features need theirs)."""
+    fwd_target, bwd_target = f"metanet_{name}_fwd{suffix}", f"metanet_{name}_bwd{suffix}"
+
+    def checked(args):
+        if not suffix:
+            _require(fwd_target, bwd_target)
+        _check_f32(*args)
+        return _call(fwd_target, _sds(args[-1].shape[lead:]), *args)
+
+    @jax.custom_vjp
+    def op(*args):
+        return checked(args)
+
+    def fwd(*primals):
+        args = [p.value for p in primals]
+        # The residual's shape carries whether the features need a cotangent (static in bwd).
+        flag = np.zeros((1 if primals[-1].perturbed else 0,), np.float32)
+        return checked(args), (*args, flag)
+
+    def bwd(res, dy):
+        *args, flag = res
+        dy = _zeros_if_symbolic(dy, jax.ShapeDtypeStruct(args[-1].shape[lead:], _F32))
+        results = [_sds(a.shape) for a in args]
+        return tuple(_call(bwd_target, results, *args, dy, **{need_attr: bool(flag.shape[0])}))
+
+    op.defvjp(fwd, bwd, symbolic_zeros=True)
+    op.__name__ = op.__qualname__ = f"{name}_core"
+    op.__doc__ = doc
+    return op
 
 
 def make_ops(suffix: str = ""):
@@ -67,72 +98,15 @@ def make_ops(suffix: str = ""):
     With the empty suffix (this module's `mlp_core`, `lstm_core`) the targets are the ones
     `_loader` registers from the built library, and a call raises when they are unavailable;
     with another suffix the caller registers them (`jax.ffi.register_ffi_target`)."""
-    mlp_fwd, mlp_bwd = f"metanet_mlp_fwd{suffix}", f"metanet_mlp_bwd{suffix}"
-    lstm_fwd, lstm_bwd = f"metanet_lstm_fwd{suffix}", f"metanet_lstm_bwd{suffix}"
-
-    def require(*targets):
-        if not suffix:
-            _require(*targets)
-
-    # ------------------------------------------------------------------------- m (MLP)
-    def _mlp_fwd_call(w0, b0, w1, b1, w2, b2, x):
-        return _call(mlp_fwd, _sds(x.shape[1:]), w0, b0, w1, b1, w2, b2, x)
-
-    @jax.custom_vjp
-    def mlp_core(w0, b0, w1, b1, w2, b2, x):
-        """m per coordinate: `w0 [2,H], b0 [H], w1 [H,H], b1 [H], w2 [H], b2 [], x [2,M] ->
-        [M]`."""
-        require(mlp_fwd, mlp_bwd)
-        _check_f32(w0, b0, w1, b1, w2, b2, x)
-        return _mlp_fwd_call(w0, b0, w1, b1, w2, b2, x)
-
-    def _mlp_fwd(w0, b0, w1, b1, w2, b2, x):
-        args = [_value(a) for a in (w0, b0, w1, b1, w2, b2, x)]
-        require(mlp_fwd, mlp_bwd)
-        _check_f32(*args)
-        # The residual's shape carries whether the features need a cotangent (static in bwd).
-        flag = np.zeros((1 if x.perturbed else 0,), np.float32)
-        return _mlp_fwd_call(*args), (*args, flag)
-
-    def _mlp_bwd(res, dy):
-        *args, flag = res
-        x = args[-1]
-        dy = _zeros_if_symbolic(dy, jax.ShapeDtypeStruct(x.shape[1:], _F32))
-        shapes = [a.shape for a in args]
-        outs = _call(mlp_bwd, [_sds(s) for s in shapes], *args, dy, need_dx=bool(flag.shape[0]))
-        return tuple(outs)
-
-    mlp_core.defvjp(_mlp_fwd, _mlp_bwd, symbolic_zeros=True)
-
-    # ------------------------------------------------------------------------- d (LSTM)
-    def _lstm_fwd_call(wx, wh, b, wo, bo, feats):
-        return _call(lstm_fwd, _sds(feats.shape[2:]), wx, wh, b, wo, bo, feats)
-
-    @jax.custom_vjp
-    def lstm_core(wx, wh, b, wo, bo, feats):
-        """d per coordinate: `wx [2,4H], wh [H,4H], b [4H], wo [H], bo [], feats [T,2,P] ->
-        [P]`."""
-        require(lstm_fwd, lstm_bwd)
-        _check_f32(wx, wh, b, wo, bo, feats)
-        return _lstm_fwd_call(wx, wh, b, wo, bo, feats)
-
-    def _lstm_fwd(wx, wh, b, wo, bo, feats):
-        args = [_value(a) for a in (wx, wh, b, wo, bo, feats)]
-        require(lstm_fwd, lstm_bwd)
-        _check_f32(*args)
-        flag = np.zeros((1 if feats.perturbed else 0,), np.float32)
-        return _lstm_fwd_call(*args), (*args, flag)
-
-    def _lstm_bwd(res, dy):
-        *args, flag = res
-        feats = args[-1]
-        dy = _zeros_if_symbolic(dy, jax.ShapeDtypeStruct(feats.shape[2:], _F32))
-        shapes = [a.shape for a in args]
-        outs = _call(lstm_bwd, [_sds(s) for s in shapes], *args, dy, need_dfeat=bool(flag.shape[0]))
-        return tuple(outs)
-
-    lstm_core.defvjp(_lstm_fwd, _lstm_bwd, symbolic_zeros=True)
-    return mlp_core, lstm_core
+    mlp = _fused_op(
+        "mlp", suffix, "need_dx", 1,
+        "m per coordinate: `w0 [2,H], b0 [H], w1 [H,H], b1 [H], w2 [H], b2 [], x [2,M] -> [M]`.",
+    )  # fmt: skip
+    lstm = _fused_op(
+        "lstm", suffix, "need_dfeat", 2,
+        "d per coordinate: `wx [2,4H], wh [H,4H], b [4H], wo [H], bo [], feats [T,2,P] -> [P]`.",
+    )  # fmt: skip
+    return mlp, lstm
 
 
 mlp_core, lstm_core = make_ops()
