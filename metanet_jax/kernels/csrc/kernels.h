@@ -45,6 +45,17 @@
 
 namespace metanet {
 
+// Floats per vector register of the build's target (-march): 16 with AVX-512, 8 with AVX, 4
+// otherwise (SSE2, NEON, ...). Both kernels' vectors are this wide: a wider GCC vector type
+// would be split into several registers, slow to compile and to run.
+#if defined(__AVX512F__)
+constexpr int kVectorLanes = 16;
+#elif defined(__AVX__)
+constexpr int kVectorLanes = 8;
+#else
+constexpr int kVectorLanes = 4;
+#endif
+
 // Runs body(chunk) for chunk in [0, n) on the caller and the pool's threads. Chunks are
 // claimed from an atomic counter; the caller waits only for chunks that were claimed, never
 // for a scheduled task to start (pool threads may all be busy, e.g. running this same call's

@@ -43,16 +43,14 @@
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "kernels.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__)
@@ -71,8 +69,8 @@ namespace {
 // target's instructions (g++ contracts a * b + c to an FMA where the target has one), and the
 // tails are copied lane by lane. Same arithmetic in every case, up to FMA contraction and the
 // order of the sums (the block width sets it); each build is deterministic.
+constexpr int kLanes = metanet::kVectorLanes;
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;
 using V = __m512;
 inline V Set1(float x) { return _mm512_set1_ps(x); }
 inline V Zero() { return _mm512_setzero_ps(); }
@@ -97,11 +95,6 @@ inline V LoadTail(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(Lane
 // Writes the first n lanes of v (all when n >= kLanes) to p, unaligned; nothing past p + n.
 inline void StoreTail(float* p, int64_t n, V v) { _mm512_mask_storeu_ps(p, LaneMask(n), v); }
 #else
-#if defined(__AVX__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
 typedef float V __attribute__((vector_size(kLanes * sizeof(float))));
 inline V Set1(float x) { return V{} + x; }
 inline V Zero() { return V{}; }
@@ -577,48 +570,15 @@ void BwdBlock(const Problem& pr, Scratch& s, int64_t p0, const float* dy, bool n
 }
 
 // ----------------------------------------------------------------------------- threading
-// Runs work(scratch, chunk) for chunk in [0, n) on the caller and the pool's threads. Chunks
-// are claimed dynamically; each thread makes its own Scratch (lazily, on its first chunk).
-// Returns when every chunk is done. The shared state is reference-counted, so a pool task that
-// starts after the call has returned finds no chunk left and exits without touching it.
-struct Job {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n = 0;
-  int H = 0, T = 0;
-  std::function<void(Scratch&, int64_t)> work;
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-void RunChunks(const std::shared_ptr<Job>& job) {
-  std::unique_ptr<Scratch> scratch;
-  for (;;) {
-    const int64_t c = job->next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= job->n) break;
-    if (!scratch) scratch = std::make_unique<Scratch>(job->H, job->T);
-    job->work(*scratch, c);
-    if (job->done.fetch_add(1, std::memory_order_acq_rel) + 1 == job->n) {
-      { std::lock_guard<std::mutex> lock(job->mu); }
-      job->cv.notify_all();
-    }
-  }
-}
-
-void ParallelChunks(ffi::ThreadPool& pool, int H, int T, int64_t n,
-                    std::function<void(Scratch&, int64_t)> work) {
-  if (n <= 0) return;
-  auto job = std::make_shared<Job>();
-  job->n = n;
-  job->H = H;
-  job->T = T;
-  job->work = std::move(work);
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t tasks = std::min<int64_t>(threads, n) - 1;  // the caller is one of them
-  for (int64_t i = 0; i < tasks; ++i) pool.Schedule([job] { RunChunks(job); });
-  RunChunks(job);
-  std::unique_lock<std::mutex> lock(job->mu);
-  job->cv.wait(lock, [&] { return job->done.load(std::memory_order_acquire) == job->n; });
+// Runs work(scratch, chunk) for chunk in [0, n) on the caller and the pool's threads
+// (metanet::ParallelFor), each chunk with a Scratch of its own (the chunks' results do not
+// depend on which thread ran them). Returns when every chunk is done.
+template <typename Work>
+void ParallelChunks(ffi::ThreadPool& pool, int H, int T, int64_t n, Work&& work) {
+  metanet::ParallelFor(pool, n, [&](int64_t c) {
+    Scratch scratch(H, T);
+    work(scratch, c);
+  });
 }
 
 // ----------------------------------------------------------------------------- validation

@@ -20,15 +20,7 @@ namespace ffi = xla::ffi;
 namespace metanet {
 namespace {
 
-// Lanes per vector: the target's vector width (a wider GCC vector type would be split into
-// several registers, slow to compile and to run).
-#if defined(__AVX512F__)
-constexpr int kL = 16;
-#elif defined(__AVX__)
-constexpr int kL = 8;
-#else
-constexpr int kL = 4;
-#endif
+constexpr int kL = kVectorLanes;  // lanes per vector (kernels.h)
 typedef float vf __attribute__((vector_size(kL * sizeof(float))));
 constexpr int kNV = 4;              // vectors per block
 constexpr int kB = kL * kNV;        // coordinates per block
