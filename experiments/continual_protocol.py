@@ -6,11 +6,19 @@ every `measure_every` MNIST trials (updates), measure Omniglot accuracy with the
 Q and the *current* Z and G. The change against the accuracy before MNIST is the forgetting
 (or the gain) the shared meta-learners cause. MNIST classes: `permutations` pixel
 permutations of the 10 digits (50 give 500 classes).
+
+A run resumes: its workdir (one per seed: `{seed}` in `--workdir` is replaced by the seed)
+holds the Omniglot phase's checkpoints in `omniglot/` (every `checkpoint_every` steps) and the
+MNIST phase's in `mnist/` (at each measurement, with the curve so far). SIGINT/SIGTERM save a
+checkpoint and stop; the same command then continues where it stopped, drawing the episodes the
+uninterrupted run would have drawn (`runtime.episode_source`), so its `continual.json` is the
+same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Mapping
@@ -22,7 +30,7 @@ import numpy as np
 from absl import logging
 
 from experiments import common, train
-from metanet_jax import evaluation, logging_utils, runtime
+from metanet_jax import checkpointing, evaluation, logging_utils, runtime
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.model.episode import init
 from metanet_jax.training import init_train_state, make_optimizer
@@ -57,7 +65,9 @@ class ContinualSpec(common.Spec):
 
     MODEL_FLAGS: ClassVar[Mapping[str, common.Flag]] = MODEL_FLAGS
 
-    workdir: str = common.workdir_field("Output folder.")
+    workdir: str = common.workdir_field(
+        "Output folder, one per seed: `{seed}` in it is replaced by --seed."
+    )
     split: str = train.RunSpec.flag_field("split", "previous")
     datasets: str | None = train.RunSpec.flag_field("datasets")
     model: MetaNetConfig = _MODEL
@@ -72,6 +82,46 @@ class ContinualSpec(common.Spec):
     meta_batch: int = train.RunSpec.flag_field("meta_batch")
     seed: int = train.RunSpec.flag_field("seed")
     log_every: int = train.RunSpec.flag_field("log_every", 100)
+    checkpoint_every: int = common.int_field(
+        1000,
+        1,
+        10**8,
+        "Checkpoint the Omniglot phase every this many steps (the MNIST phase "
+        "checkpoints at each measurement); the same command resumes an interrupted run.",
+    )
+
+    def run_dir(self) -> Path:
+        """The seed's workdir: `workdir` with `{seed}` replaced by the seed."""
+        return Path(self.workdir.replace("{seed}", str(self.seed)))
+
+
+# Flags that may change when a run resumes: they change no number the run computes.
+MUTABLE_FIELDS = frozenset({"workdir", "datasets", "log_every", "checkpoint_every"})
+
+
+def check_workdir(spec: ContinualSpec) -> None:
+    """Compares `spec` with the workdir's `config.json`, if it has one (reads only).
+
+    Raises:
+      train.WorkdirMismatch: a flag that changes the run differs (e.g. another seed in the
+        same workdir); the message names each one.
+    """
+    path = spec.run_dir() / "config.json"
+    if not path.exists():
+        return
+    was = json.loads(path.read_text()).get("flags", {})
+    now = json.loads(json.dumps(spec.to_dict()))  # as config.json holds it
+    diffs = [
+        f"{k} ({was.get(k)!r} -> {v!r})"
+        for k, v in sorted(now.items())
+        if k not in MUTABLE_FIELDS and was.get(k) != v
+    ]
+    if diffs:
+        raise train.WorkdirMismatch(
+            f"workdir {spec.run_dir()} holds a continual run with different flags: "
+            + ", ".join(diffs)
+            + "; use another --workdir (one per seed: put {seed} in it) or the run's flags"
+        )
 
 
 def switch_task(params, fresh) -> dict[str, Any]:
@@ -79,9 +129,27 @@ def switch_task(params, fresh) -> dict[str, Any]:
     return {**{k: params[k] for k in SHARED}, **{k: fresh[k] for k in TASK_SPECIFIC}}
 
 
-def _train(spec, state, images, key, steps, name, permutations=None, on_step=None):
-    """`steps` updates of `state` on episodes of `images` (MNIST: pixel-permuted classes)
-    through the programs' loop (`runtime.run_loop`); `on_step(done, state)` after each."""
+@dataclasses.dataclass(frozen=True)
+class _Phase:
+    """One phase's training: its name and steps, where it checkpoints and how often, what a
+    checkpoint's metadata holds, and the run's stop request."""
+
+    name: str
+    steps: int
+    checkpointer: checkpointing.Checkpointer
+    every: int
+    meta: Any  # () -> dict
+    stop: Any  # runtime.StopRequest
+
+
+def _train(spec, phase: _Phase, state, images, key, permutations=None, on_step=None):
+    """Trains `state` (at its step) up to `phase.steps` on episodes of `images` (MNIST:
+    pixel-permuted classes) through the programs' loop (`runtime.run_loop`); `on_step(done,
+    state)` after each step, then a checkpoint when due. Returns the state.
+
+    Raises:
+      runtime.Interrupted: a signal arrived (a checkpoint of the step reached was saved).
+    """
     from metanet_jax import data
 
     perms = None if permutations is None else jax.device_put(permutations)
@@ -89,27 +157,50 @@ def _train(spec, state, images, key, steps, name, permutations=None, on_step=Non
         data.sample_episodes, key, images, spec.model, spec.meta_batch,
         rotate=permutations is None, permutations=perms,
     )  # fmt: skip
-    loop = runtime.Loop(state, runtime.make_step(spec.model), episodes)
+    start = int(state.step)
+    loop = runtime.Loop(state, runtime.make_step(spec.model), episodes, start=start)
     t0 = time.time()
 
     def after_step(done, metrics):
         if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"{name}: non-finite loss at step {done}")
-        if done % spec.log_every == 0 or done == steps:
-            _log(name, done, steps, metrics, spec.meta_batch, t0)
+            raise FloatingPointError(f"{phase.name}: non-finite loss at step {done}")
+        if done % spec.log_every == 0 or done == phase.steps:
+            _log(phase.name, done - start, done, phase.steps, metrics, spec.meta_batch, t0)
         if on_step is not None:
             on_step(done, loop.state)
+        stopping = phase.stop.signal_name is not None
+        if done % phase.every == 0 or done == phase.steps or stopping:
+            phase.checkpointer.save(loop.state, phase.meta())
+        return done if stopping and done < phase.steps else None
 
-    runtime.run_loop(loop, steps, after_step)
+    stopped = runtime.run_loop(loop, phase.steps, after_step)
+    if stopped is not None:
+        raise runtime.Interrupted(
+            f"{phase.stop.signal_name} received: saved the {phase.name} phase's checkpoint of "
+            f"step {stopped} in {phase.checkpointer.step_path(stopped)} and stopped; run the "
+            "same command again to resume"
+        )
     return loop.state
 
 
-def _log(name: str, done: int, steps: int, metrics, meta_batch: int, t0: float) -> None:
-    rate = done * meta_batch / (time.time() - t0)
+def _log(name: str, segment: int, done: int, steps: int, metrics, meta_batch: int, t0: float):
+    rate = segment * meta_batch / max(time.time() - t0, 1e-9)
     logging.info(
         "%s step %d/%d  episodes/s %.1f  loss %.3f  train acc %.3f",
         name, done, steps, rate, metrics["loss"], metrics["accuracy"],
     )  # fmt: skip
+
+
+def _resume(phase: _Phase, state):
+    """`(state, meta)` of the phase's newest good checkpoint, else `(state, None)`."""
+    restored = phase.checkpointer.restore_latest(state)
+    if restored is None:
+        return state, None
+    logging.info(
+        "%s phase: resuming from step %d (%s)", phase.name, int(restored[0].step),
+        phase.checkpointer.step_path(int(restored[0].step)),
+    )  # fmt: skip
+    return restored
 
 
 def load_classes(spec: ContinualSpec) -> dict[str, np.ndarray]:
@@ -139,27 +230,45 @@ def _measure(spec: ContinualSpec, params, images, seed: int, permutations=None):
     return evaluation.evaluate(params, cfg, batches)
 
 
-def run(spec: ContinualSpec, classes: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Runs the protocol; writes `continual.json` and `continual.png` into the workdir.
+def run(
+    spec: ContinualSpec,
+    classes: Mapping[str, np.ndarray] | None = None,
+    stop: runtime.StopRequest | None = None,
+) -> dict[str, Any]:
+    """Runs the protocol, or resumes it from its workdir (`spec.run_dir()`); writes
+    `continual.json` and `continual.png` there.
 
     Args:
       spec: the run.
       classes: optional class arrays `{"omniglot_train", "omniglot_test", "mnist_train",
         "mnist_test"}` (`[C, D, 28, 28, 1]` uint8); default: `load_classes(spec)`.
+      stop: what says a signal arrived (`signal_name` not `None`); default: a
+        `runtime.StopRequest` for SIGINT/SIGTERM while the run lasts.
 
     Returns:
       The content of `continual.json`.
+
+    Raises:
+      train.WorkdirMismatch: the workdir holds a run with other flags.
+      runtime.Interrupted: a signal arrived; the run saved a checkpoint to resume from.
     """
+    check_workdir(spec)
     classes = load_classes(spec) if classes is None else classes
-    workdir = Path(spec.workdir)
+    workdir = spec.run_dir()
     workdir.mkdir(parents=True, exist_ok=True)
     logging_utils.write_json_atomic(
         workdir / "config.json",
         {"flags": spec.to_dict(), "versions": logging_utils.library_versions()},
     )
+    own_stop = stop is None
+    stop = runtime.StopRequest() if own_stop else stop
     t_start = time.time()
-    omni_params, before = _omniglot_phase(spec, classes)
-    curve = _mnist_phase(spec, classes, omni_params, before)
+    try:
+        omni_params, before = _omniglot_phase(spec, classes, stop)
+        curve = _mnist_phase(spec, classes, omni_params, before, stop)
+    finally:
+        if own_stop:
+            stop.close()
     deltas = [c["omniglot_accuracy"] - before.mean for c in curve[1:]]
     result = {
         "config": spec.to_dict(),
@@ -167,6 +276,7 @@ def run(spec: ContinualSpec, classes: Mapping[str, np.ndarray] | None = None) ->
         "curve": curve,
         "omniglot_change_min": min(deltas) if deltas else 0.0,
         "omniglot_change_max": max(deltas) if deltas else 0.0,
+        # This process's time (a resumed run's earlier segments are not counted).
         "wall_time_s": time.time() - t_start,
         "devices": jax.device_count(),
         "versions": logging_utils.library_versions(),
@@ -176,24 +286,32 @@ def run(spec: ContinualSpec, classes: Mapping[str, np.ndarray] | None = None) ->
     return result
 
 
-def _omniglot_phase(spec: ContinualSpec, classes: Mapping[str, np.ndarray]):
-    """Phase 1: trains on Omniglot. Returns the params and their Omniglot test accuracy."""
+def _omniglot_phase(spec: ContinualSpec, classes: Mapping[str, np.ndarray], stop):
+    """Phase 1: trains on Omniglot (from its latest checkpoint, if any). Returns the params
+    and their Omniglot test accuracy."""
     root = jax.random.key(spec.seed)
     config = spec.model
     state = init_train_state(
         init(jax.random.fold_in(root, 0), config), make_optimizer(config),
         jax.random.fold_in(root, 1),
     )  # fmt: skip
-    state = _train(spec, state, jax.device_put(classes["omniglot_train"]),
-                   jax.random.fold_in(root, 2), spec.omniglot_steps, "omniglot")  # fmt: skip
+    phase = _Phase(
+        "omniglot", spec.omniglot_steps,
+        checkpointing.Checkpointer(spec.run_dir() / "omniglot", keep=2),
+        spec.checkpoint_every, lambda: {"phase": "omniglot"}, stop,
+    )  # fmt: skip
+    state, _ = _resume(phase, state)
+    state = _train(spec, phase, state, jax.device_put(classes["omniglot_train"]),
+                   jax.random.fold_in(root, 2))  # fmt: skip
     before = _measure(spec, state.params, jax.device_put(classes["omniglot_test"]), 2)
     logging.info("Omniglot before MNIST: %s", before.line())
     return state.params, before
 
 
-def _mnist_phase(spec: ContinualSpec, classes, omni_params, before) -> list[dict[str, Any]]:
-    """Phase 2: permuted MNIST with new W and Q, the same Z and G; measures Omniglot (with
-    Omniglot's W and Q and the current Z and G) every `measure_every` trials."""
+def _mnist_phase(spec: ContinualSpec, classes, omni_params, before, stop) -> list[dict[str, Any]]:
+    """Phase 2: permuted MNIST with new W and Q, the same Z and G (from its latest checkpoint,
+    if any); measures Omniglot (with Omniglot's W and Q and the current Z and G) every
+    `measure_every` trials."""
     from metanet_jax import data
 
     root = jax.random.key(spec.seed)
@@ -209,6 +327,14 @@ def _mnist_phase(spec: ContinualSpec, classes, omni_params, before) -> list[dict
         {"mnist_trials": 0, "omniglot_accuracy": before.mean, "omniglot_ci95": before.ci95,
          "mnist_accuracy": None}
     ]  # fmt: skip
+    phase = _Phase(
+        "mnist", spec.mnist_steps,
+        checkpointing.Checkpointer(spec.run_dir() / "mnist", keep=2),
+        spec.measure_every, lambda: {"phase": "mnist", "curve": curve}, stop,
+    )  # fmt: skip
+    state, meta = _resume(phase, state)
+    if meta is not None:  # the points measured up to the checkpoint's step
+        curve[:] = [c for c in meta["curve"] if c["mnist_trials"] <= int(state.step)]
 
     def on_step(done, st):
         if done % spec.measure_every and done != spec.mnist_steps:
@@ -221,8 +347,8 @@ def _mnist_phase(spec: ContinualSpec, classes, omni_params, before) -> list[dict
         logging.info("after %d MNIST trials: Omniglot %s; MNIST %s", done, omni.line(),
                      mn_acc.line())  # fmt: skip
 
-    _train(spec, state, jax.device_put(classes["mnist_train"]),
-           jax.random.fold_in(root, 5), spec.mnist_steps, "mnist", perms, on_step)  # fmt: skip
+    _train(spec, phase, state, jax.device_put(classes["mnist_train"]),
+           jax.random.fold_in(root, 5), perms, on_step)  # fmt: skip
     return curve
 
 

@@ -11,12 +11,15 @@ it and its accuracy, computed by hand from the logits, with what the run measure
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
+import pytest
 
 import metanet_jax as mn
-from experiments import continual_protocol
-from metanet_jax import data, evaluation
+from experiments import continual_protocol, train
+from metanet_jax import checkpointing, data, evaluation, runtime
 
 
 def _classes():
@@ -141,3 +144,58 @@ def _batches_equal(a, b) -> bool:
         np.array_equal(np.asarray(x), np.asarray(y))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
+
+
+class _StopAt:
+    """A stop request whose signal arrives at its `n`-th poll (the loop polls once a step)."""
+
+    def __init__(self, n: int):
+        self.n, self.polls = n, 0
+
+    @property
+    def signal_name(self):
+        self.polls += 1
+        return "SIGTERM" if self.polls >= self.n else None
+
+    def close(self):
+        pass
+
+
+def _small_spec(workdir, **overrides):
+    flags = dict(
+        workdir=str(workdir), ways=3, queries_per_class=2, hidden_units=8, omniglot_steps=3,
+        mnist_steps=4, measure_every=2, permutations=2, eval_episodes=4, eval_batch=4,
+        log_every=2, checkpoint_every=2,
+    )  # fmt: skip
+    return continual_protocol.ContinualSpec.from_flags({**flags, **overrides})
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
+    classes = _classes()
+    whole = continual_protocol.run(_small_spec(tmp_path / "whole"), classes, stop=_StopAt(10**9))
+
+    spec = _small_spec(tmp_path / "seed{seed}", seed=0)
+    assert spec.run_dir() == tmp_path / "seed0"
+    # Stopped after Omniglot step 2 (a checkpoint step), then after MNIST step 1 (between
+    # measurements), then run to the end: three processes' worth of segments.
+    with pytest.raises(runtime.Interrupted, match="omniglot phase's checkpoint of step 2"):
+        continual_protocol.run(spec, classes, stop=_StopAt(2))
+    assert not (spec.run_dir() / "continual.json").exists()
+    with pytest.raises(runtime.Interrupted, match="mnist phase's checkpoint of step 1"):
+        continual_protocol.run(spec, classes, stop=_StopAt(2))  # Omniglot step 3, MNIST 1
+    assert checkpointing.Checkpointer(spec.run_dir() / "omniglot").steps() == [2, 3]
+    assert checkpointing.Checkpointer(spec.run_dir() / "mnist").steps() == [1]
+    resumed = continual_protocol.run(spec, classes, stop=_StopAt(10**9))
+
+    assert resumed["curve"] == whole["curve"]  # bitwise: the same floats
+    assert resumed["omniglot_accuracy_before"] == whole["omniglot_accuracy_before"]
+    assert [c["mnist_trials"] for c in resumed["curve"]] == [0, 2, 4]
+    assert json.loads((spec.run_dir() / "continual.json").read_text())["curve"] == whole["curve"]
+
+    # Another seed in the same workdir is refused, naming the flag; another log cadence is not.
+    with pytest.raises(train.WorkdirMismatch, match=r"seed \(0 -> 1\).*\{seed\}"):
+        continual_protocol.run(_small_spec(spec.run_dir(), seed=1), classes, stop=_StopAt(10**9))
+    again = continual_protocol.run(
+        _small_spec(spec.run_dir(), log_every=1), classes, stop=_StopAt(10**9)
+    )
+    assert again["curve"] == whole["curve"]
