@@ -3,11 +3,15 @@ r"""Write the results report: docs/RESULTS.md, README's results block, flagfile 
   python -m experiments.report                      # = python -m experiments.report pretrained
   python -m experiments.report pretrained workdirs  # also every run folder under workdirs/
   python -m experiments.report pretrained --check   # exit 1 if a file would change
+  python -m experiments.report workdirs/continual_seed0 ... workdirs/continual_seed4
 
 Reads every `results.json` and `eval_*.json` under the given folders (run folders and
 pretrained models) and `docs/ablations/*.json`; writes one row per number of the paper's
 tables with ours beside it (`experiments.reporting`). `python -m experiments.report pretrained`
-regenerates the committed docs/RESULTS.md exactly.
+regenerates the committed docs/RESULTS.md exactly. Folders holding a `continual.json` are
+continual-learning runs: they are gathered into `docs/continual/` (the record and its plot,
+`experiments.continual_report`), and the report's models are then the other folders given, else
+`pretrained`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,12 @@ flags.DEFINE_string(
 flags.DEFINE_string("flags_dir", "experiments/flags",
                     "Flagfiles whose header lines are rewritten ('' to skip).")  # fmt: skip
 flags.DEFINE_string("ablations_dir", "docs/ablations", "Ablation tables (*.json) to render.")
+flags.DEFINE_string(
+    "continual_record",
+    "docs/continual/continual.json",
+    "The continual-learning record: written from the continual runs given, rendered in the "
+    "report ('' to skip).",
+)
 flags.DEFINE_bool("check", False, "Write nothing; exit 1 naming each file that would change.")
 
 
@@ -44,6 +54,7 @@ def main(argv):
             readme=FLAGS.readme or None,
             flags_dir=FLAGS.flags_dir or None,
             ablations_dir=FLAGS.ablations_dir or None,
+            continual_record=FLAGS.continual_record or None,
             check=FLAGS.check,
         )
     except (FileNotFoundError, ValueError) as e:

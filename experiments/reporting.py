@@ -43,6 +43,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments import continual_report
+
 README_BEGIN = "<!-- results:begin -->"
 README_END = "<!-- results:end -->"
 RESULT_PREFIX = "# result: "
@@ -641,9 +643,13 @@ def _ablations(folder: Path | None) -> list[str]:
 
 # ----------------------------------------------------------------------------- documents
 def results_markdown(
-    sources: Sequence[Source], folders: Sequence[str], ablations_dir: Path | None
+    sources: Sequence[Source],
+    folders: Sequence[str],
+    ablations_dir: Path | None,
+    continual_record: Path | None = None,
 ) -> str:
-    """The text of docs/RESULTS.md."""
+    """The text of docs/RESULTS.md (`continual_record`: the committed continual-learning
+    record, `continual_report.RECORD`)."""
     ms = measurements(sources)
     given = " ".join(folders)
     lines = [
@@ -665,6 +671,7 @@ def results_markdown(
         "",
         *_models_table(sources),
         *_paper_tables(ms),
+        *continual_report.section(continual_record),
         *_ablations(ablations_dir),
     ]
     return "\n".join(_wrap(lines)).rstrip("\n") + "\n"
@@ -759,18 +766,31 @@ def build(
     readme: str | os.PathLike | None = "README.md",
     flags_dir: str | os.PathLike | None = "experiments/flags",
     ablations_dir: str | os.PathLike | None = "docs/ablations",
+    continual_record: str | os.PathLike | None = continual_report.RECORD,
     check: bool = False,
 ) -> list[str]:
     """Writes (or with `check`, only compares) RESULTS.md, README's block and the flagfile
-    headers.
+    headers; continual runs among `folders` (`continual_report.is_run`) are gathered into
+    `continual_record` first, and the rest (default: `pretrained`) are the report's models.
 
     Returns:
       The paths whose content differs(ed) from what the report writes.
     """
+    runs = [f for f in folders if continual_report.is_run(f)]
+    folders = [f for f in folders if f not in runs] or (["pretrained"] if runs else [])
+    record = None if continual_record is None else Path(continual_record)
+    changed = []
+    if runs:
+        if record is None:
+            raise ValueError(f"continual runs given ({', '.join(map(str, runs))}) but no record")
+        changed += continual_report.write(runs, record, check=check)
     sources = find_sources(folders)
     wanted: dict[Path, str] = {
         Path(output): results_markdown(
-            sources, list(folders), None if ablations_dir is None else Path(ablations_dir)
+            sources,
+            list(folders),
+            None if ablations_dir is None else Path(ablations_dir),
+            record,
         )
     }
     if readme is not None:
@@ -780,7 +800,6 @@ def build(
     if flags_dir is not None:
         for path in sorted(Path(flags_dir).glob("*.flags")):
             wanted[path] = flagfile_text(path, path.read_text(), sources)
-    changed = []
     for path, text in wanted.items():
         old = path.read_text() if path.is_file() else None
         if old == text:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import metanet_jax as mn
-from experiments import continual_protocol, train
+from experiments import continual_protocol, continual_report, train
 from metanet_jax import checkpointing, data, evaluation, runtime
 
 
@@ -191,6 +191,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert resumed["omniglot_accuracy_before"] == whole["omniglot_accuracy_before"]
     assert [c["mnist_trials"] for c in resumed["curve"]] == [0, 2, 4]
     assert json.loads((spec.run_dir() / "continual.json").read_text())["curve"] == whole["curve"]
+    # What the program writes is what the report gathers (experiments/continual_report.py).
+    assert continual_report.gather([spec.run_dir()])["runs"] == [resumed]
 
     # Another seed in the same workdir is refused, naming the flag; another log cadence is not.
     with pytest.raises(train.WorkdirMismatch, match=r"seed \(0 -> 1\).*\{seed\}"):
