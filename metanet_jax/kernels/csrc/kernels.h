@@ -40,6 +40,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <memory>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -106,6 +107,31 @@ using Scratch = std::unique_ptr<float[], AlignedFree>;
 inline Scratch AllocScratch(int64_t floats) {
   size_t bytes = (static_cast<size_t>(floats) * sizeof(float) + 63) / 64 * 64;
   return Scratch(static_cast<float*>(std::aligned_alloc(64, bytes ? bytes : 64)));
+}
+
+// The handlers' bindings: the thread pool, then runs of float32 buffers (the ABI above names
+// each, in the order of kernels/_ops.py's calls). F32Args<n>(b) / F32Rets<n>(b) append n >= 1
+// buffer arguments / results to the binding b. (A binding cannot be copied or moved by user
+// code, only built on: every step returns the prvalue of the next.)
+using F32Buffer = xla::ffi::Buffer<xla::ffi::F32>;
+inline auto PoolBinding() { return xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>(); }
+template <int N, typename Binding>
+auto F32Args(Binding binding) {
+  static_assert(N >= 1);
+  if constexpr (N == 1) {
+    return std::move(binding).template Arg<F32Buffer>();
+  } else {
+    return F32Args<N - 1>(std::move(binding).template Arg<F32Buffer>());
+  }
+}
+template <int N, typename Binding>
+auto F32Rets(Binding binding) {
+  static_assert(N >= 1);
+  if constexpr (N == 1) {
+    return std::move(binding).template Ret<F32Buffer>();
+  } else {
+    return F32Rets<N - 1>(std::move(binding).template Ret<F32Buffer>());
+  }
 }
 
 }  // namespace metanet

@@ -718,33 +718,12 @@ ffi::Error LstmBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> wx, ffi::Buffer<f
 
 }  // namespace
 
+// wx [2, 4H], wh [H, 4H], b [4H], wo [H], bo [], feats [T, 2, P] -> y [P]
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MetanetLstmFwd, LstmFwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wx [2, 4H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wh [H, 4H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b [4H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wo [H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bo []
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // feats [T, 2, P]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [P]
-);
+                              metanet::F32Rets<1>(metanet::F32Args<6>(metanet::PoolBinding())));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetanetLstmBwd, LstmBwd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wx [2, 4H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wh [H, 4H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b [4H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // wo [H]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // bo []
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // feats [T, 2, P]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy [P]
-                                  .Attr<bool>("need_dfeat")
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dwx [2, 4H]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dwh [H, 4H]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // db [4H]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dwo [H]
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbo []
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // dfeat [T, 2, P]
-);
+// the forward's six, dy [P]; need_dfeat -> dwx, dwh, db, dwo, dbo, dfeat [T, 2, P]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    MetanetLstmBwd, LstmBwd,
+    metanet::F32Rets<6>(
+        metanet::F32Args<7>(metanet::PoolBinding()).Attr<bool>("need_dfeat")));

@@ -349,34 +349,12 @@ ffi::Error MlpBwdImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w0, ffi::Buffe
 }  // namespace
 }  // namespace metanet
 
+// w0, b0, w1, b1, w2, b2, x -> y
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MetanetMlpFwd, metanet::MlpFwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // y
+                              metanet::F32Rets<1>(metanet::F32Args<7>(metanet::PoolBinding())));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MetanetMlpBwd, metanet::MlpBwdImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b0
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // dy
-                                  .Attr<bool>("need_dx")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw0
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // db0
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw1
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // db1
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw2
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // db2
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // dx
+// w0, b0, w1, b1, w2, b2, x, dy; need_dx -> dw0, db0, dw1, db1, dw2, db2, dx
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    MetanetMlpBwd, metanet::MlpBwdImpl,
+    metanet::F32Rets<7>(
+        metanet::F32Args<8>(metanet::PoolBinding()).Attr<bool>("need_dx")));
