@@ -305,22 +305,24 @@ def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
 
 
 # ----------------------------------------------------------------------------- the run
-# The workdir's config.json (experiments.workdir) and the library's loop (metanet_jax.runtime,
-# metanet_jax.parallel) under their earlier names here.
-WorkdirMismatch = workdir.WorkdirMismatch
-WorkdirError = workdir.WorkdirError
-json_value = workdir.json_value
-saved_flags = workdir.saved_flags
-check_workdir = workdir.check_workdir
-data_record = workdir.data_record
-check_data_record = workdir.check_data_record
-write_workdir_config = workdir.write_workdir_config
-Loop = runtime.Loop
-run_loop = runtime.run_loop
-episode_source = runtime.episode_source
-StopRequest = runtime.StopRequest
-jitted_train_step = runtime.steps.single_device_step
-is_sharded = parallel.is_sharded
+# Names that moved to experiments.workdir (the workdir's config.json) and metanet_jax.runtime /
+# parallel (the library's loop), still importable from here (PEP 562).
+_MOVED = {
+    **dict.fromkeys(
+        "WorkdirMismatch WorkdirError json_value saved_flags check_workdir data_record "
+        "check_data_record write_workdir_config".split(),
+        workdir,
+    ),
+    **dict.fromkeys("Loop run_loop episode_source StopRequest".split(), runtime),
+    "jitted_train_step": runtime.steps,
+    "is_sharded": parallel,
+}
+
+
+def __getattr__(name: str):
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(_MOVED[name], "single_device_step" if name == "jitted_train_step" else name)
 
 
 def _eval_batches(images, cfg: MetaNetConfig, n: int, spec: RunSpec, seed: int, permutations=None):
@@ -349,7 +351,7 @@ class _Run:
     mesh: Any
     ckpt: checkpointing.Checkpointer
     writer: Any  # logging_utils.MetricsWriter on process 0, else runtime.NullWriter
-    stop: StopRequest
+    stop: runtime.StopRequest
     t_start: float  # when this process started the run
     wall_before: float  # wall time of the run's earlier segments (before the resume)
 
@@ -453,7 +455,7 @@ def _start_run(
         mesh=mesh,
         ckpt=ckpt,
         writer=writer,
-        stop=StopRequest(),
+        stop=runtime.StopRequest(),
         t_start=t_start,
         wall_before=wall_before,
     )
@@ -473,12 +475,12 @@ def _prepare_workdir(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> MetaNet
     anything), then writes config.json (process 0). Returns the run's model configuration."""
     config = model_config(spec, tuple(splits["train"].shape[2:]))
     _check_pools(spec, config, splits)
-    saved = check_workdir(spec)
-    data_info = data_record(spec)
-    check_data_record(spec, saved, data_info)
+    saved = workdir.check_workdir(spec)
+    data_info = workdir.data_record(spec)
+    workdir.check_data_record(spec, saved, data_info)
     parallel.barrier("experiments.train:checked")  # every process read config.json before
     if parallel.is_primary():
-        write_workdir_config(spec, config, data_info)
+        workdir.write_workdir_config(spec, config, data_info)
     return config
 
 
@@ -540,7 +542,7 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime
     ahead of time), its episodes and its progress bar."""
     from metanet_jax import data
 
-    spec, sharded = run.spec, is_sharded(run.mesh)
+    spec, sharded = run.spec, parallel.is_sharded(run.mesh)
     make = None
     if step_factory is not make_train_step:  # used as given, also on several devices
 
@@ -553,7 +555,7 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime
         sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)
     else:
         sample = data.sample_episodes
-    episodes = episode_source(
+    episodes = runtime.episode_source(
         sample,
         jax.random.fold_in(jax.random.key(spec.seed), 2),
         jax.device_put(run.splits["train"]),

@@ -7,20 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from metanet_jax.data._common import (
-    ClassImages,
-    PreparationProgress,
-    cache_path,
-    local_folder,
-    preparation_lock,
-    prepared_builder,
-    require_download,
-    require_files,
-    sha256,
-)
-from metanet_jax.data._common import (
-    data_dir as _data_dir,
-)
+from metanet_jax.data import _common
+from metanet_jax.data._common import ClassImages, prepared_builder, require_download, sha256
 
 # The stock builder's files and sha256 (TFDS's mnist checksums.tsv); the local copies in
 # ../shared/datasets/mnist are byte-exact, so TFDS's own checksum check applies unchanged.
@@ -87,13 +75,13 @@ def load_mnist(
         download host does not answer (`_common.require_download`; nothing is written).
       ValueError: a local file whose sha256 is not MNIST's.
     """
-    root = _data_dir(data_dir)
-    paths = {s: cache_path(root, f"mnist_{s}") for s in SPLITS}
+    root = _common.data_dir(data_dir)
+    paths = {s: _common.cache_path(root, f"mnist_{s}") for s in SPLITS}
     if all(p.is_file() for p in paths.values()):
         return {s: ClassImages.load(p) for s, p in paths.items()}
-    folder = local_folder(manual_dir, "mnist")
+    folder = _common.local_folder(manual_dir, "mnist")
     if folder is not None:
-        require_files(folder, list(MNIST_FILES), "MNIST", _HOW)
+        _common.require_files(folder, list(MNIST_FILES), "MNIST", _HOW)
         for name, expected in MNIST_FILES.items():
             if (digest := sha256(folder / name)) != expected:
                 raise ValueError(
@@ -104,7 +92,7 @@ def load_mnist(
         files = list(MNIST_FILES)
         how = "Get them from https://storage.googleapis.com/cvdf-datasets/mnist/ (docs/DATA.md)."
         require_download("MNIST", DOWNLOAD_URL + files[0], "mnist", files, how)
-    with preparation_lock(root):
+    with _common.preparation_lock(root):
         if all(p.is_file() for p in paths.values()):  # prepared by another process meanwhile
             return {s: ClassImages.load(p) for s, p in paths.items()}
         return _prepare(folder, root, paths)
@@ -112,7 +100,7 @@ def load_mnist(
 
 def _prepare(folder: Path | None, root: Path, paths: dict[str, Path]) -> dict[str, ClassImages]:
     """Prepares MNIST with TFDS (needs TensorFlow) and writes the cache."""
-    progress = PreparationProgress("MNIST", stages=1 + len(SPLITS))
+    progress = _common.PreparationProgress("MNIST", stages=1 + len(SPLITS))
     source = "TFDS's download" if folder is None else folder
     progress.stage(f"preparing from {source} with TFDS (once; later runs read the cache)")
     out = {}
