@@ -33,7 +33,7 @@ from experiments import common
 if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
     common.handle_startup_signals(detail="nothing written")
 
-from experiments import protocol, train  # noqa: E402
+from experiments import protocol, records, train  # noqa: E402
 from metanet_jax import evaluation, logging_utils  # noqa: E402
 from metanet_jax.data import SPLIT_SCHEMES  # noqa: E402
 
@@ -93,23 +93,24 @@ def main(argv):
         common.fail(str(e))
     name = FLAGS.name or name
     proto = proto or {}
-    out = {
+    # Every field given is written, null included (Lake's runs have no protocol).
+    out = records.EvalRecord.written(
         **setting,
-        "shots": proto.get("shots", FLAGS.shots),
-        "queries_per_class": proto.get("queries_per_class", FLAGS.queries_per_class),
-        "checkpoint": "pretrained" if is_pretrained else FLAGS.checkpoint,
-        "checkpoint_step": step,
-        "episodes": result.episodes,
-        "seed": proto.get("seed", FLAGS.seed),
-        "batch": proto.get("batch", FLAGS.batch),
-        "accuracy": result.mean,
-        "ci95": result.ci95,
-        "protocol": proto or None,
-        "trained": {k: run.get(k) for k in ("ways", "shots", "split", "variant", "steps")},
-        "versions": logging_utils.library_versions(),
-    }
+        shots=proto.get("shots", FLAGS.shots),
+        queries_per_class=proto.get("queries_per_class", FLAGS.queries_per_class),
+        checkpoint="pretrained" if is_pretrained else FLAGS.checkpoint,
+        checkpoint_step=step,
+        episodes=result.episodes,
+        seed=proto.get("seed", FLAGS.seed),
+        batch=proto.get("batch", FLAGS.batch),
+        accuracy=result.mean,
+        ci95=result.ci95,
+        protocol=proto or None,
+        trained={k: run.get(k) for k in ("ways", "shots", "split", "variant", "steps")},
+        versions=logging_utils.library_versions(),
+    )
     path = os.path.join(FLAGS.workdir, f"eval_{name}.json")
-    logging_utils.write_json_atomic(path, out)
+    logging_utils.write_json_atomic(path, out.to_json())
     print(result.line(), flush=True)
     recorded = _recorded(meta, run, proto, is_pretrained)
     if recorded:
@@ -165,17 +166,19 @@ def _measure(params, config, run):
 def _recorded(meta, run, proto, is_pretrained) -> str | None:
     """The accuracy results.json recorded for exactly this protocol (the run's test), if any."""
     if is_pretrained:
-        results = meta.get("results") or {}
-        same = results.get("test_protocol") == proto
+        results = records.RunResults.from_json(meta.get("results") or {})
+        same = results.test_protocol == proto
     else:
         path = Path(FLAGS.workdir) / "results.json"
-        results = json.loads(path.read_text()) if path.is_file() else {}
+        results = records.RunResults.from_json(
+            records.read_json(path) if path.is_file() else {}, str(path)
+        )
         same = proto == protocol.protocol(run)
-        same = same and results.get("evaluated_step") == meta.get("step")
-    if not same or results.get("test_accuracy") is None:
+        same = same and results.evaluated_step == meta.get("step")
+    if not same or results.test_accuracy is None:
         return None
     line = evaluation.format_accuracy(
-        results["test_accuracy"], results.get("test_ci95") or 0.0, results.get("test_episodes")
+        results.test_accuracy, results.test_ci95 or 0.0, results.test_episodes
     )
     return f"{line} in results.json (same protocol)"
 

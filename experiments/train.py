@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import common, workdir
+from experiments import common, records, workdir
 from metanet_jax import checkpointing, evaluation, kernels, logging_utils, parallel, runtime
 from metanet_jax.config import LEGACY_VALUES, MetaNetConfig
 from metanet_jax.data import SPLIT_SCHEMES
@@ -642,26 +642,29 @@ def _test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
     )
     logging.info("test (checkpoint of step %d) %s", step, test.line())
     counts = parallel.device_counts(run.mesh)
-    results: dict[str, Any] = {
-        "config": spec.to_dict(),
-        "model_config": checkpointing.config_to_dict(config),
-        "steps": spec.steps,
-        "evaluated_step": step,
-        "test_ways": test_cfg.ways,
-        "best_validation_accuracy": run.ckpt.validation_accuracy(step),
-        "test_accuracy": test.mean,
-        "test_ci95": test.ci95,
-        "test_episodes": test.episodes,
-        "devices": counts["devices"],
-        "processes": counts["processes"],
-        "platform": counts["platform"],
-        "versions": logging_utils.library_versions(),
-        "episodes_per_s": outcome.get("episodes_per_s"),
-    }
+    mnist = {}
     if spec.mnist_test_episodes:
-        results.update(_mnist_out_of_domain(spec, config, state.params, run.stop))
-    results["wall_time_s"] = run.wall_before + time.time() - run.t_start
-    results["test_time_s"] = time.time() - t0
+        mnist = _mnist_out_of_domain(spec, config, state.params, run.stop)
+    # results.json (experiments.records): every field given is written, null included.
+    results = records.RunResults.written(
+        config=spec.to_dict(),
+        model_config=checkpointing.config_to_dict(config),
+        steps=spec.steps,
+        evaluated_step=step,
+        test_ways=test_cfg.ways,
+        best_validation_accuracy=run.ckpt.validation_accuracy(step),
+        test_accuracy=test.mean,
+        test_ci95=test.ci95,
+        test_episodes=test.episodes,
+        devices=counts["devices"],
+        processes=counts["processes"],
+        platform=counts["platform"],
+        versions=logging_utils.library_versions(),
+        episodes_per_s=outcome.get("episodes_per_s"),
+        **mnist,
+        wall_time_s=run.wall_before + time.time() - run.t_start,
+        test_time_s=time.time() - t0,
+    ).to_json()
     if parallel.is_primary():
         _write_results(run, results, test)
     return dict(results, status="completed")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from experiments import ablation, reporting
+from experiments import ablation, ablation_report
 
 
 def _plan(tmp_path, **changes):
@@ -96,7 +96,7 @@ def test_validation_at_more_ways_is_measured_recorded_and_reported(tmp_path):
     }
     path = tmp_path / "t.json"
     path.write_text(json.dumps(table))
-    lines = [x for x in reporting._ablation_section(path) if x.startswith("|")]
+    lines = [x for x in ablation_report.ablation_section(path) if x.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     first = [c.strip() for c in lines[2].strip("|").split("|")]
     second = [c.strip() for c in lines[3].strip("|").split("|")]

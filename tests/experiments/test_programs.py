@@ -227,5 +227,10 @@ def test_evaluate_program_on_lake_runs_prints_the_ci_line_and_writes_json(tmp_pa
                      re.M), out.stdout  # fmt: skip
     saved = json.loads((workdir / "eval_lake_runs.json").read_text())
     assert saved["episodes"] == 2 and saved["checkpoint_step"] == 2
+    # Every key evaluate writes, the protocol as null (Lake's runs have none).
+    assert sorted(saved) == ["accuracy", "batch", "checkpoint", "checkpoint_step", "ci95",
+                             "episodes", "lake_runs_dir", "protocol", "queries_per_class",
+                             "seed", "shots", "trained", "versions"]  # fmt: skip
+    assert saved["protocol"] is None and saved["lake_runs_dir"] == str(tmp_path / "lake")
     bad = _run(["-m", "experiments.evaluate", f"--workdir={tmp_path / 'none'}"])
     assert bad.returncode == 1 and "--workdir must name an existing run folder" in bad.stderr

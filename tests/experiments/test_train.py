@@ -49,6 +49,11 @@ def test_a_run_writes_every_output(spec_factory):
                 "processes", "versions"):  # fmt: skip
         assert key in saved, key
     assert saved["steps"] == 4 and saved["test_episodes"] == 8 and saved["devices"] >= 1
+    # Every key of a run's results.json, none added or lost (tools outside read it).
+    assert sorted(saved) == ["best_validation_accuracy", "config", "devices", "episodes_per_s",
+                             "evaluated_step", "model_config", "platform", "processes", "steps",
+                             "test_accuracy", "test_ci95", "test_episodes", "test_time_s",
+                             "test_ways", "versions", "wall_time_s"]  # fmt: skip
     records = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     keys = set().union(*records)
     for key in ("loss", "accuracy", "validation_accuracy", "grad_norm/base",
