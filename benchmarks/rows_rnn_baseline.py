@@ -42,8 +42,8 @@ from flax import linen as nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from experiments import protocol, reporting, train  # noqa: E402
-from metanet_jax import data, evaluation  # noqa: E402
+from experiments import protocol, reporting, run_data, schema  # noqa: E402
+from metanet_jax import data, evaluation, runtime  # noqa: E402
 from metanet_jax.model import layers  # noqa: E402
 
 FLAGFILE = "experiments/flags/omniglot_rows_rnn.flags"
@@ -125,8 +125,8 @@ def _value(text):
 def run(args) -> dict:
     flags = {k: _value(v) for k, v in protocol.parse_flagfile(args.run_flagfile).items()}
     spec = protocol.run_spec(flags, datasets=args.datasets)
-    splits = train.load_splits(spec)
-    config = train.model_config(spec, splits["train"].shape[2:])
+    splits = run_data.load_splits(spec)
+    config = run_data.model_config(spec, splits["train"].shape[2:])
     hidden = config.resolved("hidden_units")
     encoder = RowsEncoder(hidden)
     params = encoder.init(jax.random.key(spec.seed), jnp.zeros((1,) + config.image_shape))
@@ -136,7 +136,7 @@ def run(args) -> dict:
     )
     opt_state = optimizer.init(params)
     step_fn, accuracy = make_fns(encoder, optimizer, config.ways)
-    episodes = train.episode_source(
+    episodes = runtime.episode_source(
         data.sample_episodes, jax.random.fold_in(jax.random.key(spec.seed), 2),
         jax.device_put(splits["train"]), config, spec.meta_batch, spec.step_ways,
         rotate=spec.rotate, rotations_as_classes=spec.rotations_as_classes,
@@ -156,7 +156,7 @@ def run(args) -> dict:
         losses.append(float(value)) if step % 100 == 0 else None
         step += 1
         if step % args.eval_every == 0:
-            acc, ci, n = evaluate(accuracy, params, fixed("validation", train.VALIDATION_SEED,
+            acc, ci, n = evaluate(accuracy, params, fixed("validation", schema.VALIDATION_SEED,
                                                           spec.eval_episodes))  # fmt: skip
             elapsed = time.perf_counter() - start
             curve.append({"step": step, "validation_accuracy": acc, "validation_ci95": ci,
@@ -169,7 +169,7 @@ def run(args) -> dict:
                 break
     train_time = time.perf_counter() - start
     test_acc, test_ci, test_n = evaluate(
-        accuracy, best[3], fixed("test", train.TEST_SEED, spec.test_episodes)
+        accuracy, best[3], fixed("test", schema.TEST_SEED, spec.test_episodes)
     )
     print(f"test (step {best[2]}): {evaluation.format_accuracy(test_acc, test_ci, test_n)}")
     return {

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments import common, train
+from experiments import common, schema, workdir
 from metanet_jax import checkpointing, evaluation, logging_utils, runtime
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.model.episode import init
@@ -40,19 +40,19 @@ TASK_SPECIFIC = ("base", "representation")
 
 
 # The `MetaNetConfig` fields the program sets by flags: the training program's flags
-# (`train.MODEL_FLAGS`), within this program's bounds. The model is the 3-layer MLP MetaNet of
+# (`schema.MODEL_FLAGS`), within this program's bounds. The model is the 3-layer MLP MetaNet of
 # the continual-learning runs (METANET.md) on 28x28 images.
 MODEL_FLAGS = {
-    "ways": dataclasses.replace(train.MODEL_FLAGS["ways"], hi=100),
-    "shots": dataclasses.replace(train.MODEL_FLAGS["shots"], hi=10),
+    "ways": dataclasses.replace(schema.MODEL_FLAGS["ways"], hi=100),
+    "shots": dataclasses.replace(schema.MODEL_FLAGS["shots"], hi=10),
     "queries_per_class": dataclasses.replace(
-        train.MODEL_FLAGS["queries_per_class"],
+        schema.MODEL_FLAGS["queries_per_class"],
         hi=19,
         help="Query examples per class (training and measurements).",
     ),
-    "variant": train.MODEL_FLAGS["variant"],
+    "variant": schema.MODEL_FLAGS["variant"],
     "hidden_units": common.Flag("int", "MLP width of b and u.", lo=1, hi=4096),
-    "learning_rate": train.MODEL_FLAGS["learning_rate"],
+    "learning_rate": schema.MODEL_FLAGS["learning_rate"],
 }
 _MODEL = MetaNetConfig(ways=10, image_shape=(28, 28, 1), architecture="mlp", hidden_units=64)
 
@@ -61,15 +61,15 @@ _MODEL = MetaNetConfig(ways=10, image_shape=(28, 28, 1), architecture="mlp", hid
 class ContinualSpec(common.Spec):
     """The flags of `experiments/continual.py`, each field with its flag's default, checks
     and help (`common.Spec`); the model's (`MODEL_FLAGS`) in `model`. The flags it shares
-    with the training program are that program's (`train.RunSpec`)."""
+    with the training program are that program's (`schema.RunSpec`)."""
 
     MODEL_FLAGS: ClassVar[Mapping[str, common.Flag]] = MODEL_FLAGS
 
     workdir: str = common.workdir_field(
         "Output folder, one per seed: `{seed}` in it is replaced by --seed."
     )
-    split: str = train.RunSpec.flag_field("split", "previous")
-    datasets: str | None = train.RunSpec.flag_field("datasets")
+    split: str = schema.RunSpec.flag_field("split", "previous")
+    datasets: str | None = schema.RunSpec.flag_field("datasets")
     model: MetaNetConfig = _MODEL
     omniglot_steps: int = common.int_field(5000, 1, 10**8, "Omniglot updates.")
     mnist_steps: int = common.int_field(5000, 1, 10**8, "MNIST updates (trials).")
@@ -78,10 +78,10 @@ class ContinualSpec(common.Spec):
     )
     permutations: int = common.int_field(50, 1, 1000, "Pixel permutations of MNIST (x10 classes).")
     eval_episodes: int = common.int_field(400, 1, 10**6, "Episodes per measurement.")
-    eval_batch: int = train.RunSpec.flag_field("eval_batch")
-    meta_batch: int = train.RunSpec.flag_field("meta_batch")
-    seed: int = train.RunSpec.flag_field("seed")
-    log_every: int = train.RunSpec.flag_field("log_every", 100)
+    eval_batch: int = schema.RunSpec.flag_field("eval_batch")
+    meta_batch: int = schema.RunSpec.flag_field("meta_batch")
+    seed: int = schema.RunSpec.flag_field("seed")
+    log_every: int = schema.RunSpec.flag_field("log_every", 100)
     checkpoint_every: int = common.int_field(
         1000,
         1,
@@ -103,7 +103,7 @@ def check_workdir(spec: ContinualSpec) -> None:
     """Compares `spec` with the workdir's `config.json`, if it has one (reads only).
 
     Raises:
-      train.WorkdirMismatch: a flag that changes the run differs (e.g. another seed in the
+      workdir.WorkdirMismatch: a flag that changes the run differs (e.g. another seed in the
         same workdir); the message names each one.
     """
     path = spec.run_dir() / "config.json"
@@ -117,7 +117,7 @@ def check_workdir(spec: ContinualSpec) -> None:
         if k not in MUTABLE_FIELDS and was.get(k) != v
     ]
     if diffs:
-        raise train.WorkdirMismatch(
+        raise workdir.WorkdirMismatch(
             f"workdir {spec.run_dir()} holds a continual run with different flags: "
             + ", ".join(diffs)
             + "; use another --workdir (one per seed: put {seed} in it) or the run's flags"
@@ -249,7 +249,7 @@ def run(
       The content of `continual.json`.
 
     Raises:
-      train.WorkdirMismatch: the workdir holds a run with other flags.
+      workdir.WorkdirMismatch: the workdir holds a run with other flags.
       runtime.Interrupted: a signal arrived; the run saved a checkpoint to resume from.
     """
     check_workdir(spec)

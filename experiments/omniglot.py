@@ -30,12 +30,12 @@ from experiments import common
 if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
     common.handle_startup_signals()
 
-from experiments import train  # noqa: E402
+from experiments import run_data, schema, train, workdir  # noqa: E402
 from metanet_jax import logging_utils, parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
 # Every field of the run's spec is a flag, with the field's default, checks and help.
-train.RunSpec.define_flags()
+schema.RunSpec.define_flags()
 common.define_distributed_flags()  # devices and processes (docs/SCALING.md)
 
 
@@ -102,13 +102,13 @@ def _architecture(v):
     return (v["dataset"] == "mini_imagenet") == (v["architecture"] == "mini_imagenet_cnn")
 
 
-def spec_from_flags() -> train.RunSpec:
+def spec_from_flags() -> schema.RunSpec:
     """The `RunSpec` the parsed flags describe.
 
     Raises:
       ValueError: a model the flags do not allow (e.g. `--learning_rate=0`).
     """
-    return train.RunSpec.from_flag_values(FLAGS)
+    return schema.RunSpec.from_flag_values(FLAGS)
 
 
 def main(argv):
@@ -116,11 +116,11 @@ def main(argv):
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()  # first: JAX logs its backend probing when it starts one
     common.start_distributed()  # before anything starts a JAX backend
-    logging.info(train.environment_summary())
+    logging.info(run_data.environment_summary())
     try:
         spec = spec_from_flags()
         results = train.train_and_evaluate(spec)
-    except (train.WorkdirMismatch, FileNotFoundError, ValueError) as e:
+    except (workdir.WorkdirMismatch, FileNotFoundError, ValueError) as e:
         common.fail(str(e))
     except train.checkpointing.CheckpointError as e:
         common.fail(str(e))

@@ -85,11 +85,11 @@ def find_sources(folders: Iterable[str | os.PathLike]) -> list[Source]:
 
 
 def _default_protocol(source: Source, mnist: bool = False) -> dict[str, Any]:
-    from experiments import protocol, train
+    from experiments import protocol, schema
 
     proto = protocol.protocol(source.flags)
     if mnist:
-        proto.update(ways=10, seed=train.MNIST_SEED)
+        proto.update(ways=10, seed=schema.MNIST_SEED)
         proto["episodes"] = source.flags.get("mnist_test_episodes") or proto["episodes"]
     return proto
 

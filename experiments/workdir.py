@@ -18,7 +18,7 @@ from metanet_jax import checkpointing, logging_utils
 from metanet_jax.config import MetaNetConfig, legacy_to_current
 
 if TYPE_CHECKING:
-    from experiments.train import RunSpec
+    from experiments.schema import RunSpec
 
 
 class WorkdirMismatch(ValueError):
@@ -43,7 +43,7 @@ def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     version does not know are dropped; a since-removed mode becomes the kept one that
     computes the same numbers (`config.legacy_to_current`).
     """
-    from experiments.train import LEGACY_RUN_VALUES, RunSpec
+    from experiments.schema import LEGACY_RUN_VALUES, RunSpec
 
     values = RunSpec(workdir="").to_dict()
     names = set(values)
@@ -62,7 +62,7 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     Raises:
       WorkdirMismatch: a model or data field differs; the message names each one.
     """
-    from experiments.train import MUTABLE_FIELDS
+    from experiments.schema import MUTABLE_FIELDS
 
     path = Path(spec.workdir) / "config.json"
     if not path.exists():

@@ -1,0 +1,110 @@
+"""A training run's data: its class arrays (`load_splits`), its model on them
+(`model_config`), its fixed evaluation episodes (`eval_batches`, the seeds of `schema`) and the
+MNIST out-of-domain test."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from experiments.schema import DATASETS, MNIST_SEED, RunSpec
+from metanet_jax import evaluation, parallel, runtime
+from metanet_jax.config import MetaNetConfig
+from metanet_jax.synthetic import synthetic_classes
+
+
+def load_splits(spec: RunSpec) -> dict[str, np.ndarray]:
+    """The train/validation/test class arrays of `spec.dataset` (reads only; fails fast):
+    `{"train", "validation", "test"}` -> `[C, D, H, W, ch]` uint8 arrays (numpy).
+
+    Raises:
+      FileNotFoundError: a configured data folder or file is missing.
+    """
+    from metanet_jax import data
+
+    if spec.dataset == "omniglot":
+        parts = data.load_omniglot(
+            spec.split,
+            manual_dir=spec.datasets,
+            validation_classes=spec.validation_classes,
+            validation_alphabets=spec.validation_alphabets,
+            seed=spec.split_seed,
+        )
+        return {k: v.images for k, v in parts.items()}
+    if spec.dataset == "mini_imagenet":
+        folder = spec.mini_imagenet_dir
+        if not folder or not Path(folder).is_dir():
+            raise FileNotFoundError(
+                f"--mini_imagenet_dir={folder!r}: no such folder. Mini-ImageNet is not "
+                "distributed with this project; see docs/DATA.md for the expected layout "
+                "(Ravi & Larochelle's train/val/test CSVs and the images folder)."
+            )
+        names = {"train": "train", "validation": "val", "test": "test"}
+        return {k: data.load_mini_imagenet(folder, v).images for k, v in names.items()}
+    if spec.dataset == "synthetic":
+        s = spec.synthetic_size
+        return {
+            "train": synthetic_classes(10, 40, 20, s),
+            "validation": synthetic_classes(11, 20, 20, s),
+            "test": synthetic_classes(12, 20, 20, s),
+        }
+    raise ValueError(f"unknown dataset {spec.dataset!r}; expected one of {DATASETS}")
+
+
+def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
+    """The `MetaNetConfig` of a run: its model with the data's image shape."""
+    return dataclasses.replace(spec.model, image_shape=tuple(int(s) for s in image_shape))
+
+
+def eval_batches(images, cfg: MetaNetConfig, n: int, spec: RunSpec, seed: int, permutations=None):
+    """The run's `n` fixed episodes of `seed` on `images` (`cfg`'s ways, shots and queries),
+    in batches of `spec.eval_batch`."""
+    from metanet_jax import data
+
+    return data.fixed_eval_episodes(
+        seed,
+        images,
+        cfg.ways,
+        cfg.shots,
+        cfg.queries_per_class,
+        n,
+        min(spec.eval_batch, n),
+        rotate=False,
+        permutations=permutations,
+    )
+
+
+def load_data(spec: RunSpec) -> dict[str, np.ndarray]:
+    """The run's class arrays; fails before any write. Process 0 prepares the data caches
+    before the others read them."""
+    splits = load_splits(spec) if parallel.is_primary() else None
+    parallel.barrier("experiments.train:data")
+    return load_splits(spec) if splits is None else splits
+
+
+def mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params, stop) -> dict[str, Any]:
+    from metanet_jax import data
+
+    mnist = data.load_mnist(manual_dir=spec.datasets)
+    cfg = evaluation.eval_config(config, 10, 1, spec.eval_queries_per_class)
+    images = jax.device_put(mnist["test"].images)
+    batches = eval_batches(images, cfg, spec.mnist_test_episodes, spec, MNIST_SEED)
+    result = evaluation.evaluate(params, cfg, runtime.interruptible(batches, stop))
+    logging.info("MNIST 10-way 1-shot (out of domain) %s", result.line())
+    return {"mnist_accuracy": result.mean, "mnist_ci95": result.ci95,
+            "mnist_episodes": result.episodes}  # fmt: skip
+
+
+def environment_summary() -> str:
+    """One line: devices and the data folders in use."""
+    return (
+        f"devices: {jax.device_count()} x {jax.devices()[0].platform}; "
+        f"METANET_DATASETS={os.environ.get('METANET_DATASETS', '<unset>')}; "
+        f"METANET_DATA_DIR={os.environ.get('METANET_DATA_DIR', '<default>')}"
+    )
