@@ -33,7 +33,7 @@ from experiments import common
 if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
     common.handle_startup_signals(detail="nothing written")
 
-from experiments import protocol, records, train  # noqa: E402
+from experiments import protocol, records, schema  # noqa: E402
 from metanet_jax import evaluation, logging_utils  # noqa: E402
 from metanet_jax.data import SPLIT_SCHEMES  # noqa: E402
 
@@ -52,7 +52,7 @@ flags.DEFINE_enum(
 flags.DEFINE_enum("subset", "test", ("test", "validation"), "Which classes of the split.")
 common.define_int("episodes", 1000, 1, 10**6,
                   "Episodes, fixed and seeded (default: the run's --test_episodes).")  # fmt: skip
-common.define_int("seed", train.TEST_SEED, 0, common.MAX_INT,
+common.define_int("seed", schema.TEST_SEED, 0, common.MAX_INT,
                   "Seed of the episode set (default: the run's test/validation seed).")  # fmt: skip
 common.define_int("batch", 50, 1, 10**4,
                   "Episodes per evaluation batch (default: the run's --eval_batch).")  # fmt: skip
@@ -79,7 +79,7 @@ def main(argv):
     # in training (the workdir is only read); no good one, or a configuration this version
     # cannot read: one line, status 1.
     try:
-        config, params, meta = pretrained.load_model(FLAGS.workdir, FLAGS.checkpoint)
+        config, params, meta = pretrained.load(FLAGS.workdir, FLAGS.checkpoint)
     except (FileNotFoundError, ValueError, evaluation.checkpointing.CheckpointError) as e:
         common.fail(str(e))
     run = meta.get("flags", {})
@@ -138,7 +138,7 @@ def _measure(params, config, run):
         return result, "lake_runs", {"lake_runs_dir": FLAGS.lake_runs_dir}, None
     if FLAGS.mnist:
         proto = protocol.protocol(run)
-        proto.update(dataset="mnist", split=None, ways=10, seed=train.MNIST_SEED)
+        proto.update(dataset="mnist", split=None, ways=10, seed=schema.MNIST_SEED)
         proto["episodes"] = run.get("mnist_test_episodes") or proto["episodes"]
         proto.update({k: v for k, v in given.items() if k != "ways"})
         images = data.load_mnist(manual_dir=FLAGS.datasets)["test"].images

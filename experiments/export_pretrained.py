@@ -76,7 +76,7 @@ def main(argv):
     if FLAGS.run_flagfile and not os.path.isfile(FLAGS.run_flagfile):
         common.fail(f"--run_flagfile={FLAGS.run_flagfile}: no such file")
     try:
-        _, _, meta = pretrained.load_model(FLAGS.workdir, FLAGS.checkpoint)
+        _, _, meta = pretrained.load(FLAGS.workdir, FLAGS.checkpoint)
         run = meta.get("flags") or {}
         recorded = (meta.get("results") or {}) if pretrained.is_pretrained(FLAGS.workdir) else {}
         flagfile = FLAGS.run_flagfile or recorded.get("flagfile") or protocol.find_flagfile(run)

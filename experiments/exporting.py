@@ -28,7 +28,7 @@ from metanet_jax.pretrained import (
     RESULTS_FILE,
     flatten_params,
     is_pretrained,
-    load_model,
+    load,
     save_params,
 )
 
@@ -103,7 +103,7 @@ def export(
     source, dest = Path(source), Path(dest)
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists; pass overwrite=True (--overwrite) to replace it")
-    config, params, meta = load_model(source, which)
+    config, params, meta = load(source, which)
     params = jax.device_get(params)
     record = _source_record(source, meta)
     flags = record.flags()

@@ -39,6 +39,7 @@ __all__ = [
     "generators",
     "init",
     "init_train_state",
+    "load",
     "load_checkpoint",
     "load_pretrained",
     "layers",
@@ -65,10 +66,10 @@ def __getattr__(name):
         from metanet_jax.evaluation import load_checkpoint
 
         return load_checkpoint
-    if name == "load_pretrained":
-        from metanet_jax.pretrained import load_pretrained
+    if name in ("load", "load_pretrained"):
+        from metanet_jax import pretrained
 
-        return load_pretrained
+        return getattr(pretrained, name)
     if name == "pretrained":
         import importlib
 

@@ -59,7 +59,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from metanet_jax.config import LEGACY_VALUES, MetaNetConfig, legacy_to_current
-from metanet_jax.training import TrainState
+from metanet_jax.training import TrainState, init_train_state, make_optimizer
 
 VALIDATION_METRIC = "validation_accuracy"
 INTEGRITY = "integrity"
@@ -558,3 +558,69 @@ def _quiet_closed_event_loops() -> None:
 
     sys.unraisablehook = hook
     _QUIETED = True
+
+
+# ----------------------------------------------------------------------------- a run's layout
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> Path:
+    """Where a run keeps its checkpoints: `<workdir>/checkpoints`."""
+    return Path(workdir) / CHECKPOINT_SUBDIR
+
+
+def fresh_state(config: MetaNetConfig, seed: int = 0) -> TrainState:
+    """A freshly initialised train state for `config` (the structure to restore into)."""
+    from metanet_jax.model.episode import init
+
+    key = jax.random.key(seed)
+    params = init(jax.random.fold_in(key, 0), config)
+    return init_train_state(params, make_optimizer(config), jax.random.fold_in(key, 1))
+
+
+def load_run(
+    workdir: str | os.PathLike, which: str = "best"
+) -> tuple[MetaNetConfig, Any, dict[str, Any]]:
+    """`(config, params, meta)` of a training run's checkpoint (`metanet_jax.load` also reads
+    pretrained folders).
+
+    Corruption is handled as in training (`Checkpointer.restore_best` / `restore_latest`): a
+    corrupt checkpoint is reported in one warning line (its path and the cause) and the next
+    candidate is used; the workdir is only read (nothing renamed).
+
+    Args:
+      workdir: the run's folder (the one passed as `--workdir`).
+      which: "best" (highest validation accuracy, falling back to the next best; the latest
+        if none was validated) or "latest" (the newest good checkpoint).
+
+    Returns:
+      The model configuration, the parameters and the checkpoint's metadata (step, wall
+      time, flags, ...).
+
+    Raises:
+      FileNotFoundError: no checkpoint in `workdir`.
+      CheckpointError: no good checkpoint (one line naming each and its cause).
+    """
+    if which not in ("best", "latest"):
+        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory})")
+    states: dict[str, Any] = {}
+
+    def like(meta):  # one freshly initialised structure per saved configuration
+        if not isinstance(meta.get("model_config"), dict):
+            raise CheckpointError(
+                f"checkpoint {meta.get('step')} in {directory} has no model configuration"
+            )
+        key = json.dumps(meta["model_config"], sort_keys=True)
+        if key not in states:
+            states[key] = fresh_state(config_from_dict(meta["model_config"]))
+        return states[key]
+
+    with Checkpointer(directory, read_only=True) as ckpt:
+        restored = ckpt.restore_best(like) if which == "best" else ckpt.restore_latest(like)
+    if restored is None:
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    state, meta = restored
+    return config_from_dict(meta["model_config"]), state.params, meta

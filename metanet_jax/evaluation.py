@@ -5,11 +5,9 @@ loading a trained run's checkpoint (`load_checkpoint`).
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -17,11 +15,9 @@ import numpy as np
 from metanet_jax import checkpointing
 from metanet_jax.batching import make_episode_loss
 from metanet_jax.config import MetaNetConfig
-from metanet_jax.model.episode import init
-from metanet_jax.training import init_train_state, make_optimizer
 from metanet_jax.types import Episode, Params
 
-CHECKPOINT_SUBDIR = "checkpoints"
+CHECKPOINT_SUBDIR = checkpointing.CHECKPOINT_SUBDIR
 
 
 class EvalResult(NamedTuple):
@@ -126,73 +122,19 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def checkpoint_dir(workdir: str | os.PathLike) -> Path:
-    """Where a run keeps its checkpoints: `<workdir>/checkpoints`."""
-    return Path(workdir) / CHECKPOINT_SUBDIR
-
-
-def fresh_state(config: MetaNetConfig, seed: int = 0):
-    """A freshly initialised train state for `config` (the structure to restore into)."""
-    key = jax.random.key(seed)
-    params = init(jax.random.fold_in(key, 0), config)
-    return init_train_state(params, make_optimizer(config), jax.random.fold_in(key, 1))
+# The checkpoint layout is checkpointing's; these names stay here for existing callers.
+checkpoint_dir = checkpointing.checkpoint_dir
+fresh_state = checkpointing.fresh_state
+load_checkpoint_with_meta = checkpointing.load_run
 
 
 def load_checkpoint(
     workdir: str | os.PathLike, which: str = "best"
 ) -> tuple[MetaNetConfig, Params]:
-    """The model configuration and parameters saved by a training run.
-
-    Corruption is handled as in training (`checkpointing.Checkpointer.restore_best` /
-    `restore_latest`): a corrupt checkpoint is reported in one warning line (its path and
-    the cause) and the next candidate is used; the workdir is only read (nothing renamed).
-
-    Args:
-      workdir: the run's folder (the one passed as `--workdir`).
-      which: "best" (highest validation accuracy, falling back to the next best; the latest
-        if none was validated) or "latest" (the newest good checkpoint).
-
-    Returns:
-      `(config, params)`.
-
-    Raises:
-      FileNotFoundError: no checkpoint in `workdir`.
-      checkpointing.CheckpointError: no good checkpoint (one line naming each and its cause).
-    """
-    config, params, _ = load_checkpoint_with_meta(workdir, which)
+    """`(config, params)` of a training run's checkpoint: `checkpointing.load_run` without
+    the metadata (`which`: "best" or "latest")."""
+    config, params, _ = checkpointing.load_run(workdir, which)
     return config, params
-
-
-def load_checkpoint_with_meta(
-    workdir: str | os.PathLike, which: str = "best"
-) -> tuple[MetaNetConfig, Params, dict[str, Any]]:
-    """As `load_checkpoint`, plus the checkpoint's metadata (step, wall time, ...)."""
-    if which not in ("best", "latest"):
-        raise ValueError(f"which must be 'best' or 'latest', got {which!r}")
-    directory = checkpoint_dir(workdir)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"no checkpoints in {workdir} (expected {directory})")
-    states: dict[str, Any] = {}
-
-    def like(meta):  # one freshly initialised structure per saved configuration
-        if not isinstance(meta.get("model_config"), dict):
-            raise checkpointing.CheckpointError(
-                f"checkpoint {meta.get('step')} in {directory} has no model configuration"
-            )
-        key = json.dumps(meta["model_config"], sort_keys=True)
-        if key not in states:
-            states[key] = fresh_state(checkpointing.config_from_dict(meta["model_config"]))
-        return states[key]
-
-    with checkpointing.Checkpointer(directory, read_only=True) as ckpt:
-        if which == "best":
-            restored = ckpt.restore_best(like)
-        else:
-            restored = ckpt.restore_latest(like)
-    if restored is None:
-        raise FileNotFoundError(f"no complete checkpoint in {directory}")
-    state, meta = restored
-    return checkpointing.config_from_dict(meta["model_config"]), state.params, meta
 
 
 # ----------------------------------------------------------------------------- protocols

@@ -17,7 +17,8 @@ A pretrained folder (`pretrained/<name>/` in the repository, or any folder of th
   training run itself measured (its own test, possibly on another machine).
 
 `load_pretrained(name_or_path)` reads one (offline: a name is a folder of the repository's
-`pretrained/`); `load_model(folder)` reads a pretrained folder or a run folder's checkpoint.
+`pretrained/`); `load(path)` (`metanet_jax.load`) reads a pretrained folder or a run
+folder's checkpoint.
 The program `python -m experiments.export_pretrained` writes them (`experiments.exporting`),
 measuring the test accuracy with the run's own protocol (`experiments.protocol`), so
 `python -m experiments.evaluate --workdir=pretrained/<name>` prints the recorded accuracy
@@ -211,15 +212,25 @@ def load_pretrained(name_or_path: str | os.PathLike) -> tuple[MetaNetConfig, Par
     return config, params
 
 
-def load_model(
-    workdir: str | os.PathLike, which: str = "best"
+def load(
+    path: str | os.PathLike, which: str = "best"
 ) -> tuple[MetaNetConfig, Params, dict[str, Any]]:
-    """`(config, params, meta)` of a pretrained folder or of a run folder's checkpoint."""
-    if is_pretrained(workdir):
-        return load_pretrained_with_meta(workdir)
-    from metanet_jax import evaluation
+    """`(config, params, meta)` of a model: a pretrained folder (or the name of one in the
+    repository's `pretrained/`) or a training run's folder, whose `which` checkpoint ("best"
+    or "latest") is read (`checkpointing.load_run`). Exported as `metanet_jax.load`.
 
-    return evaluation.load_checkpoint_with_meta(workdir, which)
+    Raises:
+      FileNotFoundError: neither a pretrained folder nor a run with checkpoints.
+      ValueError / checkpointing.CheckpointError: files that do not hold a good model.
+    """
+    if is_pretrained(path) or not Path(path).expanduser().exists():
+        return load_pretrained_with_meta(path)  # a name in pretrained/, else its error
+    from metanet_jax import checkpointing
+
+    return checkpointing.load_run(path, which)
+
+
+load_model = load  # its earlier name
 
 
 def folder_size(folder: str | os.PathLike) -> int:

@@ -83,3 +83,31 @@ def test_committed_pretrained_models_are_small_pickle_free_and_complete():
         for key in ("ways", "shots", "split"):
             assert key in results["config"], (model, key)
         mn.load_pretrained(model.name)  # params fit the config
+
+
+def test_load_reads_a_run_folder_or_a_pretrained_folder_or_name(folder, tmp_path):
+    """`metanet_jax.load(path, which)`: one entry for the checkpoints of a run's folder and
+    for pretrained folders."""
+    config = tiny_config(max_ways=4)
+    saved = {}
+    with checkpointing.Checkpointer(checkpointing.checkpoint_dir(tmp_path / "run")) as ckpt:
+        for step, (seed, accuracy) in enumerate([(1, 0.7), (2, 0.5)], start=1):
+            state = checkpointing.fresh_state(config, seed=seed)
+            state = state._replace(step=np.asarray(step, state.step.dtype))
+            meta = {"model_config": checkpointing.config_to_dict(config), "flags": {"s": seed}}
+            ckpt.save(state, meta, validation_accuracy=accuracy)
+            saved[step] = state.params
+    for which, step in (("best", 1), ("latest", 2)):
+        got_config, params, meta = mn.load(tmp_path / "run", which)
+        assert got_config == config and meta["step"] == step and meta["flags"] == {"s": step}
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved[step]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    got_config, params, meta = mn.load(folder)
+    assert got_config == config and meta["flags"] == {"ways": 3}
+    if (ROOT / "pretrained" / "demo").is_dir():
+        demo = json.loads((ROOT / "pretrained" / "demo" / "config.json").read_text())
+        assert mn.load("demo")[2]["flags"] == demo["flags"]
+    with pytest.raises(FileNotFoundError, match="no pretrained model 'nothing-here'"):
+        mn.load("nothing-here")
+    with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+        mn.load(tmp_path)  # a folder that is neither
