@@ -1,7 +1,7 @@
 """What a training run was: its spec from its saved flags, its test protocol, its command.
 
 A run folder or pretrained model records the flags of `experiments.omniglot` (config.json's
-`"flags"`); from them `run_spec` rebuilds its `train.RunSpec`, `protocol` the evaluation it
+`"flags"`); from them `run_spec` rebuilds its `schema.RunSpec`, `protocol` the evaluation it
 ran (`python -m experiments.evaluate` repeats it by default, `experiments.export_pretrained`
 records it) and `training_command` the command that trains it again from its flagfile.
 """
@@ -13,23 +13,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from experiments import train
+from experiments import run_data, schema, workdir
 from metanet_jax import evaluation
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.types import Params
 
+# The repository root: flagfiles name the files they include from it.
+ROOT = Path(__file__).resolve().parents[1]
 # Every flag of the training program with its default, in the program's order.
-_DEFAULTS = train.RunSpec(workdir=None).to_dict()
+_DEFAULTS = schema.RunSpec(workdir=None).to_dict()
 
 
 # ----------------------------------------------------------------------------- protocol
 def run_spec(flags: Mapping[str, Any], **overrides):
-    """The `train.RunSpec` of a saved flags dict (`train.saved_flags`: fields saved
+    """The `schema.RunSpec` of a saved flags dict (`workdir.saved_flags`: fields saved
     before they existed mean what the run did then), with `overrides`."""
-    values = train.saved_flags(flags)
+    values = workdir.saved_flags(flags)
     values.update(overrides)
     values.setdefault("workdir", "")
-    return train.RunSpec.from_flags(values)
+    return schema.RunSpec.from_flags(values)
 
 
 def protocol(flags: Mapping[str, Any], subset: str = "test") -> dict[str, Any]:
@@ -53,7 +55,7 @@ def protocol(flags: Mapping[str, Any], subset: str = "test") -> dict[str, Any]:
         "shots": spec.model.shots,
         "queries_per_class": spec.eval_queries_per_class,
         "episodes": spec.test_episodes if test else spec.eval_episodes,
-        "seed": train.TEST_SEED if test else train.VALIDATION_SEED,
+        "seed": schema.TEST_SEED if test else schema.VALIDATION_SEED,
         "batch": spec.eval_batch,
     }
 
@@ -90,7 +92,7 @@ def evaluate_run(
         spec_changes.update(dataset="omniglot", split=changes["split"])
     proto["dataset"] = spec_changes.get("dataset", proto["dataset"])
     spec = run_spec(flags, **spec_changes)
-    images = train.load_splits(spec)[proto["subset"]]
+    images = run_data.load_splits(spec)[proto["subset"]]
     if images.shape[0] == 0:
         raise ValueError(f"the {proto['subset']} split of {spec.dataset}/{spec.split} is empty")
     result = evaluation.evaluate_classes(
@@ -114,7 +116,10 @@ _LOCAL_FLAGS = frozenset({"workdir", "datasets", "mini_imagenet_dir"})
 
 def parse_flagfile(path: str | os.PathLike) -> dict[str, str | bool]:
     """The flags of an `experiments/flags/*.flags` file: `{name: value string}` (`True` /
-    `False` for `--name` / `--noname`), comments and blank lines skipped."""
+    `False` for `--name` / `--noname`), comments and blank lines skipped. A `--flagfile=`
+    line is read in its place, as absl does (a later flag overrides an earlier one); its
+    path is taken from the working directory, else from the repository's root.
+    """
     fields = set(_DEFAULTS)
     out: dict[str, str | bool] = {}
     for raw in Path(path).read_text().splitlines():
@@ -126,7 +131,11 @@ def parse_flagfile(path: str | os.PathLike) -> dict[str, str | bool]:
         body = line[2:]
         if "=" in body:
             name, value = body.split("=", 1)
-            out[name] = value
+            if name == "flagfile":
+                included = Path(value) if Path(value).is_file() else ROOT / value
+                out.update(parse_flagfile(included))
+            else:
+                out[name] = value
         elif body.startswith("no") and body[2:] in fields and body not in fields:
             out[body[2:]] = False
         else:
@@ -164,7 +173,7 @@ def flag_overrides(flagfile: str | os.PathLike, run_flags: Mapping[str, Any]) ->
     for name, default in _DEFAULTS.items():
         if name in _LOCAL_FLAGS:
             continue
-        want = train.json_value(run_flags.get(name, default))
+        want = workdir.json_value(run_flags.get(name, default))
         if want is None:
             continue
         have = _typed(values[name], want) if name in values else default
@@ -207,7 +216,7 @@ def training_command(run_flags: Mapping[str, Any], flagfile: str | os.PathLike |
         return " ".join([head, *extra])
     parts = ["python -m experiments.omniglot"]
     for name, default in _DEFAULTS.items():
-        want = train.json_value(run_flags.get(name, default))
+        want = workdir.json_value(run_flags.get(name, default))
         if name in _LOCAL_FLAGS - {"workdir"} or want is None or want == default:
             continue
         parts.append(_flag_text(name, want))
