@@ -4,6 +4,8 @@ setting beside the paper's number."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from experiments import report_markdown as md
 from experiments.report_sources import Measurement, Source, hardware, steps_text
 
@@ -111,6 +113,11 @@ def _omniglot_rows(ms: list[Measurement], settings, one_ways=False) -> list[list
     return rows
 
 
+def _section(title: str, intro: str, header: Sequence[str], rows) -> list[str]:
+    """A RESULTS.md section: its heading, the paragraph under it and its table."""
+    return [f"## {title}", "", intro, "", *md.table(header, rows), ""]
+
+
 def sections(ms: list[Measurement]) -> list[str]:
     """The sections of the paper's tables, each with our measurements beside the paper's."""
     tables = (_previous_split, _standard_split, _standard_k_way, _n_to_k, _mnist,
@@ -119,12 +126,6 @@ def sections(ms: list[Measurement]) -> list[str]:
 
 
 def _previous_split(ms: list[Measurement]) -> list[str]:
-    out = ["## Omniglot, previous split (Vinyals et al.), 1-shot", "",
-           "Paper Table 1: N-way tests of 423 test characters after training on 1,200 "
-           "(`previous_<N>way_<variant>.flags`: trained N-way). A model trained on episodes "
-           "of several ways (`--train_ways`, e.g. `previous_cpu.flags`) stands in every "
-           "column it was tested at; \"trained\" says how each model was trained.",
-           ""]  # fmt: skip
     rows = []
     for v in ("metanet-", "metanet", "metanet+"):
         for n in (5, 10, 15, 20):
@@ -133,17 +134,28 @@ def _previous_split(ms: list[Measurement]) -> list[str]:
                 how = "" if m is None else _training(m.source)
                 cells = _cells([] if m is None else [m])[0]
                 rows.append([VARIANT_NAMES[v], str(n), PAPER_PREVIOUS[v][n], how, *cells])
-    return out + md.table(("model", "N-way", "paper", "trained", *CELL_HEADER), rows) + [""]
+    return _section(
+        "Omniglot, previous split (Vinyals et al.), 1-shot",
+        "Paper Table 1: N-way tests of 423 test characters after training on 1,200 "
+        "(`previous_<N>way_<variant>.flags`: trained N-way). A model trained on episodes "
+        "of several ways (`--train_ways`, e.g. `previous_cpu.flags`) stands in every "
+        'column it was tested at; "trained" says how each model was trained.',
+        ("model", "N-way", "paper", "trained", *CELL_HEADER),
+        rows,
+    )
 
 
 def _standard_split(ms: list[Measurement]) -> list[str]:
-    out = ["## Omniglot, standard split (Lake et al.), MetaNet 1-shot", "",
-           "Trained on the 30 background alphabets, tested on the 20 evaluation alphabets "
-           "(`standard_<N>way.flags`; the demo is a smaller 5-way network).", ""]  # fmt: skip
     rows = _omniglot_rows(ms, [
         ((str(n), PAPER_STANDARD[n]), "standard", "metanet", n, n) for n in (5, 10, 15, 20)
     ])  # fmt: skip
-    return out + md.table(("N-way", "paper", *CELL_HEADER), rows) + [""]
+    return _section(
+        "Omniglot, standard split (Lake et al.), MetaNet 1-shot",
+        "Trained on the 30 background alphabets, tested on the 20 evaluation alphabets "
+        "(`standard_<N>way.flags`; the demo is a smaller 5-way network).",
+        ("N-way", "paper", *CELL_HEADER),
+        rows,
+    )
 
 
 def _training(source: Source) -> str:
@@ -167,11 +179,6 @@ def _training(source: Source) -> str:
 
 
 def _standard_k_way(ms: list[Measurement]) -> list[str]:
-    out = ["## Omniglot, standard split, models tested at other ways (MetaNet, 1-shot)", "",
-           "A standard-split model tested on K-way episodes of the 20 evaluation alphabets "
-           "other than the ways it names (`python -m experiments.evaluate --workdir=... "
-           "--ways=K`); the paper's number is for a model trained K-way.",
-           ""]  # fmt: skip
     rows = []
     for k in (5, 10, 15, 20):
         found = [
@@ -183,26 +190,32 @@ def _standard_k_way(ms: list[Measurement]) -> list[str]:
             rows.append([str(k), PAPER_STANDARD[k], _training(m.source), *_cells([m])[0]])
     if not rows:
         rows = [["", "", "", *_cells([])[0]]]
-    return out + md.table(("tested", "paper", "trained", *CELL_HEADER), rows) + [""]
+    return _section(
+        "Omniglot, standard split, models tested at other ways (MetaNet, 1-shot)",
+        "A standard-split model tested on K-way episodes of the 20 evaluation alphabets "
+        "other than the ways it names (`python -m experiments.evaluate --workdir=... "
+        "--ways=K`); the paper's number is for a model trained K-way.",
+        ("tested", "paper", "trained", *CELL_HEADER),
+        rows,
+    )
 
 
 def _n_to_k(ms: list[Measurement]) -> list[str]:
-    out = ["## Trained N-way, tested K-way (previous split, MetaNet, 1-shot)", "",
-           "A model trained N-way with 20 output units (`--max_ways=20`) tested on K-way "
-           "episodes: `python -m experiments.evaluate --workdir=... --ways=K` (models trained "
-           "on episodes of several ways stand in Table 1).", ""]  # fmt: skip
     rows = _omniglot_rows(ms, [
         ((str(n), str(k), PAPER_N_TO_K[n][k]), "previous", "metanet", n, k)
         for n in (5, 10, 15, 20) for k in (5, 10, 15, 20)
     ], one_ways=True)  # fmt: skip
-    return out + md.table(("trained", "tested", "paper", *CELL_HEADER), rows) + [""]
+    return _section(
+        "Trained N-way, tested K-way (previous split, MetaNet, 1-shot)",
+        "A model trained N-way with 20 output units (`--max_ways=20`) tested on K-way "
+        "episodes: `python -m experiments.evaluate --workdir=... --ways=K` (models trained "
+        "on episodes of several ways stand in Table 1).",
+        ("trained", "tested", "paper", *CELL_HEADER),
+        rows,
+    )
 
 
 def _mnist(ms: list[Measurement]) -> list[str]:
-    out = ["## MNIST 10-way 1-shot, out of domain", "",
-           "After Omniglot training, tested on MNIST's test digits (the paper used MLP "
-           "networks: `mnist_out_of_domain_<variant>.flags`; any Omniglot model can be tested "
-           "with `python -m experiments.evaluate --workdir=... --mnist`).", ""]  # fmt: skip
     rows = []
     for variant in ("metanet-", "metanet", "metanet+"):
         found = [
@@ -213,17 +226,27 @@ def _mnist(ms: list[Measurement]) -> list[str]:
         ]  # fmt: skip
         for cells in _cells(found):
             rows.append([VARIANT_NAMES[variant], PAPER_MNIST[variant], *cells])
-    return out + md.table(("model", "paper", *CELL_HEADER), rows) + [""]
+    return _section(
+        "MNIST 10-way 1-shot, out of domain",
+        "After Omniglot training, tested on MNIST's test digits (the paper used MLP "
+        "networks: `mnist_out_of_domain_<variant>.flags`; any Omniglot model can be tested "
+        "with `python -m experiments.evaluate --workdir=... --mnist`).",
+        ("model", "paper", *CELL_HEADER),
+        rows,
+    )
 
 
 def _mini_imagenet(ms: list[Measurement]) -> list[str]:
-    out = ["## Mini-ImageNet, 5-way 1-shot", "",
-           "Ravi & Larochelle's split (`mini_imagenet_5way1shot.flags`; the data is not "
-           "distributed here).", ""]  # fmt: skip
     found = [
         m for m in ms
         if m.dataset == "mini_imagenet" and m.ways == 5 and m.shots == 1
         and m.source.flag("variant", "metanet") == "metanet"
     ]  # fmt: skip
     rows = [["MetaNet", PAPER_MINI_IMAGENET, *cells] for cells in _cells(found)]
-    return out + md.table(("model", "paper", *CELL_HEADER), rows) + [""]
+    return _section(
+        "Mini-ImageNet, 5-way 1-shot",
+        "Ravi & Larochelle's split (`mini_imagenet_5way1shot.flags`; the data is not "
+        "distributed here).",
+        ("model", "paper", *CELL_HEADER),
+        rows,
+    )
