@@ -32,6 +32,7 @@ Everything runs from the source tree (`PYTHONPATH`), nothing is installed or dow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -227,8 +228,10 @@ def spec_for(name, flagfile, workdir, overrides):
     from experiments import omniglot
 
     flags.FLAGS.unparse_flags()
-    flags.FLAGS(["reproduce_gpu", f"--flagfile={ROOT / flagfile}", f"--workdir={workdir}",
-                 *overrides])  # fmt: skip
+    # From the repository root: flagfiles include their base files by paths from there.
+    with contextlib.chdir(ROOT):
+        flags.FLAGS(["reproduce_gpu", f"--flagfile={ROOT / flagfile}",
+                     f"--workdir={Path(workdir).absolute()}", *overrides])  # fmt: skip
     logging.set_verbosity(logging.INFO)  # parsing resets it to absl's --verbosity
     return omniglot.spec_from_flags()
 

@@ -228,6 +228,12 @@ def parse_flags(argv: list[str], refused: Mapping[str, str] | None = None) -> li
             _flag_error(prog, f"--{name} is refused: {refused[name]}")
     try:
         return flags.FLAGS(argv)
+    except flags.CantOpenFlagFileError as e:
+        hint = (
+            "the flagfiles of experiments/flags include their base files by paths from the "
+            "repository's root: run the programs from there"
+        )
+        _flag_error(prog, f"{e} ({hint})")
     except flags.Error as e:
         _flag_error(prog, str(e))
 

@@ -132,6 +132,23 @@ def test_every_flagfile_parses_into_a_valid_model_configuration(tmp_path):
         assert f"OK {path}" in out.stdout, out.stdout + out.stderr
 
 
+def test_a_cell_flagfile_run_from_outside_the_repository_names_where_to_run(tmp_path):
+    """A table's cell includes its base file by a path from the repository's root (absl
+    reads nested flagfiles from the working directory): elsewhere, one line says so."""
+    flagfile = ROOT / "experiments" / "flags" / "previous_5way_metanet.flags"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.omniglot", f"--flagfile={flagfile}",
+         f"--workdir={tmp_path / 'w'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert out.returncode == 1
+    lines = [x for x in out.stderr.splitlines() if "error" in x]
+    assert len(lines) == 1 and "base/paper_omniglot.flags" in lines[0], out.stderr
+    assert "run the programs from there" in lines[0]
+    assert not (tmp_path / "w").exists()
+
+
 def test_mini_imagenet_flagfile_fails_fast_on_the_missing_folder(tmp_path):
     workdir = tmp_path / "mini"
     t0 = time.time()

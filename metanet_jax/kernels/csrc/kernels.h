@@ -115,23 +115,29 @@ inline Scratch AllocScratch(int64_t floats) {
 // code, only built on: every step returns the prvalue of the next.)
 using F32Buffer = xla::ffi::Buffer<xla::ffi::F32>;
 inline auto PoolBinding() { return xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>(); }
-template <int N, typename Binding>
-auto F32Args(Binding binding) {
+template <bool kResults, int N, typename Binding>
+auto F32Buffers(Binding&& binding) {
   static_assert(N >= 1);
+  auto next = [&] {
+    if constexpr (kResults) {
+      return std::move(binding).template Ret<F32Buffer>();
+    } else {
+      return std::move(binding).template Arg<F32Buffer>();
+    }
+  };
   if constexpr (N == 1) {
-    return std::move(binding).template Arg<F32Buffer>();
+    return next();
   } else {
-    return F32Args<N - 1>(std::move(binding).template Arg<F32Buffer>());
+    return F32Buffers<kResults, N - 1>(next());
   }
 }
 template <int N, typename Binding>
+auto F32Args(Binding binding) {
+  return F32Buffers<false, N>(std::move(binding));
+}
+template <int N, typename Binding>
 auto F32Rets(Binding binding) {
-  static_assert(N >= 1);
-  if constexpr (N == 1) {
-    return std::move(binding).template Ret<F32Buffer>();
-  } else {
-    return F32Rets<N - 1>(std::move(binding).template Ret<F32Buffer>());
-  }
+  return F32Buffers<true, N>(std::move(binding));
 }
 
 }  // namespace metanet
