@@ -218,16 +218,14 @@ def load_classes(spec: ContinualSpec) -> dict[str, np.ndarray]:
 
 
 def _measure(spec: ContinualSpec, params, images, seed: int, permutations=None):
-    """Accuracy over `spec.eval_episodes` fixed episodes of `seed`."""
-    from metanet_jax import data
-
+    """Accuracy over `spec.eval_episodes` fixed episodes of `seed` (the model's ways, shots
+    and queries)."""
     config = spec.model
-    cfg = evaluation.eval_config(config, config.ways, config.shots, config.queries_per_class)
-    batches = data.fixed_eval_episodes(
-        seed, images, config.ways, config.shots, config.queries_per_class, spec.eval_episodes,
-        min(spec.eval_batch, spec.eval_episodes), permutations=permutations,
+    proto = evaluation.Protocol(
+        config.ways, config.shots, config.queries_per_class, spec.eval_episodes, seed,
+        spec.eval_batch,
     )  # fmt: skip
-    return evaluation.evaluate(params, cfg, batches)
+    return evaluation.measure(params, config, images, proto, permutations=permutations)
 
 
 def run(

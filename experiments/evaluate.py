@@ -137,16 +137,10 @@ def _measure(params, config, run):
         result = evaluation.evaluate_lake_runs(params, config, runs)
         return result, "lake_runs", {"lake_runs_dir": FLAGS.lake_runs_dir}, None
     if FLAGS.mnist:
-        proto = protocol.protocol(run)
-        proto.update(dataset="mnist", split=None, ways=10, seed=schema.MNIST_SEED)
-        proto["episodes"] = run.get("mnist_test_episodes") or proto["episodes"]
+        proto = protocol.mnist_protocol(run)
         proto.update({k: v for k, v in given.items() if k != "ways"})
         images = data.load_mnist(manual_dir=FLAGS.datasets)["test"].images
-        result = evaluation.evaluate_classes(
-            params, config, images, ways=10, shots=proto["shots"],
-            queries_per_class=proto["queries_per_class"], episodes=proto["episodes"],
-            seed=proto["seed"], batch_size=proto["batch"],
-        )  # fmt: skip
+        result = evaluation.measure(params, config, images, protocol.episodes(proto))
         setting = {"data": "mnist/test", "ways": 10}
         return result, f"mnist_10way{proto['shots']}shot", setting, proto
     result, proto = protocol.evaluate_run(

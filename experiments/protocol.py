@@ -8,6 +8,7 @@ records it) and `training_command` the command that trains it again from its fla
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,29 +36,25 @@ def run_spec(flags: Mapping[str, Any], **overrides):
 
 
 def protocol(flags: Mapping[str, Any], subset: str = "test") -> dict[str, Any]:
-    """The evaluation protocol a run used for `subset` ("test" or "validation").
-
-    Test: `test_episodes` episodes of `TEST_SEED`; validation: `eval_episodes` of
-    `VALIDATION_SEED`; both `eval_ways`-way (else `ways`, as the training run tested)
-    `shots`-shot with `eval_queries_per_class` queries per class, `eval_batch` episodes per
-    batch (the batch decides which episodes are drawn), on the run's data set and split,
-    without rotations.
-    """
-    if subset not in ("test", "validation"):
-        raise ValueError(f"subset must be 'test' or 'validation', got {subset!r}")
+    """The evaluation protocol a run used for `subset` ("test" or "validation"), as its
+    records hold it: the data (`dataset`, `split`, `subset`) and the episodes
+    (`RunSpec.eval_protocol`: `ways`, `shots`, `queries_per_class`, `episodes`, `seed`,
+    `batch`)."""
     spec = run_spec(flags)
-    test = subset == "test"
-    return {
-        "dataset": spec.dataset,
-        "split": spec.split,
-        "subset": subset,
-        "ways": spec.test_ways(),
-        "shots": spec.model.shots,
-        "queries_per_class": spec.eval_queries_per_class,
-        "episodes": spec.test_episodes if test else spec.eval_episodes,
-        "seed": schema.TEST_SEED if test else schema.VALIDATION_SEED,
-        "batch": spec.eval_batch,
-    }
+    episodes = dataclasses.asdict(spec.eval_protocol(subset))
+    return {"dataset": spec.dataset, "split": spec.split, "subset": subset, **episodes}
+
+
+def mnist_protocol(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The MNIST out-of-domain protocol of a run (`RunSpec.mnist_protocol`), as `protocol`."""
+    episodes = dataclasses.asdict(run_spec(flags).mnist_protocol())
+    return {"dataset": "mnist", "split": None, "subset": "test", **episodes}
+
+
+def episodes(proto: Mapping[str, Any]) -> evaluation.Protocol:
+    """The episodes of a recorded protocol (`protocol`'s form)."""
+    names = [f.name for f in dataclasses.fields(evaluation.Protocol)]
+    return evaluation.Protocol(**{k: proto[k] for k in names})
 
 
 def evaluate_run(
@@ -95,17 +92,7 @@ def evaluate_run(
     images = run_data.load_splits(spec)[proto["subset"]]
     if images.shape[0] == 0:
         raise ValueError(f"the {proto['subset']} split of {spec.dataset}/{spec.split} is empty")
-    result = evaluation.evaluate_classes(
-        params,
-        config,
-        images,
-        ways=proto["ways"],
-        shots=proto["shots"],
-        queries_per_class=proto["queries_per_class"],
-        episodes=proto["episodes"],
-        seed=proto["seed"],
-        batch_size=proto["batch"],
-    )
+    result = evaluation.measure(params, config, images, episodes(proto))
     return result, proto
 
 

@@ -85,13 +85,9 @@ def find_sources(folders: Iterable[str | os.PathLike]) -> list[Source]:
 
 
 def _default_protocol(source: Source, mnist: bool = False) -> dict[str, Any]:
-    from experiments import protocol, schema
+    from experiments import protocol
 
-    proto = protocol.protocol(source.flags)
-    if mnist:
-        proto.update(ways=10, seed=schema.MNIST_SEED)
-        proto["episodes"] = source.flags.get("mnist_test_episodes") or proto["episodes"]
-    return proto
+    return protocol.mnist_protocol(source.flags) if mnist else protocol.protocol(source.flags)
 
 
 def _evaluate_command(source: Source, e: EvalRecord | None) -> str:

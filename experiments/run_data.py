@@ -1,6 +1,5 @@
 """A training run's data: its class arrays (`load_splits`), its model on them
-(`model_config`), its fixed evaluation episodes (`eval_batches`, the seeds of `schema`) and the
-MNIST out-of-domain test."""
+(`model_config`), and its MNIST out-of-domain test."""
 
 from __future__ import annotations
 
@@ -13,8 +12,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from experiments.schema import DATASETS, MNIST_SEED, RunSpec
-from metanet_jax import evaluation, parallel, runtime
+from experiments.schema import DATASETS, RunSpec
+from metanet_jax import evaluation, parallel
 from metanet_jax.config import MetaNetConfig
 from metanet_jax.synthetic import synthetic_classes
 
@@ -62,24 +61,6 @@ def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
     return dataclasses.replace(spec.model, image_shape=tuple(int(s) for s in image_shape))
 
 
-def eval_batches(images, cfg: MetaNetConfig, n: int, spec: RunSpec, seed: int, permutations=None):
-    """The run's `n` fixed episodes of `seed` on `images` (`cfg`'s ways, shots and queries),
-    in batches of `spec.eval_batch`."""
-    from metanet_jax import data
-
-    return data.fixed_eval_episodes(
-        seed,
-        images,
-        cfg.ways,
-        cfg.shots,
-        cfg.queries_per_class,
-        n,
-        min(spec.eval_batch, n),
-        rotate=False,
-        permutations=permutations,
-    )
-
-
 def load_data(spec: RunSpec) -> dict[str, np.ndarray]:
     """The run's class arrays; fails before any write. Process 0 prepares the data caches
     before the others read them."""
@@ -89,13 +70,12 @@ def load_data(spec: RunSpec) -> dict[str, np.ndarray]:
 
 
 def mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params, stop) -> dict[str, Any]:
+    """The MNIST out-of-domain test of a run (`spec.mnist_protocol()`), stopped by a signal
+    (`runtime.Interrupted`) between batches; its results.json entries."""
     from metanet_jax import data
 
-    mnist = data.load_mnist(manual_dir=spec.datasets)
-    cfg = evaluation.eval_config(config, 10, 1, spec.eval_queries_per_class)
-    images = jax.device_put(mnist["test"].images)
-    batches = eval_batches(images, cfg, spec.mnist_test_episodes, spec, MNIST_SEED)
-    result = evaluation.evaluate(params, cfg, runtime.interruptible(batches, stop))
+    images = jax.device_put(data.load_mnist(manual_dir=spec.datasets)["test"].images)
+    result = evaluation.measure(params, config, images, spec.mnist_protocol(), stop=stop)
     logging.info("MNIST 10-way 1-shot (out of domain) %s", result.line())
     return {"mnist_accuracy": result.mean, "mnist_ci95": result.ci95,
             "mnist_episodes": result.episodes}  # fmt: skip

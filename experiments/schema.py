@@ -225,6 +225,39 @@ class RunSpec(common.Spec):
         """The ways of validation and test episodes (`eval_ways`, else the model's ways)."""
         return self.model.ways if self.eval_ways is None else self.eval_ways
 
+    def eval_protocol(self, subset: str = "test"):
+        """The run's fixed `evaluation.Protocol` of `subset` ("test" or "validation"):
+        `test_episodes` episodes of `TEST_SEED`, or `eval_episodes` of `VALIDATION_SEED`;
+        `test_ways()`-way `shots`-shot with `eval_queries_per_class` queries, batches of
+        `eval_batch`."""
+        from metanet_jax.evaluation import Protocol
+
+        if subset not in ("test", "validation"):
+            raise ValueError(f"subset must be 'test' or 'validation', got {subset!r}")
+        test = subset == "test"
+        return Protocol(
+            ways=self.test_ways(),
+            shots=self.model.shots,
+            queries_per_class=self.eval_queries_per_class,
+            episodes=self.test_episodes if test else self.eval_episodes,
+            seed=TEST_SEED if test else VALIDATION_SEED,
+            batch=self.eval_batch,
+        )
+
+    def mnist_protocol(self):
+        """The MNIST out-of-domain test (METANET.md): `mnist_test_episodes` (else
+        `test_episodes`) 10-way 1-shot episodes of MNIST's test digits, `MNIST_SEED`."""
+        from metanet_jax.evaluation import Protocol
+
+        return Protocol(
+            ways=10,
+            shots=1,
+            queries_per_class=self.eval_queries_per_class,
+            episodes=self.mnist_test_episodes or self.test_episodes,
+            seed=MNIST_SEED,
+            batch=self.eval_batch,
+        )
+
 
 def check_pools(spec: RunSpec, config: MetaNetConfig, splits: Mapping[str, np.ndarray]) -> None:
     """Whether the data holds the run's episodes: the ways, shots and queries of training,

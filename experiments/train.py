@@ -107,14 +107,11 @@ class _Run:
 
     def loop_context(self) -> runtime.LoopContext:
         """The run as its training loop sees it (`runtime.train`)."""
-        spec, cfg = self.spec, self.eval_config()
+        spec, proto = self.spec, self.spec.eval_protocol("validation")
         images = jax.device_put(self.splits["validation"])
 
         def validate(params):
-            batches = run_data.eval_batches(
-                images, cfg, spec.eval_episodes, spec, schema.VALIDATION_SEED
-            )
-            return evaluation.evaluate(params, cfg, batches)
+            return evaluation.measure(params, self.config, images, proto)
 
         cadence = runtime.Cadence(
             spec.steps, spec.log_every, spec.eval_every, spec.checkpoint_every, spec.meta_batch
@@ -328,9 +325,8 @@ def _test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
     test_cfg = run.eval_config()
     t0 = time.time()
     images = jax.device_put(run.splits["test"])
-    batches = run_data.eval_batches(images, test_cfg, spec.test_episodes, spec, schema.TEST_SEED)
-    test = evaluation.evaluate(
-        state.params, test_cfg, runtime.interruptible(batches, run.stop), keep_first=True
+    test = evaluation.measure(
+        state.params, config, images, spec.eval_protocol("test"), stop=run.stop, keep_first=True
     )
     logging.info("test (checkpoint of step %d) %s", step, test.line())
     counts = parallel.device_counts(run.mesh)

@@ -1,9 +1,14 @@
-"""Evaluation: accuracy over a fixed set of episodes with a 95% confidence interval, and
-loading a trained run's checkpoint (`load_checkpoint`).
+"""Evaluation: accuracy over a fixed set of episodes with a 95% confidence interval.
+
+The one evaluation protocol: a `Protocol` (ways, shots, queries, episodes, seed, batch) says
+which fixed episodes, `measure(params, config, images, protocol)` measures a model on them.
+The training program's validation, final test and MNIST test, `experiments.evaluate`, the
+continual-learning program and the report's commands all go through it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Iterable
@@ -138,6 +143,66 @@ def load_checkpoint(
 
 
 # ----------------------------------------------------------------------------- protocols
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """A fixed set of evaluation episodes: `episodes` `ways`-way `shots`-shot episodes with
+    `queries_per_class` queries per class, drawn by `seed` in batches of `batch` (the batch
+    decides which episodes are drawn: `data.fixed_eval_episodes`), without rotations.
+
+    Its fields are the episode keys of a run's recorded protocol (`results.json`'s
+    `test_protocol`, `eval_*.json`'s `protocol`).
+    """
+
+    ways: int
+    shots: int
+    queries_per_class: int
+    episodes: int
+    seed: int
+    batch: int = 50
+
+    def batches(self, images, permutations=None):
+        """The protocol's episodes of the class array `images` `[C, D, H, W, ch]`
+        (`permutations`: pixel permutations that make new classes, as MNIST's in the
+        continual-learning protocol)."""
+        from metanet_jax import data
+
+        return data.fixed_eval_episodes(
+            self.seed, images, self.ways, self.shots, self.queries_per_class, self.episodes,
+            min(self.batch, self.episodes), permutations=permutations,
+        )  # fmt: skip
+
+
+def measure(
+    params: Params,
+    config: MetaNetConfig,
+    images,
+    protocol: Protocol,
+    *,
+    permutations=None,
+    stop=None,
+    keep_first: bool = False,
+) -> EvalResult:
+    """Accuracy of a model on a protocol's episodes of a class array.
+
+    Args:
+      params, config: the trained model (`config` as trained: `eval_config` adapts it to
+        the protocol's ways, shots and queries).
+      images: `[C, D, H, W, ch]` class array (e.g. the test characters).
+      protocol: which episodes.
+      permutations: as `Protocol.batches`.
+      stop: a `runtime.StopRequest`: `runtime.Interrupted` is raised between batches once a
+        signal arrived.
+      keep_first: keep the first episode and its attention.
+    """
+    cfg = eval_config(config, protocol.ways, protocol.shots, protocol.queries_per_class)
+    batches = protocol.batches(images, permutations)
+    if stop is not None:
+        from metanet_jax.runtime.signals import interruptible
+
+        batches = interruptible(batches, stop)
+    return evaluate(params, cfg, batches, keep_first=keep_first)
+
+
 def evaluate_classes(
     params: Params,
     config: MetaNetConfig,
@@ -162,13 +227,8 @@ def evaluate_classes(
       batch_size: episodes per evaluation batch.
       keep_first: keep the first episode and its attention.
     """
-    from metanet_jax import data
-
-    cfg = eval_config(config, ways, shots, queries_per_class)
-    batches = data.fixed_eval_episodes(
-        seed, images, ways, shots, queries_per_class, episodes, min(batch_size, episodes)
-    )
-    return evaluate(params, cfg, batches, keep_first=keep_first)
+    protocol = Protocol(ways, shots, queries_per_class, episodes, seed, batch_size)
+    return measure(params, config, images, protocol, keep_first=keep_first)
 
 
 def evaluate_lake_runs(

@@ -25,8 +25,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import metanet_jax as mn
-from experiments import common, run_data, schema, train
-from metanet_jax import checkpointing, evaluation
+from experiments import common, schema, train
+from metanet_jax import checkpointing, data, evaluation
 from tests.conftest import tiny_config
 from tests.experiments.conftest import TINY_FLAGS, replace
 
@@ -339,21 +339,21 @@ def test_closed_event_loop_reports_of_a_failed_restore_are_dropped_and_nothing_e
 
 def test_sigint_during_the_final_test_stops_it_saying_so(spec_factory, caplog, monkeypatch):
     spec = spec_factory(steps=2)
-    batches = run_data.eval_batches
+    batches = data.fixed_eval_episodes
 
-    def interrupt_the_test(images, cfg, n, spec, seed, permutations=None):
+    def interrupt_the_test(seed, *args, **kwargs):
         if seed == schema.TEST_SEED:
             os.kill(os.getpid(), signal.SIGINT)
-        return batches(images, cfg, n, spec, seed, permutations)
+        return batches(seed, *args, **kwargs)
 
-    monkeypatch.setattr(run_data, "eval_batches", interrupt_the_test)
+    monkeypatch.setattr(data, "fixed_eval_episodes", interrupt_the_test)
     with caplog.at_level(logging.WARNING):
         out = train.train_and_evaluate(spec)
     assert out["status"] == "interrupted" and out["signal"] == "SIGINT"
     lines = [r.getMessage() for r in caplog.records if "SIGINT" in r.getMessage()]
     assert len(lines) == 1 and "final test" in lines[0], lines
     assert not (Path(spec.workdir) / "results.json").exists()
-    monkeypatch.setattr(run_data, "eval_batches", batches)
+    monkeypatch.setattr(data, "fixed_eval_episodes", batches)
     assert train.train_and_evaluate(spec)["status"] == "completed"  # the rerun tests
 
 
