@@ -113,8 +113,49 @@ def _omniglot_rows(ms: list[Measurement], settings, one_ways=False) -> list[list
     return rows
 
 
-def _section(title: str, intro: str, header: Sequence[str], rows) -> list[str]:
-    """A RESULTS.md section: its heading, the paragraph under it and its table."""
+# Each section's heading and the paragraph under it.
+_SECTIONS = {
+    "previous_split": (
+        "Omniglot, previous split (Vinyals et al.), 1-shot",
+        "Paper Table 1: N-way tests of 423 test characters after training on 1,200 "
+        "(`previous_<N>way_<variant>.flags`: trained N-way). A model trained on episodes "
+        "of several ways (`--train_ways`, e.g. `previous_cpu.flags`) stands in every "
+        'column it was tested at; "trained" says how each model was trained.',
+    ),
+    "standard_split": (
+        "Omniglot, standard split (Lake et al.), MetaNet 1-shot",
+        "Trained on the 30 background alphabets, tested on the 20 evaluation alphabets "
+        "(`standard_<N>way.flags`; the demo is a smaller 5-way network).",
+    ),
+    "standard_k_way": (
+        "Omniglot, standard split, models tested at other ways (MetaNet, 1-shot)",
+        "A standard-split model tested on K-way episodes of the 20 evaluation alphabets "
+        "other than the ways it names (`python -m experiments.evaluate --workdir=... "
+        "--ways=K`); the paper's number is for a model trained K-way.",
+    ),
+    "n_to_k": (
+        "Trained N-way, tested K-way (previous split, MetaNet, 1-shot)",
+        "A model trained N-way with 20 output units (`--max_ways=20`) tested on K-way "
+        "episodes: `python -m experiments.evaluate --workdir=... --ways=K` (models trained "
+        "on episodes of several ways stand in Table 1).",
+    ),
+    "mnist": (
+        "MNIST 10-way 1-shot, out of domain",
+        "After Omniglot training, tested on MNIST's test digits (the paper used MLP "
+        "networks: `mnist_out_of_domain_<variant>.flags`; any Omniglot model can be tested "
+        "with `python -m experiments.evaluate --workdir=... --mnist`).",
+    ),
+    "mini_imagenet": (
+        "Mini-ImageNet, 5-way 1-shot",
+        "Ravi & Larochelle's split (`mini_imagenet_5way1shot.flags`; the data is not "
+        "distributed here).",
+    ),
+}
+
+
+def _section(name: str, header: Sequence[str], rows) -> list[str]:
+    """A RESULTS.md section: its heading and paragraph (`_SECTIONS[name]`), then its table."""
+    title, intro = _SECTIONS[name]
     return [f"## {title}", "", intro, "", *md.table(header, rows), ""]
 
 
@@ -134,28 +175,14 @@ def _previous_split(ms: list[Measurement]) -> list[str]:
                 how = "" if m is None else _training(m.source)
                 cells = _cells([] if m is None else [m])[0]
                 rows.append([VARIANT_NAMES[v], str(n), PAPER_PREVIOUS[v][n], how, *cells])
-    return _section(
-        "Omniglot, previous split (Vinyals et al.), 1-shot",
-        "Paper Table 1: N-way tests of 423 test characters after training on 1,200 "
-        "(`previous_<N>way_<variant>.flags`: trained N-way). A model trained on episodes "
-        "of several ways (`--train_ways`, e.g. `previous_cpu.flags`) stands in every "
-        'column it was tested at; "trained" says how each model was trained.',
-        ("model", "N-way", "paper", "trained", *CELL_HEADER),
-        rows,
-    )
+    return _section("previous_split", ("model", "N-way", "paper", "trained", *CELL_HEADER), rows)
 
 
 def _standard_split(ms: list[Measurement]) -> list[str]:
     rows = _omniglot_rows(ms, [
         ((str(n), PAPER_STANDARD[n]), "standard", "metanet", n, n) for n in (5, 10, 15, 20)
     ])  # fmt: skip
-    return _section(
-        "Omniglot, standard split (Lake et al.), MetaNet 1-shot",
-        "Trained on the 30 background alphabets, tested on the 20 evaluation alphabets "
-        "(`standard_<N>way.flags`; the demo is a smaller 5-way network).",
-        ("N-way", "paper", *CELL_HEADER),
-        rows,
-    )
+    return _section("standard_split", ("N-way", "paper", *CELL_HEADER), rows)
 
 
 def _training(source: Source) -> str:
@@ -190,14 +217,7 @@ def _standard_k_way(ms: list[Measurement]) -> list[str]:
             rows.append([str(k), PAPER_STANDARD[k], _training(m.source), *_cells([m])[0]])
     if not rows:
         rows = [["", "", "", *_cells([])[0]]]
-    return _section(
-        "Omniglot, standard split, models tested at other ways (MetaNet, 1-shot)",
-        "A standard-split model tested on K-way episodes of the 20 evaluation alphabets "
-        "other than the ways it names (`python -m experiments.evaluate --workdir=... "
-        "--ways=K`); the paper's number is for a model trained K-way.",
-        ("tested", "paper", "trained", *CELL_HEADER),
-        rows,
-    )
+    return _section("standard_k_way", ("tested", "paper", "trained", *CELL_HEADER), rows)
 
 
 def _n_to_k(ms: list[Measurement]) -> list[str]:
@@ -205,14 +225,7 @@ def _n_to_k(ms: list[Measurement]) -> list[str]:
         ((str(n), str(k), PAPER_N_TO_K[n][k]), "previous", "metanet", n, k)
         for n in (5, 10, 15, 20) for k in (5, 10, 15, 20)
     ], one_ways=True)  # fmt: skip
-    return _section(
-        "Trained N-way, tested K-way (previous split, MetaNet, 1-shot)",
-        "A model trained N-way with 20 output units (`--max_ways=20`) tested on K-way "
-        "episodes: `python -m experiments.evaluate --workdir=... --ways=K` (models trained "
-        "on episodes of several ways stand in Table 1).",
-        ("trained", "tested", "paper", *CELL_HEADER),
-        rows,
-    )
+    return _section("n_to_k", ("trained", "tested", "paper", *CELL_HEADER), rows)
 
 
 def _mnist(ms: list[Measurement]) -> list[str]:
@@ -226,14 +239,7 @@ def _mnist(ms: list[Measurement]) -> list[str]:
         ]  # fmt: skip
         for cells in _cells(found):
             rows.append([VARIANT_NAMES[variant], PAPER_MNIST[variant], *cells])
-    return _section(
-        "MNIST 10-way 1-shot, out of domain",
-        "After Omniglot training, tested on MNIST's test digits (the paper used MLP "
-        "networks: `mnist_out_of_domain_<variant>.flags`; any Omniglot model can be tested "
-        "with `python -m experiments.evaluate --workdir=... --mnist`).",
-        ("model", "paper", *CELL_HEADER),
-        rows,
-    )
+    return _section("mnist", ("model", "paper", *CELL_HEADER), rows)
 
 
 def _mini_imagenet(ms: list[Measurement]) -> list[str]:
@@ -243,10 +249,4 @@ def _mini_imagenet(ms: list[Measurement]) -> list[str]:
         and m.source.flag("variant", "metanet") == "metanet"
     ]  # fmt: skip
     rows = [["MetaNet", PAPER_MINI_IMAGENET, *cells] for cells in _cells(found)]
-    return _section(
-        "Mini-ImageNet, 5-way 1-shot",
-        "Ravi & Larochelle's split (`mini_imagenet_5way1shot.flags`; the data is not "
-        "distributed here).",
-        ("model", "paper", *CELL_HEADER),
-        rows,
-    )
+    return _section("mini_imagenet", ("model", "paper", *CELL_HEADER), rows)
