@@ -21,13 +21,6 @@ FLAGS = flags.FLAGS
 continual_protocol.ContinualSpec.define_flags()
 
 
-@flags.multi_flags_validator(
-    ["shots", "queries_per_class"], message="--shots + --queries_per_class must be <= 20"
-)
-def _per_class(v):
-    return v["shots"] + v["queries_per_class"] <= 20
-
-
 def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")

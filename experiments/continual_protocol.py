@@ -90,6 +90,14 @@ class ContinualSpec(common.Spec):
         "checkpoints at each measurement); the same command resumes an interrupted run.",
     )
 
+    def __post_init__(self):
+        need = self.model.shots + self.model.queries_per_class
+        if need > 20:
+            raise ValueError(
+                f"--shots + --queries_per_class = {need} must be <= 20, the drawings per "
+                "Omniglot character"
+            )
+
     def run_dir(self) -> Path:
         """The seed's workdir: `workdir` with `{seed}` replaced by the seed."""
         return Path(self.workdir.replace("{seed}", str(self.seed)))

@@ -39,47 +39,8 @@ schema.RunSpec.define_flags()
 common.define_distributed_flags()  # devices and processes (docs/SCALING.md)
 
 
-@flags.multi_flags_validator(["ways", "max_ways"], message="--max_ways must be unset or >= --ways")
-def _max_ways(v):
-    return v["max_ways"] is None or v["max_ways"] >= v["ways"]
-
-
-@flags.multi_flags_validator(
-    ["lr_schedule", "warmup_steps", "schedule_steps"],
-    message="--lr_schedule=cosine needs --schedule_steps > --warmup_steps",
-)
-def _schedule(v):
-    return v["lr_schedule"] != "cosine" or v["schedule_steps"] > v["warmup_steps"]
-
-
-@flags.multi_flags_validator(
-    ["split", "validation_alphabets", "dataset"],
-    message="--validation_alphabets needs an Omniglot split whose test set is whole alphabets "
-    "(standard, small1, small2, small); the previous split mixes alphabets",
-)
-def _validation_alphabets(v):
-    return v["validation_alphabets"] == 0 or v["dataset"] != "omniglot" or v["split"] != "previous"
-
-
-@flags.multi_flags_validator(
-    ["ways", "max_ways", "eval_ways"],
-    message="--eval_ways must be unset or <= --max_ways (else --ways): the output units of b",
-)
-def _eval_ways(v):
-    units = v["ways"] if v["max_ways"] is None else v["max_ways"]
-    return v["eval_ways"] is None or v["eval_ways"] <= units
-
-
-@flags.multi_flags_validator(
-    ["dataset", "shots", "queries_per_class", "eval_queries_per_class"],
-    message="--shots + --queries_per_class (and + --eval_queries_per_class) must be <= 20, "
-    "the drawings per Omniglot character",
-)
-def _per_class(v):
-    need = v["shots"] + max(v["queries_per_class"], v["eval_queries_per_class"])
-    return v["dataset"] == "mini_imagenet" or need <= 20
-
-
+# The checks across flags are the spec's (`RunSpec`, `MetaNetConfig`: `spec_from_flags`); this
+# one reads the file system, before anything else starts.
 @flags.multi_flags_validator(
     ["dataset", "mini_imagenet_dir"],
     message="--dataset=mini_imagenet needs --mini_imagenet_dir naming an existing folder "
@@ -93,20 +54,12 @@ def _mini_imagenet(v):
     return bool(v["mini_imagenet_dir"]) and os.path.isdir(v["mini_imagenet_dir"])
 
 
-@flags.multi_flags_validator(
-    ["dataset", "architecture"],
-    message="--dataset=mini_imagenet needs --architecture=mini_imagenet_cnn and the other "
-    "data sets omniglot_cnn, mlp or rows_lstm",
-)
-def _architecture(v):
-    return (v["dataset"] == "mini_imagenet") == (v["architecture"] == "mini_imagenet_cnn")
-
-
 def spec_from_flags() -> schema.RunSpec:
     """The `RunSpec` the parsed flags describe.
 
     Raises:
-      ValueError: a model the flags do not allow (e.g. `--learning_rate=0`).
+      ValueError: flags the spec or the model does not allow (e.g. `--max_ways` below
+        `--ways`), in one line naming them.
     """
     return schema.RunSpec.from_flag_values(FLAGS)
 
@@ -115,10 +68,13 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()  # first: JAX logs its backend probing when it starts one
+    try:
+        spec = spec_from_flags()  # the flags' checks, before any backend or file
+    except ValueError as e:
+        common.fail(str(e))
     common.start_distributed()  # before anything starts a JAX backend
     logging.info(run_data.environment_summary())
     try:
-        spec = spec_from_flags()
         results = train.train_and_evaluate(spec)
     except (workdir.WorkdirMismatch, FileNotFoundError, ValueError) as e:
         common.fail(str(e))

@@ -212,6 +212,39 @@ class RunSpec(common.Spec):
             )
         if len(set(ways)) != len(ways):
             raise ValueError(f"train_ways {list(ways)} names a number of ways twice")
+        self._check_flags()
+
+    def _check_flags(self) -> None:
+        """The checks across flags that need no data (the model's own are `MetaNetConfig`'s;
+        those against the data's sizes are `check_pools`). One place for the programs and for
+        specs read back from config.json.
+
+        Raises:
+          ValueError: naming the flags.
+        """
+        model = self.model
+        if self.eval_ways is not None and self.eval_ways > model.output_units:
+            raise ValueError(
+                f"--eval_ways={self.eval_ways} must be unset or <= --max_ways (else --ways): "
+                f"the model's {model.output_units} output units"
+            )
+        if self.validation_alphabets and self.dataset == "omniglot" and self.split == "previous":
+            raise ValueError(
+                "--validation_alphabets needs an Omniglot split whose test set is whole "
+                "alphabets (standard, small1, small2, small); the previous split mixes alphabets"
+            )
+        need = model.shots + max(model.queries_per_class, self.eval_queries_per_class)
+        if self.dataset == "omniglot" and need > 20:
+            raise ValueError(
+                f"--shots + --queries_per_class (and + --eval_queries_per_class) = {need} must "
+                "be <= 20, the drawings per Omniglot character"
+            )
+        mini = (self.dataset == "mini_imagenet", model.architecture == "mini_imagenet_cnn")
+        if self.dataset != "synthetic" and mini[0] != mini[1]:  # synthetic: any network
+            raise ValueError(
+                "--dataset=mini_imagenet needs --architecture=mini_imagenet_cnn and omniglot "
+                "omniglot_cnn, mlp or rows_lstm (--dataset=synthetic takes any)"
+            )
 
     def step_ways(self, step: int) -> int:
         """The ways of training step `step`'s episodes: `model.ways`, or (`train_ways`) one
@@ -259,19 +292,13 @@ class RunSpec(common.Spec):
         )
 
 
-def check_pools(spec: RunSpec, config: MetaNetConfig, splits: Mapping[str, np.ndarray]) -> None:
+def check_pools(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> None:
     """Whether the data holds the run's episodes: the ways, shots and queries of training,
-    validation and test against each split's classes and examples, and the output units.
+    validation and test against each split's classes and examples.
 
     Raises:
       ValueError: naming the flag and the sizes.
     """
-    units = config.output_units
-    if spec.test_ways() > units:
-        raise ValueError(
-            f"--eval_ways={spec.eval_ways} is more than the model's {units} output units "
-            "(--max_ways, else --ways)"
-        )
     for name, images in splits.items():
         if images.shape[0] == 0 and name != "validation":
             raise ValueError(f"the {name} split of {spec.dataset}/{spec.split} is empty")

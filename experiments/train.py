@@ -200,7 +200,7 @@ def _prepare_workdir(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> MetaNet
     """Checks the sizes, the workdir's config.json and data record (refusing before writing
     anything), then writes config.json (process 0). Returns the run's model configuration."""
     config = run_data.model_config(spec, tuple(splits["train"].shape[2:]))
-    schema.check_pools(spec, config, splits)
+    schema.check_pools(spec, splits)
     saved = workdir.check_workdir(spec)
     data_info = workdir.data_record(spec)
     workdir.check_data_record(spec, saved, data_info)
