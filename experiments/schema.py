@@ -242,8 +242,8 @@ class RunSpec(common.Spec):
         mini = (self.dataset == "mini_imagenet", model.architecture == "mini_imagenet_cnn")
         if self.dataset != "synthetic" and mini[0] != mini[1]:  # synthetic: any network
             raise ValueError(
-                "--dataset=mini_imagenet needs --architecture=mini_imagenet_cnn and omniglot "
-                "omniglot_cnn, mlp or rows_lstm (--dataset=synthetic takes any)"
+                "--dataset=mini_imagenet needs --architecture=mini_imagenet_cnn, and "
+                "--dataset=omniglot one of omniglot_cnn, mlp or rows_lstm (synthetic: any)"
             )
 
     def step_ways(self, step: int) -> int:
