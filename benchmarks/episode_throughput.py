@@ -27,6 +27,7 @@ import time
 
 import flop_count
 import numpy as np
+import timing
 
 SETTINGS = {
     "5w1s_b1": dict(ways=5, shots=1, queries_per_class=10, batch=1),
@@ -81,18 +82,10 @@ def run_setting(name: str, reps: int, overrides: dict) -> dict:
     state = mn.init_train_state(params, optimizer, jax.random.key(2))
     out["train_gflop_per_episode"] = flop_count.train_gflop_per_episode(config, batch) or np.nan
 
-    start = time.perf_counter()
-    state, _ = step(state, support, query)  # compile (every program it runs) + one step
-    jax.block_until_ready(state)
-    out["train_compile_s"] = time.perf_counter() - start
-    state, _ = step(state, support, query)  # warm-up
-    jax.block_until_ready(state)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        state, metrics = step(state, support, query)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - t0)
+    # The first call compiles every program the step runs, then takes one step.
+    state, metrics, out["train_compile_s"], times = timing.time_steps(
+        step, state, support, query, reps
+    )
     median = float(np.median(times))
     out["train_step_s_median"] = median
     out["train_episodes_per_s"] = batch / median

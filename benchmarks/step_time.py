@@ -21,7 +21,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HEAD = os.path.dirname(HERE)
@@ -50,6 +49,7 @@ def _parse_value(text: str):
 def measure(name: str, reps: int, extra: dict) -> dict:
     """One configuration's step time in this process (this tree's `metanet_jax`)."""
     import jax
+    import timing  # this script's folder (HEAD's), whichever tree is measured
 
     import metanet_jax as mn
 
@@ -58,18 +58,7 @@ def measure(name: str, reps: int, extra: dict) -> dict:
     optimizer = mn.make_optimizer(config)
     state = mn.init_train_state(mn.init(jax.random.key(0), config), optimizer, jax.random.key(2))
     step = mn.make_train_step(config, optimizer, validate=False)
-    start = time.perf_counter()
-    state, metrics = step(state, support, query)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - start
-    state, metrics = step(state, support, query)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        state, metrics = step(state, support, query)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+    _, _, first, times = timing.time_steps(step, state, support, query, reps)
     return {"config": name, "median_ms": 1e3 * statistics.median(times), "first_s": first,
             "times_ms": [1e3 * t for t in times]}  # fmt: skip
 
