@@ -119,11 +119,7 @@ def check_workdir(spec: ContinualSpec) -> None:
         return
     was = json.loads(path.read_text()).get("flags", {})
     now = json.loads(json.dumps(spec.to_dict()))  # as config.json holds it
-    diffs = [
-        f"{k} ({was.get(k)!r} -> {v!r})"
-        for k, v in sorted(now.items())
-        if k not in MUTABLE_FIELDS and was.get(k) != v
-    ]
+    diffs = workdir.changed_flags(was, now, MUTABLE_FIELDS)
     if diffs:
         raise workdir.WorkdirMismatch(
             f"workdir {spec.run_dir()} holds a continual run with different flags: "

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from experiments.records import read_json
+
 # METANET.md: Omniglot accuracy changed between -1.7 and +1.24 points while MNIST was learned.
 PAPER_BAND_POINTS = (-1.7, 1.24)
 RUN_FILE = "continual.json"
@@ -41,7 +43,7 @@ def gather(folders: Sequence[str | Path]) -> dict[str, Any]:
     runs = []
     for folder in folders:
         path = Path(folder) / RUN_FILE
-        run = json.loads(path.read_text())
+        run = read_json(path)
         done = run["curve"][-1]["mnist_trials"] if run.get("curve") else None
         if done != run["config"]["mnist_steps"]:
             raise ValueError(
@@ -119,7 +121,7 @@ def section(record_path: Path | None) -> list[str]:
             "<their workdirs>` writes `docs/continual/`.",
             "",
         ]
-    record = json.loads(record_path.read_text())
+    record = read_json(record_path)
     rows = []
     for run in record["runs"]:
         cfg, curve = run["config"], run["curve"]
@@ -160,12 +162,13 @@ def section(record_path: Path | None) -> list[str]:
 def write(folders: Sequence[str | Path], record: Path = RECORD, *, check: bool = False):
     """Gathers the runs into `record` and draws the plot beside it (with `check`: compares
     only). Returns the paths that differ(ed)."""
-    text = record_text(gather(folders))
+    gathered = gather(folders)
+    text = record_text(gathered)
     old = record.read_text() if record.is_file() else None
     if old == text:
         return []
     if not check:
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(text)
-        plot(json.loads(text), record.with_suffix(".png"))
+        plot(gathered, record.with_suffix(".png"))
     return [str(record)]

@@ -53,6 +53,16 @@ def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
     return legacy_to_current(values)
 
 
+def changed_flags(was: Mapping[str, Any], now: Mapping[str, Any], ignored=()) -> list[str]:
+    """`"name (old -> new)"` for each flag of `now` outside `ignored` whose value differs
+    from `was` (a saved config.json's), sorted by name: what a resume check refuses."""
+    return [
+        f"{k} ({was.get(k)!r} -> {v!r})"
+        for k, v in sorted(now.items())
+        if k not in ignored and was.get(k) != v
+    ]
+
+
 def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     """Compares `spec` with an existing workdir's `config.json` (reads only).
 
@@ -73,11 +83,7 @@ def check_workdir(spec: RunSpec) -> dict[str, Any] | None:
     ignored = set(MUTABLE_FIELDS)
     if not spec.model.resolved("batchnorm_layers"):
         ignored.add("bn_statistics")  # no BatchNorm layer: the same model either way
-    diffs = [
-        f"{k} ({was[k]!r} -> {now[k]!r})"
-        for k in sorted(now)
-        if k not in ignored and was[k] != now[k]
-    ]
+    diffs = changed_flags(was, now, ignored)
     if diffs:
         raise WorkdirMismatch(
             f"workdir {spec.workdir} was created with different model/data flags: "
