@@ -322,7 +322,6 @@ def _test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
     assert restored is not None  # the loop saved the last step at least
     state, _ = restored
     step = int(state.step)
-    test_cfg = run.eval_config()
     t0 = time.time()
     images = jax.device_put(run.splits["test"])
     test = evaluation.measure(
@@ -339,7 +338,7 @@ def _test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
         model_config=checkpointing.config_to_dict(config),
         steps=spec.steps,
         evaluated_step=step,
-        test_ways=test_cfg.ways,
+        test_ways=spec.test_ways(),
         best_validation_accuracy=run.ckpt.validation_accuracy(step),
         test_accuracy=test.mean,
         test_ci95=test.ci95,
