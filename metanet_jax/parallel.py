@@ -375,10 +375,7 @@ def sample_process_episodes(
     queries_per_class: int,
     meta_batch: int,
     mesh: Mesh,
-    *,
-    rotate: bool = True,
-    rotations_as_classes: bool = False,
-    permutations=None,
+    **options,
 ) -> tuple[Episode, Episode]:
     """`data.sample_episodes(key, ..., meta_batch)` as global arrays sharded over the tasks.
 
@@ -386,23 +383,18 @@ def sample_process_episodes(
     is bitwise episode `i` of `data.sample_episodes(key, images, ..., meta_batch)`, so a run
     on many devices sees the episodes of a run on one. Every process draws the (cheap)
     class, example and rotation indices of the whole batch, then gathers the images of its
-    own tasks only (`process_task_indices`). `images` is this process's copy of the class
-    array.
+    own tasks only (`process_task_indices`, the sampler's `rows`). `images` is this
+    process's copy of the class array; `options` are `data.sample_episodes`' keywords
+    (`rotate`, `rotations_as_classes`, `permutations`).
     """
     from metanet_jax.data import sampler
 
     rows = process_task_indices(meta_batch, mesh)
-    kwargs = dict(rotate=rotate, rotations_as_classes=rotations_as_classes)
-    if len(rows) == meta_batch:  # one process: the batch sampler itself
-        episodes = sampler.sample_episodes(
-            key, images, ways, shots, queries_per_class, meta_batch,
-            permutations=permutations, **kwargs,
-        )  # fmt: skip
-    else:
-        episodes = sampler.sample_rows(
-            key, images, jnp.asarray(rows, jnp.int32), ways, shots, queries_per_class,
-            meta_batch, permutations=permutations, **kwargs,
-        )  # fmt: skip
+    if len(rows) < meta_batch:  # several processes: gather this one's tasks only
+        options = dict(options, rows=jnp.asarray(rows, jnp.int32))
+    episodes = sampler.sample_episodes(
+        key, images, ways, shots, queries_per_class, meta_batch, **options
+    )
     return shard_episodes(episodes, mesh, meta_batch)
 
 

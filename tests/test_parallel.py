@@ -127,7 +127,7 @@ def workers(request, tmp_path_factory):
 def test_process_episodes_are_the_rows_of_the_batch_sampler(rotations_as_classes):
     """`sample_process_episodes` (the training loop's sampler on several devices or
     processes) gives bitwise the episodes of `data.sample_episodes`: all of them in one
-    process, and the rows a process owns (`data.sampler.sample_rows`) in several."""
+    process, and the rows a process owns (`sample_episodes(..., rows=...)`) in several."""
     from metanet_jax import data
 
     images = np.random.default_rng(0).integers(0, 256, (7, 5, 6, 6, 1), dtype=np.uint8)
@@ -139,8 +139,7 @@ def test_process_episodes_are_the_rows_of_the_batch_sampler(rotations_as_classes
     sharded = parallel.sample_process_episodes(key, images, 3, 1, 2, batch, mesh, **kw)
     assert sharded[0].x.sharding == parallel.batch_sharding(mesh)
     rows = np.array([1, 3])
-    part = data.sampler.sample_rows(key, images, jnp.asarray(rows), 3, 1, 2, batch,
-                                    permutations=None, **kw)  # fmt: skip
+    part = data.sample_episodes(key, images, 3, 1, 2, batch, rows=jnp.asarray(rows), **kw)
     for w, s, p in zip(whole, sharded, part, strict=True):
         for name in ("x", "y"):
             np.testing.assert_array_equal(np.asarray(getattr(s, name)), getattr(w, name))

@@ -26,6 +26,7 @@ from metanet_jax.data.omniglot import (
 )
 from metanet_jax.data.sampler import (
     EpisodeIndices,
+    EpisodeShape,
     fixed_eval_episodes,
     gather_episodes,
     pixel_permutations,
@@ -43,6 +44,7 @@ __all__ = [
     "ClassImages",
     "DataUnavailable",
     "EpisodeIndices",
+    "EpisodeShape",
     "area_resize",
     "data_dir",
     "fixed_eval_episodes",

@@ -51,58 +51,64 @@ class EpisodeIndices(NamedTuple):
     permutations: jax.Array
 
 
-def _check(
-    num_classes: int,
-    num_drawers: int,
-    ways: int,
-    shots: int,
-    queries_per_class: int,
-    batch_size: int,
-    pool: int,
-) -> None:
-    if ways < 1 or shots < 1 or queries_per_class < 0 or batch_size < 1:
-        raise ValueError(
-            f"Need ways >= 1, shots >= 1, queries_per_class >= 0, batch_size >= 1; got "
-            f"ways={ways}, shots={shots}, queries_per_class={queries_per_class}, "
-            f"batch_size={batch_size}."
-        )
-    if ways > pool:
-        raise ValueError(
-            f"ways={ways} is more than the {pool} classes available ({num_classes} classes "
-            "before rotations/permutations)."
-        )
-    if shots + queries_per_class > num_drawers:
-        raise ValueError(
-            f"shots + queries_per_class = {shots + queries_per_class} is more than the "
-            f"{num_drawers} examples per class."
-        )
+class EpisodeShape(NamedTuple):
+    """The sizes and layout of a batch of episodes: what fixes its arrays' shapes.
+
+    Hashable, so the jitted samplers take it (or its fields) as static arguments.
+
+    Attributes:
+      ways: classes per episode (labels `0..ways-1`).
+      shots: support examples per class.
+      queries_per_class: query examples per class.
+      batch_size: episodes per batch `B`.
+      rotate: a random multiple of 90 degrees per class, the same for its support and query
+        images (ignored with rotations as classes).
+      rotations_as_classes: the 4 rotations of a class are 4 classes.
+    """
+
+    ways: int
+    shots: int
+    queries_per_class: int
+    batch_size: int
+    rotate: bool = True
+    rotations_as_classes: bool = False
+
+    def class_pool(self, num_classes: int, num_drawers: int, num_permutations: int) -> int:
+        """The classes to draw from: `num_classes * num_permutations`, times 4 with rotations
+        as classes.
+
+        Raises:
+          ValueError: non-positive sizes, `ways` above the pool or `shots +
+            queries_per_class` above `num_drawers`, the examples per class.
+        """
+        ways, shots, queries, batch = self[:4]
+        if ways < 1 or shots < 1 or queries < 0 or batch < 1:
+            raise ValueError(
+                f"Need ways >= 1, shots >= 1, queries_per_class >= 0, batch_size >= 1; got "
+                f"ways={ways}, shots={shots}, queries_per_class={queries}, batch_size={batch}."
+            )
+        pool = num_classes * num_permutations * (4 if self.rotations_as_classes else 1)
+        if ways > pool:
+            raise ValueError(
+                f"ways={ways} is more than the {pool} classes available ({num_classes} classes "
+                "before rotations/permutations)."
+            )
+        if shots + queries > num_drawers:
+            raise ValueError(
+                f"shots + queries_per_class = {shots + queries} is more than the "
+                f"{num_drawers} examples per class."
+            )
+        return pool
 
 
 @functools.partial(
-    jax.jit,
-    static_argnames=(
-        "num_classes",
-        "num_drawers",
-        "ways",
-        "shots",
-        "queries_per_class",
-        "batch_size",
-        "rotate",
-        "rotations_as_classes",
-        "num_permutations",
-    ),
+    jax.jit, static_argnames=("num_classes", "num_drawers", "shape", "num_permutations")
 )
 def sample_episode_indices(
     key: jax.Array,
     num_classes: int,
     num_drawers: int,
-    ways: int,
-    shots: int,
-    queries_per_class: int,
-    batch_size: int,
-    *,
-    rotate: bool = True,
-    rotations_as_classes: bool = False,
+    shape: EpisodeShape,
     num_permutations: int = 1,
 ) -> EpisodeIndices:
     """Draws the classes, examples, rotations and permutations of a batch of episodes.
@@ -111,17 +117,14 @@ def sample_episode_indices(
       key: a PRNG key.
       num_classes: `C`, classes in the image array.
       num_drawers: `D`, examples per class.
-      ways, shots, queries_per_class, batch_size: episode sizes (static).
-      rotate: a random multiple of 90 degrees per class (ignored with rotations as classes).
-      rotations_as_classes: the 4 rotations of a class are 4 classes.
+      shape: the episodes' sizes and rotations (static).
       num_permutations: `P` pixel permutations, each making `C` more classes.
 
     Returns:
       `EpisodeIndices`, see its docstring.
     """
-    r = 4 if rotations_as_classes else 1
-    pool = num_classes * num_permutations * r
-    _check(num_classes, num_drawers, ways, shots, queries_per_class, batch_size, pool)
+    ways, shots, queries_per_class, batch_size = shape[:4]
+    pool = shape.class_pool(num_classes, num_drawers, num_permutations)
     k_cls, k_drw, k_rot = jax.random.split(key, 3)
     # Without replacement, in uniformly random order: top-k of i.i.d. uniforms.
     _, pooled = jax.lax.top_k(jax.random.uniform(k_cls, (batch_size, pool)), ways)
@@ -131,9 +134,9 @@ def sample_episode_indices(
     classes = pooled % num_classes
     rest = pooled // num_classes
     perms = rest % num_permutations
-    if rotations_as_classes:
+    if shape.rotations_as_classes:
         rotations = rest // num_permutations
-    elif rotate:
+    elif shape.rotate:
         rotations = jax.random.randint(k_rot, (batch_size, ways), 0, 4)
     else:
         rotations = jnp.zeros((batch_size, ways), jnp.int32)
@@ -198,35 +201,8 @@ def gather_episodes(
     return episode(rows[:, :, :shots]), episode(rows[:, :, shots:])
 
 
-# The arguments that fix an episode batch's shapes: static under `jax.jit`.
-_SIZES = ("ways", "shots", "queries_per_class", "batch_size", "rotate", "rotations_as_classes")
-
-
-def _sample_rows(
-    key, images, rows, ways, shots, queries_per_class, batch_size, *, rotate,
-    rotations_as_classes, permutations,
-):  # fmt: skip
-    """Episodes `rows` (`[R]` int, or `None`: all) of the batch `sample_episodes(key, images,
-    ..., batch_size)`: the classes, examples and rotations of the whole batch are drawn (cheap
-    index work), the images of those rows only are gathered."""
-    c, d = images.shape[:2]
-    num_perms = 1 if permutations is None else int(permutations.shape[0])
-    indices = sample_episode_indices(
-        key, c, d, ways, shots, queries_per_class, batch_size, rotate=rotate,
-        rotations_as_classes=rotations_as_classes, num_permutations=num_perms,
-    )  # fmt: skip
-    if rows is not None:
-        indices = jax.tree.map(lambda a: a[rows], indices)
-    return gather_episodes(
-        images, indices, shots, permutations, rotate=rotate or rotations_as_classes
-    )
-
-
-# `_sample_rows` jitted: a process's own tasks of a batch (`parallel.sample_process_episodes`).
-sample_rows = jax.jit(_sample_rows, static_argnames=_SIZES)
-
-
-@functools.partial(jax.jit, static_argnames=_SIZES)
+# The arguments that fix the batch's shapes (`EpisodeShape`'s fields) are static.
+@functools.partial(jax.jit, static_argnames=EpisodeShape._fields)
 def sample_episodes(
     key: jax.Array,
     images: jax.Array,
@@ -238,6 +214,7 @@ def sample_episodes(
     rotate: bool = True,
     rotations_as_classes: bool = False,
     permutations: jax.Array | None = None,
+    rows: jax.Array | None = None,
 ) -> tuple[Episode, Episode]:
     """Samples a batch of N-way K-shot episodes on device (jitted; sizes are static).
 
@@ -255,23 +232,32 @@ def sample_episodes(
       rotations_as_classes: the 4 rotations of each class are distinct classes instead.
       permutations: `[P, H*W]` int pixel permutations (`pixel_permutations`), making `C * P`
         classes (permuted MNIST); None for none.
+      rows: `[R]` int, only these episodes of the batch (a process's own tasks,
+        `parallel.sample_process_episodes`): bitwise the same as the whole batch's rows, but
+        only their images are gathered (the indices of the whole batch are drawn, which is
+        cheap). None: all `B`.
 
     Returns:
       `(support, query)` `Episode`s: x `[B, ways*shots, H, W, ch]` and
       `[B, ways*queries_per_class, H, W, ch]` float32 in [0, 1]; y int32 `[B, ways*shots]`
-      and `[B, ways*queries_per_class]`, class-major (module docstring).
+      and `[B, ways*queries_per_class]`, class-major (module docstring); `R` in place of `B`
+      with `rows`.
 
     Raises:
       ValueError: `ways` above the available classes, `shots + queries_per_class` above the
         examples per class, or non-positive sizes.
     """
-    h, w = images.shape[2:4]
+    c, d, h, w = images.shape[:4]
     if (rotate or rotations_as_classes) and h != w:
         raise ValueError(f"Rotations need square images, got {h}x{w}; pass rotate=False.")
-    return _sample_rows(
-        key, images, None, ways, shots, queries_per_class, batch_size, rotate=rotate,
-        rotations_as_classes=rotations_as_classes, permutations=permutations,
-    )  # fmt: skip
+    shape = EpisodeShape(ways, shots, queries_per_class, batch_size, rotate, rotations_as_classes)
+    num_perms = 1 if permutations is None else int(permutations.shape[0])
+    indices = sample_episode_indices(key, c, d, shape, num_perms)
+    if rows is not None:
+        indices = jax.tree.map(lambda a: a[rows], indices)
+    return gather_episodes(
+        images, indices, shots, permutations, rotate=rotate or rotations_as_classes
+    )
 
 
 def pixel_permutations(
@@ -312,8 +298,7 @@ def fixed_eval_episodes(
     batch_size: int,
     *,
     rotate: bool = False,
-    rotations_as_classes: bool = False,
-    permutations: jax.Array | None = None,
+    **options,
 ) -> Iterator[tuple[Episode, Episode]]:
     """A fixed, seeded set of evaluation episodes, in batches: same seed, same episodes.
 
@@ -328,7 +313,7 @@ def fixed_eval_episodes(
       num_episodes: total episodes (e.g. 400 trials as in the paper).
       batch_size: episodes per yielded batch.
       rotate: default False: evaluation classes are not rotated.
-      rotations_as_classes, permutations: as in `sample_episodes`.
+      **options: `sample_episodes`' other keywords (`rotations_as_classes`, `permutations`).
 
     Yields:
       `(support, query)` with leading axis `min(batch_size, remaining)`.
@@ -338,16 +323,16 @@ def fixed_eval_episodes(
     images = jax.device_put(images)
     base = jax.random.key(seed)
     for i, start in enumerate(range(0, num_episodes, batch_size)):
+        size = min(batch_size, num_episodes - start)
         yield sample_episodes(
             jax.random.fold_in(base, i),
             images,
             ways,
             shots,
             queries_per_class,
-            min(batch_size, num_episodes - start),
+            size,
             rotate=rotate,
-            rotations_as_classes=rotations_as_classes,
-            permutations=permutations,
+            **options,
         )
 
 

@@ -115,7 +115,7 @@ def test_determinism_and_label_permutation(images):
     c = data.sample_episodes(jax.random.key(8), imgs, 3, 1, 2, 8)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert not np.array_equal(a[0].x, c[0].x)
-    idx = data.sample_episode_indices(jax.random.key(7), C, D, 3, 1, 2, 64)
+    idx = data.sample_episode_indices(jax.random.key(7), C, D, data.EpisodeShape(3, 1, 2, 64))
     assert len(set(np.asarray(idx.classes[:, 0]).tolist())) > 1  # label 0 is any class
 
 
