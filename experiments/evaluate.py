@@ -29,6 +29,7 @@ from pathlib import Path
 from absl import app, flags, logging
 
 from experiments import common
+from experiments.flag_definitions import define_folder, define_int, define_run_folder
 
 if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
     common.handle_startup_signals(detail="nothing written")
@@ -39,26 +40,26 @@ from metanet_jax.data import SPLIT_SCHEMES  # noqa: E402
 
 FLAGS = flags.FLAGS
 
-common.define_run_folder("The trained run's folder.")
+define_run_folder("The trained run's folder.")
 flags.DEFINE_enum("checkpoint", "best", ("best", "latest"),
                   "Which checkpoint to evaluate (a pretrained folder holds one).")  # fmt: skip
-common.define_int("ways", 5, 2, 1000, "Classes per episode (default: the run's).")
-common.define_int("shots", 1, 1, 100, "Support examples per class (default: the run's).")
-common.define_int("queries_per_class", 10, 1, 100,
-                  "Query examples per class (default: the run's eval queries).")  # fmt: skip
+define_int("ways", 5, 2, 1000, "Classes per episode (default: the run's).")
+define_int("shots", 1, 1, 100, "Support examples per class (default: the run's).")
+define_int("queries_per_class", 10, 1, 100,
+           "Query examples per class (default: the run's eval queries).")  # fmt: skip
 flags.DEFINE_enum(
     "split", None, SPLIT_SCHEMES, "Omniglot split scheme (default: the one the run trained on)."
 )
 flags.DEFINE_enum("subset", "test", ("test", "validation"), "Which classes of the split.")
-common.define_int("episodes", 1000, 1, 10**6,
-                  "Episodes, fixed and seeded (default: the run's --test_episodes).")  # fmt: skip
-common.define_int("seed", schema.TEST_SEED, 0, common.MAX_INT,
-                  "Seed of the episode set (default: the run's test/validation seed).")  # fmt: skip
-common.define_int("batch", 50, 1, 10**4,
-                  "Episodes per evaluation batch (default: the run's --eval_batch).")  # fmt: skip
-common.define_folder("lake_runs_dir", None, "Folder of Lake's one-shot runs (runNN/...).")
+define_int("episodes", 1000, 1, 10**6,
+           "Episodes, fixed and seeded (default: the run's --test_episodes).")  # fmt: skip
+define_int("seed", schema.TEST_SEED, 0, common.MAX_INT,
+           "Seed of the episode set (default: the run's test/validation seed).")  # fmt: skip
+define_int("batch", 50, 1, 10**4,
+           "Episodes per evaluation batch (default: the run's --eval_batch).")  # fmt: skip
+define_folder("lake_runs_dir", None, "Folder of Lake's one-shot runs (runNN/...).")
 flags.DEFINE_bool("mnist", False, "MNIST 10-way one-shot, out of domain (--ways is ignored).")
-common.define_folder("datasets", None, "Offline data folder (default: $METANET_DATASETS).")
+define_folder("datasets", None, "Offline data folder (default: $METANET_DATASETS).")
 flags.DEFINE_string("name", None, "Output name: eval_<name>.json (default: from the setting).")
 
 

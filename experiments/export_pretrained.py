@@ -33,6 +33,7 @@ import os
 from absl import app, flags, logging
 
 from experiments import common
+from experiments.flag_definitions import define_folder, define_run_folder
 
 FLAGS = flags.FLAGS
 
@@ -43,7 +44,7 @@ REFUSED = {
     "--flagfile would read its training flags as this program's)"
 }
 
-common.define_run_folder("The trained run's folder, or a pretrained-format folder.")
+define_run_folder("The trained run's folder, or a pretrained-format folder.")
 flags.DEFINE_string("name", None, "The model's name: the folder pretrained/<name>.")
 flags.register_validator(
     "name",
@@ -59,7 +60,7 @@ flags.DEFINE_string("run_flagfile", None,
                     "The flagfile it was trained with (default: the one in experiments/flags "
                     "whose --workdir is the run's).")  # fmt: skip
 flags.DEFINE_string("command", None, "The training command (default: from the flagfile).")
-common.define_folder("datasets", None, "Offline data folder (default: $METANET_DATASETS).")
+define_folder("datasets", None, "Offline data folder (default: $METANET_DATASETS).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing pretrained/<name>.")
 
 

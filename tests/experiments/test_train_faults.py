@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import metanet_jax as mn
-from experiments import common, schema, train
+from experiments import flag_definitions, schema, train
 from metanet_jax import checkpointing, data, evaluation
 from tests.conftest import tiny_config
 from tests.experiments.conftest import TINY_FLAGS, replace
@@ -393,7 +393,7 @@ def test_a_workdir_naming_a_file_is_one_line_and_exit_1(tmp_path):
     lines = [x for x in out.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and f"--workdir={path} names a file" in lines[0], out.stderr
     assert path.read_text() == "x"
-    assert f"{path} is a file" in common.workdir_problem(str(path / "below"))
+    assert f"{path} is a file" in flag_definitions.workdir_problem(str(path / "below"))
 
 
 def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path, monkeypatch):
@@ -402,10 +402,10 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path, monkeypatch)
     monkeypatch.setattr(
         os, "access", lambda p, mode: False if "ro" in Path(p).parts else real_access(p, mode)
     )
-    assert "cannot write" in common.workdir_problem(str(tmp_path / "ro"))
-    assert "cannot write" in common.workdir_problem(str(tmp_path / "ro" / "new" / "run"))
-    assert common.workdir_problem(str(tmp_path / "new" / "run")) is None
-    assert common.workdir_problem(str(tmp_path)) is None
+    assert "cannot write" in flag_definitions.workdir_problem(str(tmp_path / "ro"))
+    assert "cannot write" in flag_definitions.workdir_problem(str(tmp_path / "ro" / "new" / "run"))
+    assert flag_definitions.workdir_problem(str(tmp_path / "new" / "run")) is None
+    assert flag_definitions.workdir_problem(str(tmp_path)) is None
 
 
 def test_a_workdir_the_run_cannot_create_is_one_error_naming_it(spec_factory, monkeypatch):
