@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib
 import json
 import math
@@ -258,7 +257,7 @@ def train_model(spec, deadline_at: float):
     # Evaluate-only: steps = the step reached (a mutable field), so the loop does nothing and
     # the best validated checkpoint is tested and results.json written.
     reached = int(outcome["step"])
-    results = train.train_and_evaluate(dataclasses.replace(spec, steps=reached))
+    results = train.train_and_evaluate(spec.replace(steps=reached))
     return results, stopped
 
 

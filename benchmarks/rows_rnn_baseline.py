@@ -129,7 +129,7 @@ def run(args) -> dict:
     config = run_data.model_config(spec, splits["train"].shape[2:])
     hidden = config.resolved("hidden_units")
     encoder = RowsEncoder(hidden)
-    params = encoder.init(jax.random.key(spec.seed), jnp.zeros((1,) + config.image_shape))
+    params = encoder.init(jax.random.key(spec.optim.seed), jnp.zeros((1,) + config.image_shape))
     params = params["params"]
     optimizer = optax.chain(
         optax.clip_by_global_norm(config.clip_norm), optax.adam(config.learning_rate)
@@ -137,15 +137,15 @@ def run(args) -> dict:
     opt_state = optimizer.init(params)
     step_fn, accuracy = make_fns(encoder, optimizer, config.ways)
     episodes = runtime.episode_source(
-        data.sample_episodes, jax.random.fold_in(jax.random.key(spec.seed), 2),
-        jax.device_put(splits["train"]), config, spec.meta_batch, spec.step_ways,
-        rotate=spec.rotate, rotations_as_classes=spec.rotations_as_classes,
+        data.sample_episodes, jax.random.fold_in(jax.random.key(spec.optim.seed), 2),
+        jax.device_put(splits["train"]), config, spec.optim.meta_batch, spec.step_ways,
+        rotate=spec.data.rotate, rotations_as_classes=spec.data.rotations_as_classes,
     )  # fmt: skip
     ways, shots, queries = spec.test_ways(), config.shots, spec.eval_queries_per_class
 
     def fixed(subset, seed, n):
         return data.fixed_eval_episodes(
-            seed, splits[subset], ways, shots, queries, n, min(spec.eval_batch, n)
+            seed, splits[subset], ways, shots, queries, n, min(spec.schedule.eval_batch, n)
         )
 
     start = time.perf_counter()
@@ -157,7 +157,7 @@ def run(args) -> dict:
         step += 1
         if step % args.eval_every == 0:
             acc, ci, n = evaluate(accuracy, params, fixed("validation", schema.VALIDATION_SEED,
-                                                          spec.eval_episodes))  # fmt: skip
+                                                          spec.schedule.eval_episodes))  # fmt: skip
             elapsed = time.perf_counter() - start
             curve.append({"step": step, "validation_accuracy": acc, "validation_ci95": ci,
                           "wall_time_s": elapsed})  # fmt: skip
@@ -169,7 +169,7 @@ def run(args) -> dict:
                 break
     train_time = time.perf_counter() - start
     test_acc, test_ci, test_n = evaluate(
-        accuracy, best[3], fixed("test", schema.TEST_SEED, spec.test_episodes)
+        accuracy, best[3], fixed("test", schema.TEST_SEED, spec.schedule.test_episodes)
     )
     print(f"test (step {best[2]}): {evaluation.format_accuracy(test_acc, test_ci, test_n)}")
     return {
@@ -179,10 +179,10 @@ def run(args) -> dict:
         "steps": step,
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - start,
-        "episodes_per_s": step * spec.meta_batch / train_time,
+        "episodes_per_s": step * spec.optim.meta_batch / train_time,
         "best_validation_accuracy": best[0],
         "best_validation_ci95": best[1],
-        "validation_episodes": spec.eval_episodes,
+        "validation_episodes": spec.schedule.eval_episodes,
         "evaluated_step": best[2],
         "test_accuracy": test_acc,
         "test_ci95": test_ci,

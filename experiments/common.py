@@ -10,7 +10,7 @@ import dataclasses
 import os
 import sys
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, ClassVar, NoReturn, TypeVar
 
 from absl import flags
@@ -325,7 +325,13 @@ _S = TypeVar("_S", bound="Spec")
 
 
 class Spec:
-    """The base of the programs' specs: frozen dataclasses of `*_field`s and a `model`.
+    """The base of the programs' specs: frozen dataclasses whose fields are flags (`*_field`)
+    or groups of flags: a field whose default is itself a `Spec` (flags nested by concern)
+    or `model`, a `MetaNetConfig` whose flags are `MODEL_FLAGS`.
+
+    Each flag has one flat name across the groups: the command line's and config.json's.
+    `flag_table` maps it to its place in the nested object; `from_flags` / `to_dict` convert
+    between the flat flags and the nested spec, for every spec, here only.
 
     `MODEL_FLAGS` (`{name: Flag}`, in flag order) are the `MetaNetConfig` fields the program
     sets by flags; the spec holds them in its `model` field, whose default gives theirs.
@@ -334,58 +340,66 @@ class Spec:
     MODEL_FLAGS: ClassVar[Mapping[str, Flag]] = {}
 
     @classmethod
-    def from_flags(cls: type[_S], flags: Mapping[str, Any]) -> _S:
-        """The spec of flat flags (`{"workdir": ..., "ways": 5, ...}`): the names in
-        `MODEL_FLAGS` set fields of the default `model`, the others the spec's.
+    def flag_table(cls) -> dict[str, tuple[tuple[str, ...], Flag, Any]]:
+        """`{flat name: (path, Flag, default)}` of every flag, in the fields' order (a group's
+        flags where the group stands): `path` the attributes that reach its value (`("optim",
+        "steps")`), `default` the spec's (`dataclasses.MISSING` for a required one).
 
         Raises:
-          TypeError: a name that is no flag. ValueError: a model the flags do not allow
-            (`MetaNetConfig` validation, e.g. `learning_rate=0`).
+          TypeError: a field that is no flag nor group, or two flags of one name.
         """
-        run = {k: v for k, v in flags.items() if k not in cls.MODEL_FLAGS}
-        for f in dataclasses.fields(cls):
-            if f.name == "model":
-                model = {k: v for k, v in flags.items() if k in cls.MODEL_FLAGS}
-                run["model"] = dataclasses.replace(f.default, **model)
-        return cls(**run)
+        table: dict[str, tuple[tuple[str, ...], Flag, Any]] = {}
+        for name, path, flag, default in _flags_of(cls, cls.MODEL_FLAGS, None):
+            if name in table:
+                was, now = ".".join(table[name][0]), ".".join(path)
+                raise TypeError(f"{cls.__name__}: two flags named {name!r}: {was}, {now}")
+            table[name] = (path, flag, default)
+        return table
+
+    @classmethod
+    def from_flags(cls: type[_S], flags: Mapping[str, Any]) -> _S:
+        """The spec of flat flags (`{"workdir": ..., "ways": 5, "steps": 10, ...}`): each sets
+        its field in its group (`flag_table`); the others keep the spec's defaults.
+
+        Raises:
+          TypeError: a name that is no flag (named). ValueError: a spec or model the flags do
+            not allow (its checks, `MetaNetConfig` validation, e.g. `learning_rate=0`).
+        """
+        table = cls.flag_table()
+        unknown = [k for k in flags if k not in table]
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no flag {', '.join(map(repr, unknown))}")
+        return _build(cls, None, flags, cls.MODEL_FLAGS)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat flags (config.json's `"flags"`), the inverse of `from_flags`."""
         out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            if f.name == "model":
-                out.update({k: getattr(self.model, k) for k in self.MODEL_FLAGS})
-            else:
-                out[f.name] = getattr(self, f.name)
+        for name, (path, _, _) in self.flag_table().items():
+            value = self
+            for attr in path:
+                value = getattr(value, attr)
+            out[name] = value
         return out
 
     @classmethod
     def flag_names(cls) -> list[str]:
         """The flat flags' names, in the order of `to_dict`."""
-        names = []
-        for f in dataclasses.fields(cls):
-            names.extend(cls.MODEL_FLAGS if f.name == "model" else [f.name])
-        return names
+        return list(cls.flag_table())
 
     @classmethod
     def flag_field(cls, name: str, default: Any = dataclasses.MISSING):
         """A field of another program's spec that is this spec's flag `name` (its checks and
-        help), with `default` or this spec's."""
-        field = next(f for f in dataclasses.fields(cls) if f.name == name)
-        default = field.default if default is dataclasses.MISSING else default
-        return dataclasses.field(default=default, metadata=field.metadata)
+        help, wherever it is nested here), with `default` or this spec's."""
+        _, flag, own = cls.flag_table()[name]
+        default = own if default is dataclasses.MISSING else default
+        return dataclasses.field(default=default, metadata={_FLAG: flag})
 
     @classmethod
     def define_flags(cls, flag_values=flags.FLAGS) -> None:
-        """Defines a flag for every field (for `model`, one per `MODEL_FLAGS`), with the
-        field's default."""
-        for f in dataclasses.fields(cls):
-            if f.name == "model":
-                for name, flag in cls.MODEL_FLAGS.items():
-                    flag.define(name, getattr(f.default, name), flag_values)
-            else:
-                default = None if f.default is dataclasses.MISSING else f.default
-                f.metadata[_FLAG].define(f.name, default, flag_values)
+        """Defines a flag for every flat flag (`flag_table`), with the spec's default."""
+        for name, (_, flag, default) in cls.flag_table().items():
+            default = None if default is dataclasses.MISSING else default
+            flag.define(name, default, flag_values)
 
     @classmethod
     def from_flag_values(cls: type[_S], flag_values=flags.FLAGS) -> _S:
@@ -395,3 +409,37 @@ class Spec:
           ValueError: a model the flags do not allow.
         """
         return cls.from_flags({k: flag_values[k].value for k in cls.flag_names()})
+
+
+def _flags_of(spec_cls, model_flags, defaults) -> Iterator[tuple[str, tuple, Flag, Any]]:
+    """`(name, path, Flag, default)` of `spec_cls`'s flags, its groups' in their place;
+    `defaults`: the instance whose values are the defaults (`None`: the fields')."""
+    for f in dataclasses.fields(spec_cls):
+        default = f.default if defaults is None else getattr(defaults, f.name)
+        if _FLAG in f.metadata:
+            yield f.name, (f.name,), f.metadata[_FLAG], default
+        elif isinstance(default, Spec):
+            for name, path, flag, value in _flags_of(type(default), model_flags, default):
+                yield name, (f.name, *path), flag, value
+        elif f.name == "model":
+            for name, flag in model_flags.items():
+                yield name, ("model", name), flag, getattr(default, name)
+        else:
+            raise TypeError(f"{spec_cls.__name__}.{f.name} is no flag, group of flags or model")
+
+
+def _build(spec_cls, base, flags: Mapping[str, Any], model_flags):
+    """`spec_cls` with the flat `flags` that are its own or its groups' set, from `base`
+    (an instance) or, for `None`, from the fields' defaults."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(spec_cls):
+        was = f.default if base is None else getattr(base, f.name)
+        if _FLAG in f.metadata:
+            if f.name in flags:
+                values[f.name] = flags[f.name]
+        elif isinstance(was, Spec):
+            values[f.name] = _build(type(was), was, flags, model_flags)
+        elif f.name == "model":
+            model = {k: v for k, v in flags.items() if k in model_flags}
+            values["model"] = dataclasses.replace(was, **model)
+    return spec_cls(**values) if base is None else dataclasses.replace(base, **values)

@@ -42,7 +42,7 @@ def protocol(flags: Mapping[str, Any], subset: str = "test") -> dict[str, Any]:
     `batch`)."""
     spec = run_spec(flags)
     episodes = dataclasses.asdict(spec.eval_protocol(subset))
-    return {"dataset": spec.dataset, "split": spec.split, "subset": subset, **episodes}
+    return {"dataset": spec.data.dataset, "split": spec.data.split, "subset": subset, **episodes}
 
 
 def mnist_protocol(flags: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,7 +91,9 @@ def evaluate_run(
     spec = run_spec(flags, **spec_changes)
     images = run_data.load_splits(spec)[proto["subset"]]
     if images.shape[0] == 0:
-        raise ValueError(f"the {proto['subset']} split of {spec.dataset}/{spec.split} is empty")
+        raise ValueError(
+            f"the {proto['subset']} split of {spec.data.dataset}/{spec.data.split} is empty"
+        )
     result = evaluation.measure(params, config, images, episodes(proto))
     return result, proto
 

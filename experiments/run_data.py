@@ -19,7 +19,7 @@ from metanet_jax.synthetic import synthetic_classes
 
 
 def load_splits(spec: RunSpec) -> dict[str, np.ndarray]:
-    """The train/validation/test class arrays of `spec.dataset` (reads only; fails fast):
+    """The train/validation/test class arrays of `spec.data.dataset` (reads only; fails fast):
     `{"train", "validation", "test"}` -> `[C, D, H, W, ch]` uint8 arrays (numpy).
 
     Raises:
@@ -27,17 +27,18 @@ def load_splits(spec: RunSpec) -> dict[str, np.ndarray]:
     """
     from metanet_jax import data
 
-    if spec.dataset == "omniglot":
+    want = spec.data
+    if want.dataset == "omniglot":
         parts = data.load_omniglot(
-            spec.split,
-            manual_dir=spec.datasets,
-            validation_classes=spec.validation_classes,
-            validation_alphabets=spec.validation_alphabets,
-            seed=spec.split_seed,
+            want.split,
+            manual_dir=want.datasets,
+            validation_classes=want.validation_classes,
+            validation_alphabets=want.validation_alphabets,
+            seed=want.split_seed,
         )
         return {k: v.images for k, v in parts.items()}
-    if spec.dataset == "mini_imagenet":
-        folder = spec.mini_imagenet_dir
+    if want.dataset == "mini_imagenet":
+        folder = want.mini_imagenet_dir
         if not folder or not Path(folder).is_dir():
             raise FileNotFoundError(
                 f"--mini_imagenet_dir={folder!r}: no such folder. Mini-ImageNet is not "
@@ -46,14 +47,14 @@ def load_splits(spec: RunSpec) -> dict[str, np.ndarray]:
             )
         names = {"train": "train", "validation": "val", "test": "test"}
         return {k: data.load_mini_imagenet(folder, v).images for k, v in names.items()}
-    if spec.dataset == "synthetic":
-        s = spec.synthetic_size
+    if want.dataset == "synthetic":
+        s = want.synthetic_size
         return {
             "train": synthetic_classes(10, 40, 20, s),
             "validation": synthetic_classes(11, 20, 20, s),
             "test": synthetic_classes(12, 20, 20, s),
         }
-    raise ValueError(f"unknown dataset {spec.dataset!r}; expected one of {DATASETS}")
+    raise ValueError(f"unknown dataset {want.dataset!r}; expected one of {DATASETS}")
 
 
 def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
@@ -74,7 +75,7 @@ def mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params, stop) -> d
     (`runtime.Interrupted`) between batches; its results.json entries."""
     from metanet_jax import data
 
-    images = jax.device_put(data.load_mnist(manual_dir=spec.datasets)["test"].images)
+    images = jax.device_put(data.load_mnist(manual_dir=spec.data.datasets)["test"].images)
     result = evaluation.measure(params, config, images, spec.mnist_protocol(), stop=stop)
     logging.info("MNIST 10-way 1-shot (out of domain) %s", result.line())
     return {"mnist_accuracy": result.mean, "mnist_ci95": result.ci95,

@@ -1,8 +1,10 @@
 """The training run's schema: `RunSpec`, every flag of `experiments/omniglot.py` in one
-frozen object with the model as a nested `MetaNetConfig` (`MODEL_FLAGS`), and its checks.
+frozen object, grouped by concern: `DataSpec`, the model as a nested `MetaNetConfig`
+(`MODEL_FLAGS`), `OptimSpec`, `ScheduleSpec`; and its checks.
 
 `RunSpec.from_flags` / `RunSpec.to_dict` convert from and to the flat flags that config.json
-and results.json hold (`common.Spec`); `MUTABLE_FIELDS` may change when a run resumes;
+and results.json hold (`common.Spec`: one flat name per flag, whichever group holds it);
+`MUTABLE_FIELDS` (flat names) may change when a run resumes;
 `LEGACY_RUN_VALUES` is what a config.json written before a field existed meant. The checks
 that need the data's sizes are `check_pools`.
 """
@@ -27,8 +29,8 @@ MNIST_SEED = 3
 
 DATASETS = ("omniglot", "mini_imagenet", "synthetic")
 
-# Fields that may differ between runs on one workdir (everything else defines the model or
-# the data and is compared with the workdir's config.json).
+# Flags (flat names) that may differ between runs on one workdir (everything else defines
+# the model or the data and is compared with the workdir's config.json).
 MUTABLE_FIELDS = frozenset(
     {
         "steps",
@@ -114,26 +116,10 @@ MODEL_FLAGS = common.config_flags(
 
 
 @dataclasses.dataclass(frozen=True)
-class RunSpec(common.Spec):
-    """Everything that defines a training run: the flags of `experiments/omniglot.py`, each
-    field with its flag's default, checks and help (`common.Spec`).
+class DataSpec(common.Spec):
+    """The data of a run: which data set and classes, where its files are, and how training
+    classes are augmented (`RunSpec.data`)."""
 
-    `model` holds the model's flags (`MODEL_FLAGS`; its `image_shape` is replaced by the
-    data's when the run starts). Model sizes left at `None` take the architecture's defaults
-    (METANET.md). `eval_ways` (`None`: `model.ways`) is the ways of the validation and test
-    episodes, which use the first `eval_ways` output units of b and of u's head
-    (`evaluation.eval_config`). `train_ways` (empty: `model.ways` only) lists the ways a
-    training episode may have: step t's episodes draw one of them uniformly, decided by
-    `(seed, t)` alone (`step_ways`), so that one model learns fast weights that hold for
-    every number of classes it will be tested on (a MetaNet trained on one N reads its memory
-    as calibrated for N support slots; docs/RESULTS.md, ways_levers). Build one from flat
-    flags with `RunSpec.from_flags`.
-    """
-
-    MODEL_FLAGS: ClassVar[Mapping[str, common.Flag]] = MODEL_FLAGS
-
-    # --- where
-    workdir: str = common.workdir_field("Run folder (config.json, checkpoints, metrics, results).")
     dataset: str = common.enum_field("omniglot", DATASETS, "Data set.")
     split: str = common.enum_field(
         "standard", SPLIT_SCHEMES, "Omniglot class split scheme (docs/DATA.md)."
@@ -157,29 +143,27 @@ class RunSpec(common.Spec):
     synthetic_size: int = common.int_field(
         28, 4, 128, "Image size of --dataset=synthetic (smoke tests)."
     )
-    # --- the model (MODEL_FLAGS) and the episodes
-    model: MetaNetConfig = MetaNetConfig()
-    eval_queries_per_class: int = common.int_field(
-        10, 1, 100, "Query examples per class in validation and test episodes."
-    )
-    eval_ways: int | None = common.int_field(
-        None, 2, 1000, "Classes per validation and test episode (unset: --ways); at most "
-        "--max_ways (else --ways): they use b's first eval_ways output units.", unset=True,
-    )  # fmt: skip
-    train_ways: tuple[int, ...] = common.ints_field(
-        (), 2, 1000, "Ways a training episode may have, one drawn per step (e.g. 5,10,15,20; "
-        "empty: --ways only), each at most --max_ways. A model trained on one N reads its "
-        "memory as calibrated for N supports: mix the ways it will be tested on.",
-    )  # fmt: skip
-    # --- optimisation
-    meta_batch: int = common.int_field(1, 1, 1024, "Tasks (episodes) per update.")
-    steps: int = common.int_field(1000, 1, 10**8, "Total updates to reach (resume included).")
     rotate: bool = common.bool_field(True, "Rotate each training class by k*90 degrees.")
     rotations_as_classes: bool = common.bool_field(
         False, "The 4 rotations of a training class are 4 classes."
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec(common.Spec):
+    """The optimisation of a run beyond the model's optimiser flags (`RunSpec.optim`): tasks
+    per update, updates, and the seed of the initialisation, episodes and keys."""
+
+    meta_batch: int = common.int_field(1, 1, 1024, "Tasks (episodes) per update.")
+    steps: int = common.int_field(1000, 1, 10**8, "Total updates to reach (resume included).")
     seed: int = common.int_field(0, 0, common.MAX_INT, "Seed of init, training episodes, keys.")
-    # --- evaluation, checkpoints, logging
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec(common.Spec):
+    """When and how much a run validates, tests, checkpoints and logs (`RunSpec.schedule`):
+    none of it changes the trained model, so all of it may change on resume."""
+
     eval_every: int = common.int_field(500, 1, 10**8, "Validate every this many steps.")
     eval_episodes: int = common.int_field(200, 1, 10**6, "Validation episodes.")
     test_episodes: int = common.int_field(1000, 1, 10**6, "Final test episodes.")
@@ -194,6 +178,49 @@ class RunSpec(common.Spec):
         3, 1, 1000, "Latest checkpoints kept (the best one is kept as well)."
     )
     log_every: int = common.int_field(50, 1, 10**8, "Progress line every this many steps.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec(common.Spec):
+    """Everything that defines a training run: the flags of `experiments/omniglot.py`, each
+    field with its flag's default, checks and help (`common.Spec`), grouped by concern:
+    `data` (`DataSpec`), `model` (`MODEL_FLAGS`), `optim` (`OptimSpec`), `schedule`
+    (`ScheduleSpec`); `workdir` and the episodes' ways and queries beside `model`. Build one
+    from flat flags with `RunSpec.from_flags`; `to_dict` gives them back (config.json's).
+
+    `model`'s `image_shape` is replaced by the data's when the run starts. Model sizes left
+    at `None` take the architecture's defaults (METANET.md). `eval_ways`, `train_ways` and
+    `eval_queries_per_class` stay on the spec, not in a group: each qualifies the model's
+    ways or queries and every check on them is against `model` (`_check_flags`). `eval_ways`
+    (`None`: `model.ways`) is the ways of the validation and test episodes, which use the
+    first `eval_ways` output units of b and of u's head (`evaluation.eval_config`).
+    `train_ways` (empty: `model.ways` only) lists the ways a training episode may have: step
+    t's episodes draw one of them uniformly, decided by `(optim.seed, t)` alone
+    (`step_ways`), so that one model learns fast weights that hold for every number of
+    classes it will be tested on (a MetaNet trained on one N reads its memory as calibrated
+    for N support slots; docs/RESULTS.md, ways_levers).
+    """
+
+    MODEL_FLAGS: ClassVar[Mapping[str, common.Flag]] = MODEL_FLAGS
+
+    workdir: str = common.workdir_field("Run folder (config.json, checkpoints, metrics, results).")
+    data: DataSpec = DataSpec()
+    model: MetaNetConfig = MetaNetConfig()
+    # --- the episodes, beside the model's ways, shots and queries
+    eval_queries_per_class: int = common.int_field(
+        10, 1, 100, "Query examples per class in validation and test episodes."
+    )
+    eval_ways: int | None = common.int_field(
+        None, 2, 1000, "Classes per validation and test episode (unset: --ways); at most "
+        "--max_ways (else --ways): they use b's first eval_ways output units.", unset=True,
+    )  # fmt: skip
+    train_ways: tuple[int, ...] = common.ints_field(
+        (), 2, 1000, "Ways a training episode may have, one drawn per step (e.g. 5,10,15,20; "
+        "empty: --ways only), each at most --max_ways. A model trained on one N reads its "
+        "memory as calibrated for N supports: mix the ways it will be tested on.",
+    )  # fmt: skip
+    optim: OptimSpec = OptimSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
 
     def replace(self, **flags) -> RunSpec:
         """A copy with some flat flags changed (model flags included)."""
@@ -222,25 +249,25 @@ class RunSpec(common.Spec):
         Raises:
           ValueError: naming the flags.
         """
-        model = self.model
+        model, data = self.model, self.data
         if self.eval_ways is not None and self.eval_ways > model.output_units:
             raise ValueError(
                 f"--eval_ways={self.eval_ways} must be unset or <= --max_ways (else --ways): "
                 f"the model's {model.output_units} output units"
             )
-        if self.validation_alphabets and self.dataset == "omniglot" and self.split == "previous":
+        if data.validation_alphabets and data.dataset == "omniglot" and data.split == "previous":
             raise ValueError(
                 "--validation_alphabets needs an Omniglot split whose test set is whole "
                 "alphabets (standard, small1, small2, small); the previous split mixes alphabets"
             )
         need = model.shots + max(model.queries_per_class, self.eval_queries_per_class)
-        if self.dataset == "omniglot" and need > 20:
+        if data.dataset == "omniglot" and need > 20:
             raise ValueError(
                 f"--shots + --queries_per_class (and + --eval_queries_per_class) = {need} must "
                 "be <= 20, the drawings per Omniglot character"
             )
-        mini = (self.dataset == "mini_imagenet", model.architecture == "mini_imagenet_cnn")
-        if self.dataset != "synthetic" and mini[0] != mini[1]:  # synthetic: any network
+        mini = (data.dataset == "mini_imagenet", model.architecture == "mini_imagenet_cnn")
+        if data.dataset != "synthetic" and mini[0] != mini[1]:  # synthetic: any network
             raise ValueError(
                 "--dataset=mini_imagenet needs --architecture=mini_imagenet_cnn, and "
                 "--dataset=omniglot one of omniglot_cnn, mlp or rows_lstm (synthetic: any)"
@@ -248,10 +275,10 @@ class RunSpec(common.Spec):
 
     def step_ways(self, step: int) -> int:
         """The ways of training step `step`'s episodes: `model.ways`, or (`train_ways`) one
-        of those drawn uniformly by a generator seeded with `(seed, step)` only."""
+        of those drawn uniformly by a generator seeded with `(optim.seed, step)` only."""
         if not self.train_ways:
             return self.model.ways
-        pick = np.random.default_rng((self.seed, step)).integers(len(self.train_ways))
+        pick = np.random.default_rng((self.optim.seed, step)).integers(len(self.train_ways))
         return self.train_ways[pick]
 
     def test_ways(self) -> int:
@@ -260,35 +287,36 @@ class RunSpec(common.Spec):
 
     def eval_protocol(self, subset: str = "test"):
         """The run's fixed `evaluation.Protocol` of `subset` ("test" or "validation"):
-        `test_episodes` episodes of `TEST_SEED`, or `eval_episodes` of `VALIDATION_SEED`;
-        `test_ways()`-way `shots`-shot with `eval_queries_per_class` queries, batches of
-        `eval_batch`."""
+        `schedule.test_episodes` episodes of `TEST_SEED`, or `schedule.eval_episodes` of
+        `VALIDATION_SEED`; `test_ways()`-way `shots`-shot with `eval_queries_per_class`
+        queries, batches of `schedule.eval_batch`."""
         from metanet_jax.evaluation import Protocol
 
         if subset not in ("test", "validation"):
             raise ValueError(f"subset must be 'test' or 'validation', got {subset!r}")
-        test = subset == "test"
+        test, schedule = subset == "test", self.schedule
         return Protocol(
             ways=self.test_ways(),
             shots=self.model.shots,
             queries_per_class=self.eval_queries_per_class,
-            episodes=self.test_episodes if test else self.eval_episodes,
+            episodes=schedule.test_episodes if test else schedule.eval_episodes,
             seed=TEST_SEED if test else VALIDATION_SEED,
-            batch=self.eval_batch,
+            batch=schedule.eval_batch,
         )
 
     def mnist_protocol(self):
-        """The MNIST out-of-domain test (METANET.md): `mnist_test_episodes` (else
-        `test_episodes`) 10-way 1-shot episodes of MNIST's test digits, `MNIST_SEED`."""
+        """The MNIST out-of-domain test (METANET.md): `schedule.mnist_test_episodes` (else
+        `schedule.test_episodes`) 10-way 1-shot episodes of MNIST's test digits, `MNIST_SEED`."""
         from metanet_jax.evaluation import Protocol
 
+        schedule = self.schedule
         return Protocol(
             ways=10,
             shots=1,
             queries_per_class=self.eval_queries_per_class,
-            episodes=self.mnist_test_episodes or self.test_episodes,
+            episodes=schedule.mnist_test_episodes or schedule.test_episodes,
             seed=MNIST_SEED,
-            batch=self.eval_batch,
+            batch=schedule.eval_batch,
         )
 
 
@@ -301,11 +329,11 @@ def check_pools(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> None:
     """
     for name, images in splits.items():
         if images.shape[0] == 0 and name != "validation":
-            raise ValueError(f"the {name} split of {spec.dataset}/{spec.split} is empty")
+            raise ValueError(f"the {name} split of {spec.data.dataset}/{spec.data.split} is empty")
         _check_pool(spec, name, images.shape)
     if splits["validation"].shape[0] == 0:
         raise ValueError(
-            f"split {spec.split!r} has no validation classes (--validation_classes=0?); "
+            f"split {spec.data.split!r} has no validation classes (--validation_classes=0?); "
             "checkpoint selection needs them"
         )
 
@@ -313,7 +341,7 @@ def check_pools(spec: RunSpec, splits: Mapping[str, np.ndarray]) -> None:
 def _check_pool(spec: RunSpec, name: str, shape: tuple[int, ...]) -> None:
     """Whether the `name` split's classes `[C, D, ...]` hold the run's episodes."""
     classes, per_class = shape[0], shape[1]
-    pool = classes * (4 if spec.rotations_as_classes and name == "train" else 1)
+    pool = classes * (4 if spec.data.rotations_as_classes and name == "train" else 1)
     most = max((spec.model.ways, *spec.train_ways))
     if name == "train" and most > pool:
         flag = "--ways" if most == spec.model.ways else "--train_ways"

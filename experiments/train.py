@@ -1,8 +1,8 @@
 """The training run behind `experiments/omniglot.py`: `train_and_evaluate(spec)` trains (or
 resumes) a run, then tests its best checkpoint and writes its results.
 
-The run is a `RunSpec` (`experiments.schema`: every flag, the model as a nested
-`MetaNetConfig`); its data and evaluation episodes come from `experiments.run_data`, its
+The run is a `RunSpec` (`experiments.schema`: every flag, grouped as `data`, `model`,
+`optim` and `schedule`); its data and evaluation episodes come from `experiments.run_data`, its
 config.json checks from `experiments.workdir`, its loop from the library (`metanet_jax.runtime`:
 the train step of `make_step`, compiled ahead of time, the episodes of `episode_source`, logs,
 validation and checkpoints at the spec's `Cadence`), its records from `experiments.records`.
@@ -113,8 +113,13 @@ class _Run:
         def validate(params):
             return evaluation.measure(params, self.config, images, proto)
 
+        schedule = spec.schedule
         cadence = runtime.Cadence(
-            spec.steps, spec.log_every, spec.eval_every, spec.checkpoint_every, spec.meta_batch
+            spec.optim.steps,
+            schedule.log_every,
+            schedule.eval_every,
+            schedule.checkpoint_every,
+            spec.optim.meta_batch,
         )
         return runtime.LoopContext(
             cadence, self.ckpt, self.writer, self.stop, validate=validate, meta=self.meta
@@ -152,8 +157,8 @@ def train_and_evaluate(
     """
     t_start = time.time()
     mesh = parallel.make_mesh() if mesh is None else mesh
-    parallel.check_meta_batch(spec.meta_batch, mesh)  # before any work
-    logging.info(parallel.device_summary(mesh, spec.meta_batch))
+    parallel.check_meta_batch(spec.optim.meta_batch, mesh)  # before any work
+    logging.info(parallel.device_summary(mesh, spec.optim.meta_batch))
     logging.info(kernels.describe(spec.model))  # ValueError: "fused" where it cannot run
     splits = run_data.load_data(spec) if splits is None else splits
     run, state = _start_run(spec, splits, mesh, t_start)
@@ -175,7 +180,7 @@ def _start_run(
     opens the metrics writer and installs the signal handlers."""
     config = _prepare_workdir(spec, splits)
     ckpt = checkpointing.Checkpointer(
-        checkpointing.checkpoint_dir(spec.workdir), keep=spec.keep_checkpoints
+        checkpointing.checkpoint_dir(spec.workdir), keep=spec.schedule.keep_checkpoints
     )
     state, wall_before = _initial_state(spec, config, ckpt)
     if parallel.is_primary():
@@ -214,7 +219,7 @@ def _initial_state(
     spec: RunSpec, config: MetaNetConfig, ckpt: checkpointing.Checkpointer
 ) -> tuple[TrainState, float]:
     """The latest good checkpoint's state, else a fresh one; and the wall time before it."""
-    root = jax.random.key(spec.seed)
+    root = jax.random.key(spec.optim.seed)
     params = init(jax.random.fold_in(root, 0), config)
     state = init_train_state(params, make_optimizer(config), jax.random.fold_in(root, 1))
     restored = ckpt.restore_latest(state)
@@ -246,13 +251,13 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime
         sample = data.sample_episodes
     episodes = runtime.episode_source(
         sample,
-        jax.random.fold_in(jax.random.key(spec.seed), 2),
+        jax.random.fold_in(jax.random.key(spec.optim.seed), 2),
         jax.device_put(run.splits["train"]),
         run.config,
-        spec.meta_batch,
+        spec.optim.meta_batch,
         spec.step_ways,
-        rotate=spec.rotate,
-        rotations_as_classes=spec.rotations_as_classes,
+        rotate=spec.data.rotate,
+        rotations_as_classes=spec.data.rotations_as_classes,
     )
     out = None if parallel.is_primary() else io.StringIO()
     start = int(state.step)
@@ -261,7 +266,7 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime
         step_fn=step_fn,
         episodes=episodes,
         start=start,
-        bar=logging_utils.ProgressBar(spec.steps, out),
+        bar=logging_utils.ProgressBar(spec.optim.steps, out),
         last_saved=run.ckpt.latest_step(),
         compilations=_compile_ahead(run, step_fn, state, start),
     )
@@ -276,12 +281,12 @@ def _compile_ahead(run: _Run, step_fn: runtime.TrainStep, state, start: int):
       The `runtime.Compilations`, or `None`.
     """
     spec = run.spec
-    if start >= spec.steps or jax.process_count() > 1:
+    if start >= spec.optim.steps or jax.process_count() > 1:
         return None
-    compilations = step_fn.compile(state, spec.meta_batch, first=spec.step_ways(start))
+    compilations = step_fn.compile(state, spec.optim.meta_batch, first=spec.step_ways(start))
     if compilations is not None:
         cfg = run.eval_config()
-        batch = min(spec.eval_batch, spec.eval_episodes)
+        batch = min(spec.schedule.eval_batch, spec.schedule.eval_episodes)
         support, query = runtime.steps.episode_shapes(cfg, cfg.ways, batch)
         params = runtime.steps.abstract(parallel.local_copy(state.params))
         fn = evaluation._episode_loss(cfg)
@@ -330,13 +335,13 @@ def _test(run: _Run, outcome: Mapping[str, Any]) -> dict[str, Any]:
     logging.info("test (checkpoint of step %d) %s", step, test.line())
     counts = parallel.device_counts(run.mesh)
     mnist = {}
-    if spec.mnist_test_episodes:
+    if spec.schedule.mnist_test_episodes:
         mnist = run_data.mnist_out_of_domain(spec, config, state.params, run.stop)
     # results.json (experiments.records): every field given is written, null included.
     results = records.RunResults.written(
         config=spec.to_dict(),
         model_config=checkpointing.config_to_dict(config),
-        steps=spec.steps,
+        steps=spec.optim.steps,
         evaluated_step=step,
         test_ways=spec.test_ways(),
         best_validation_accuracy=run.ckpt.validation_accuracy(step),
@@ -367,4 +372,4 @@ def _write_results(run: _Run, results: Mapping[str, Any], test) -> None:
     logging_utils.plot_attention(
         attention, support.x, support.y, query.x, query.y, workdir / "attention.png"
     )
-    run.writer.write(run.spec.steps, {"test_accuracy": test.mean})
+    run.writer.write(run.spec.optim.steps, {"test_accuracy": test.mean})

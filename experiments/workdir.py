@@ -36,7 +36,8 @@ def json_value(value: Any) -> Any:
 
 
 def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's saved flags (config.json's `"flags"`) as `RunSpec` fields.
+    """A run's saved flags (config.json's `"flags"`) as the flat flags of a `RunSpec`
+    (`RunSpec.from_flags`).
 
     A field added after the run was saved counts as what the run did before the field
     existed: its `LEGACY_RUN_VALUES` entry where it has one, else its default. Fields this
@@ -99,12 +100,12 @@ def data_record(spec: RunSpec) -> dict[str, Any] | None:
     """What identifies the run's data beyond its flags: for Mini-ImageNet the SHA-256 of the
     split CSV files (`{"mini_imagenet_csv_sha256": {"train": ..., "val": ..., "test": ...}}`),
     recorded in config.json; `None` for the other data sets."""
-    if spec.dataset != "mini_imagenet":
+    if spec.data.dataset != "mini_imagenet":
         return None
     from metanet_jax.data import mini_imagenet
 
     sums = {
-        s: mini_imagenet.split_info(spec.mini_imagenet_dir, s)["sha256"]
+        s: mini_imagenet.split_info(spec.data.mini_imagenet_dir, s)["sha256"]
         for s in mini_imagenet.SPLIT_CLASSES
     }
     return {"mini_imagenet_csv_sha256": sums}

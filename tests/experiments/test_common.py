@@ -100,6 +100,60 @@ def test_a_flag_field_is_the_other_specs_flag_with_its_own_default(tmp_path):
         _parse(_Other, f"--workdir={tmp_path / 'w'}", "--rate=2")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Inner(common.Spec):
+    depth: int = common.int_field(1, 1, 9, "Depth.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group(common.Spec):
+    size: int = common.int_field(2, 1, 9, "Size.")
+    inner: _Inner = _Inner(depth=5)  # a group in a group, with its own default
+
+
+@dataclasses.dataclass(frozen=True)
+class _Nested(common.Spec):
+    MODEL_FLAGS: ClassVar = {"ways": common.Flag("int", "Ways.", lo=2, hi=9)}
+
+    workdir: str = common.workdir_field("Out.")
+    group: _Group = _Group(size=3)
+    model: MetaNetConfig = MetaNetConfig(ways=4)
+    mode: str = common.enum_field("a", ("a", "b"), "Mode.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Twice(common.Spec):
+    size: int = common.int_field(1, 1, 9, "Size.")
+    group: _Group = _Group()
+
+
+def test_a_group_field_nests_its_flags_under_their_flat_names(tmp_path):
+    """A field whose default is a Spec holds its flags (groups in groups too): flat names on
+    the command line and in the dict, the group field's default for their defaults."""
+    assert _Nested.flag_names() == ["workdir", "size", "depth", "ways", "mode"]
+    assert _Nested.flag_table()["depth"][0] == ("group", "inner", "depth")
+    values = _parse(_Nested, f"--workdir={tmp_path / 'w'}")
+    assert (values["size"].default, values["depth"].default, values["ways"].default) == (3, 5, 4)
+    assert _Nested.from_flag_values(values) == _Nested(workdir=str(tmp_path / "w"))
+    spec = _Nested.from_flags({"workdir": "w", "depth": 7, "ways": 6})
+    assert spec == _Nested(workdir="w", group=_Group(size=3, inner=_Inner(depth=7)),
+                           model=MetaNetConfig(ways=6))  # fmt: skip
+    assert spec.to_dict() == {"workdir": "w", "size": 3, "depth": 7, "ways": 6, "mode": "a"}
+    assert _Nested.from_flags(spec.to_dict()) == spec
+    with pytest.raises(TypeError, match="has no flag 'group'"):
+        _Nested.from_flags({"workdir": "w", "group": _Group()})
+    with pytest.raises(flags.IllegalFlagValueError, match=re.escape("[1, 9]")):
+        _parse(_Nested, f"--workdir={tmp_path / 'w'}", "--depth=10")
+    # Another spec's flag, wherever it is nested there.
+    assert _Nested.flag_field("depth", 2).metadata == dataclasses.fields(_Inner)[0].metadata
+    assert _Nested.flag_field("depth").default == 5
+
+
+def test_two_flags_of_one_name_are_refused():
+    with pytest.raises(TypeError, match=r"two flags named 'size': size, group.size"):
+        _Twice.flag_names()
+
+
 @pytest.mark.parametrize("spec_cls", [train.RunSpec, continual_protocol.ContinualSpec])
 def test_the_programs_model_flags_are_the_configs_fields_and_values(spec_cls):
     """Checked against MetaNetConfig itself: every model flag is a field of it, and an enum

@@ -51,11 +51,11 @@ def test_export_writes_params_config_results_without_pickle(trained):
     assert config["flags"]["max_ways"] == 4 and config["model_config"]["max_ways"] == 4
     for key in ("ways", "shots", "split", "eval_queries_per_class", "eval_batch"):
         assert saved["config"][key] == spec.to_dict()[key]
-    assert saved["steps"] == spec.steps == run_results["steps"]
+    assert saved["steps"] == spec.optim.steps == run_results["steps"]
     assert saved["wall_time_s"] == pytest.approx(run_results["wall_time_s"])
     assert saved["evaluated_step"] == run_results["evaluated_step"]
     assert saved["hardware"] == "test" and saved["test_platform"] == "cpu"
-    assert saved["test_episodes"] == spec.test_episodes
+    assert saved["test_episodes"] == spec.schedule.test_episodes
     # Measured again here on the run's own protocol: the training loop's own final test.
     assert saved["test_accuracy"] == pytest.approx(run_results["test_accuracy"], abs=1e-6)
     assert saved["test_ci95"] == pytest.approx(run_results["test_ci95"], abs=1e-6)

@@ -88,14 +88,14 @@ def test_every_flagfile_parses_into_a_valid_model_configuration(tmp_path):
                 print("FLAGERROR", path, e)
                 continue
             spec = omniglot.spec_from_flags()
-            shape = (84, 84, 3) if spec.dataset == "mini_imagenet" else (28, 28, 1)
+            shape = (84, 84, 3) if spec.data.dataset == "mini_imagenet" else (28, 28, 1)
             train.model_config(spec, shape)
             # The hand parser (nested --flagfile lines included) reads what absl read.
             assert protocol.flag_overrides(path, spec.to_dict()) == [], path
             cell = re.fullmatch(r"(previous|standard)_(\\d+)way.*", Path(path).stem)
             if cell:  # a table's cell: the base file's flags, its own split and ways
-                assert (spec.split, spec.model.ways) == (cell[1], int(cell[2])), path
-                assert (spec.steps, spec.model.max_ways) == (40000, 20), path
+                assert (spec.data.split, spec.model.ways) == (cell[1], int(cell[2])), path
+                assert (spec.optim.steps, spec.model.max_ways) == (40000, 20), path
             print("OK", path)
         """
     )

@@ -19,13 +19,14 @@ def test_flag_overrides_and_training_command(tmp_path):
     run = train.RunSpec.from_flags(
         dict(workdir="workdirs/x", ways=5, learning_rate=0.001, rotate=False)
     )
-    assert protocol.flag_overrides(flagfile, run.to_dict()) == ["--learning_rate=0.001",
-                                                                  "--norotate"]  # fmt: skip
+    # In the flat flags' order: the data's (rotate) before the model's.
+    overrides = ["--norotate", "--learning_rate=0.001"]
+    assert protocol.flag_overrides(flagfile, run.to_dict()) == overrides
     assert protocol.find_flagfile(run.to_dict(), tmp_path) == flagfile
     assert protocol.find_flagfile({"workdir": "workdirs/y"}, tmp_path) is None
     command = protocol.training_command(run.to_dict(), flagfile)
     assert command == (f"python -m experiments.omniglot --flagfile={flagfile.as_posix()} "
-                       "--learning_rate=0.001 --norotate")  # fmt: skip
+                       "--norotate --learning_rate=0.001")  # fmt: skip
     # An integer-list flag: the flagfile's text against config.json's list.
     flagfile.write_text("--ways=5\n--max_ways=20\n--train_ways=5,10,20\n--workdir=workdirs/x\n")
     run = train.RunSpec.from_flags(dict(workdir="x", max_ways=20, train_ways=[5, 10, 20]))

@@ -48,7 +48,7 @@ def _source(root: Path, name: str, *, pretrained=True, evals=(), **flags) -> Pat
     folder.mkdir(parents=True)
     spec = train.RunSpec.from_flags({"workdir": f"workdirs/{name}", **flags})
     results = {
-        "config": spec.to_dict(), "steps": spec.steps, "wall_time_s": 3723.0,
+        "config": spec.to_dict(), "steps": spec.optim.steps, "wall_time_s": 3723.0,
         "test_accuracy": 0.9712, "test_ci95": 0.0031, "test_episodes": 1000,
         "hardware": "1 x NVIDIA H200", "command": f"python -m experiments.omniglot --x={name}",
     }  # fmt: skip

@@ -96,11 +96,8 @@ def test_the_flat_flags_round_trip_through_the_nested_spec():
         ways=3, queries_per_class=2, conv_channels=3, num_conv_layers=2, hidden_units=5,
         rep_chunks=2, max_ways=4, learning_rate=0.002,
     )  # fmt: skip
-    assert (spec.rotate, spec.steps, spec.workdir) == (False, 4, "w")
-    assert train.RunSpec.from_flags(spec.to_dict()) == spec
-    assert set(spec.to_dict()) == {f.name for f in dataclasses.fields(spec)} - {"model"} | set(
-        train.MODEL_FLAGS
-    )
+    assert (spec.data.rotate, spec.optim.steps, spec.workdir) == (False, 4, "w")
+    assert train.RunSpec.from_flags(spec.to_dict()) == spec  # every group: test_schema.py
     # The run's model: the flags' model at the data's image size.
     config = train.model_config(spec, (8, 8, 1))
     assert config == dataclasses.replace(spec.model, image_shape=(8, 8, 1))
@@ -241,7 +238,7 @@ def test_mixed_training_ways_draw_each_steps_episode_size_and_resume_exactly(spe
     train.train_and_evaluate(spec, step_factory=recording_factory)
     ways = [spec.step_ways(t) for t in range(8)]
     assert set(ways) == {2, 4}  # both drawn in 8 steps with this seed
-    batch, q = spec.meta_batch, spec.model.queries_per_class
+    batch, q = spec.optim.meta_batch, spec.model.queries_per_class
     assert seen == [(w, (batch, w), (batch, w * q), w - 1) for w in ways]
 
     split = spec_factory("split", max_ways=4, train_ways="2,4", steps=5)

@@ -74,13 +74,14 @@ def test_eval_ways_validates_and_tests_on_that_many_ways(spec_factory):
     # The test number is 3-way accuracy on the fixed test episodes, recomputed here.
     config, params = evaluation.load_checkpoint(spec.workdir, "best")
     assert (config.ways, config.output_units) == (4, 4)
+    schedule = spec.schedule
     again = evaluation.evaluate_classes(
         params, config, train.load_splits(spec)["test"], ways=3, shots=1,
-        queries_per_class=spec.eval_queries_per_class, episodes=spec.test_episodes,
-        seed=train.TEST_SEED, batch_size=min(spec.eval_batch, spec.test_episodes),
+        queries_per_class=spec.eval_queries_per_class, episodes=schedule.test_episodes,
+        seed=train.TEST_SEED, batch_size=min(schedule.eval_batch, schedule.test_episodes),
     )  # fmt: skip
     assert again.mean == results["test_accuracy"]
-    assert again.accuracies.shape == (spec.test_episodes,)
+    assert again.accuracies.shape == (schedule.test_episodes,)
 
 
 def test_a_run_records_the_split_csv_checksums_and_refuses_other_files(tmp_path):
