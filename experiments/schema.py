@@ -29,27 +29,6 @@ MNIST_SEED = 3
 
 DATASETS = ("omniglot", "mini_imagenet", "synthetic")
 
-# Flags (flat names) that may differ between runs on one workdir (everything else defines
-# the model or the data and is compared with the workdir's config.json).
-MUTABLE_FIELDS = frozenset(
-    {
-        "steps",
-        "workdir",
-        "datasets",
-        "mini_imagenet_dir",
-        "eval_every",
-        "eval_episodes",
-        "test_episodes",
-        "mnist_test_episodes",
-        "eval_batch",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "log_every",
-        "generator_kernel",  # an execution choice: the same mathematics
-    }
-)
-
-
 # RunSpec fields added after workdirs were first written, with the value a config.json
 # without them meant (the model's fields as in `config.LEGACY_VALUES`).
 LEGACY_RUN_VALUES = {
@@ -178,6 +157,16 @@ class ScheduleSpec(common.Spec):
         3, 1, 1000, "Latest checkpoints kept (the best one is kept as well)."
     )
     log_every: int = common.int_field(50, 1, 10**8, "Progress line every this many steps.")
+
+
+# Flags (flat names) that may differ between runs on one workdir (everything else defines
+# the model or the data and is compared with the workdir's config.json): the schedule's (it
+# does not change the trained model), the steps to reach, where the files are, and the
+# generator kernel (an execution choice: the same mathematics).
+MUTABLE_FIELDS = frozenset(
+    {"steps", "workdir", "datasets", "mini_imagenet_dir", "generator_kernel",
+     *ScheduleSpec.flag_names()}
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
