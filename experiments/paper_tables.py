@@ -4,6 +4,8 @@ setting beside the paper's number."""
 
 from __future__ import annotations
 
+import itertools
+import json
 from collections.abc import Sequence
 
 from experiments import report_markdown as md
@@ -122,6 +124,15 @@ _SECTIONS = {
         "of several ways (`--train_ways`, e.g. `previous_cpu.flags`) stands in every "
         'column it was tested at; "trained" says how each model was trained.',
     ),
+    "ordering": (
+        "Table 1's ablation: does the paper's ordering hold?",
+        "The paper finds MetaNet ahead of MetaNet- and MetaNet+ at every N, and MetaNet+ "
+        "last at 10, 15 and 20 ways. Each row compares models of one recipe (the same flags "
+        "but for the variant, the steps and the workdir) on the same fixed test episodes; a "
+        'difference is "ahead" or "behind" when it exceeds its 95% interval, '
+        "`1.96 * sqrt(se1^2 + se2^2)` (the two means treated as independent, which is "
+        'conservative for paired episodes), and "within CI" otherwise.',
+    ),
     "standard_split": (
         "Omniglot, standard split (Lake et al.), MetaNet 1-shot",
         "Trained on the 30 background alphabets, tested on the 20 evaluation alphabets "
@@ -161,7 +172,7 @@ def _section(name: str, header: Sequence[str], rows) -> list[str]:
 
 def sections(ms: list[Measurement]) -> list[str]:
     """The sections of the paper's tables, each with our measurements beside the paper's."""
-    tables = (_previous_split, _standard_split, _standard_k_way, _n_to_k, _mnist,
+    tables = (_previous_split, _ordering, _standard_split, _standard_k_way, _n_to_k, _mnist,
               _mini_imagenet)  # fmt: skip
     return [line for section in tables for line in section(ms)]
 
@@ -176,6 +187,64 @@ def _previous_split(ms: list[Measurement]) -> list[str]:
                 cells = _cells([] if m is None else [m])[0]
                 rows.append([VARIANT_NAMES[v], str(n), PAPER_PREVIOUS[v][n], how, *cells])
     return _section("previous_split", ("model", "N-way", "paper", "trained", *CELL_HEADER), rows)
+
+
+def _recipe(source: Source) -> str:
+    """A model's flags but for those an ablation varies (variant, steps, workdir)."""
+    keep = {k: v for k, v in source.flags.items() if k not in ("variant", "steps", "workdir")}
+    return json.dumps(keep, sort_keys=True, default=str)
+
+
+def _difference(a: Measurement, b: Measurement | None) -> str:
+    """`a - b` in points with its 95% interval and its verdict; "" without `b`."""
+    if b is None or a.ci95 is None or b.ci95 is None:
+        return ""
+    diff, ci = a.accuracy - b.accuracy, (a.ci95**2 + b.ci95**2) ** 0.5
+    verdict = "within CI" if abs(diff) <= ci else ("ahead" if diff > 0 else "behind")
+    return f"{100 * diff:+.2f} +- {100 * ci:.2f} ({verdict})"
+
+
+def _order(accuracy: dict[str, float]) -> str:
+    """Variants from best to worst, e.g. `MetaNet > MetaNet+ = MetaNet-` (equal to the two
+    decimals shown)."""
+    shown = {v: round(100 * a, 2) for v, a in accuracy.items()}
+    ranked = sorted(shown, key=lambda v: -shown[v])
+    text = VARIANT_NAMES[ranked[0]]
+    for before, v in itertools.pairwise(ranked):
+        text += (" = " if shown[v] == shown[before] else " > ") + VARIANT_NAMES[v]
+    return text
+
+
+def _ordering(ms: list[Measurement]) -> list[str]:
+    """Table 1's variants of one recipe side by side at each N, against the paper's order."""
+    groups: dict[str, dict[str, dict[int, Measurement]]] = {}
+    for v in VARIANT_NAMES:
+        for n in (5, 10, 15, 20):
+            found = _omniglot_cell(ms, split="previous", variant=v, trained="mixed", tested=n)
+            for m in sorted(found, key=lambda m: m.source.path, reverse=True):
+                groups.setdefault(_recipe(m.source), {}).setdefault(v, {})[n] = m
+    rows = []
+    for variants in groups.values():
+        if "metanet" not in variants or len(variants) < 2:
+            continue
+        for n, best in sorted(variants["metanet"].items()):
+            minus = variants.get("metanet-", {}).get(n)
+            plus = variants.get("metanet+", {}).get(n)
+            if minus is None and plus is None:
+                continue
+            ours = {v: variants[v][n].accuracy for v in variants if n in variants[v]}
+            paper = {v: float(PAPER_PREVIOUS[v][n]) / 100 for v in ours}
+            rows.append([
+                str(n), *(md.pct(m.accuracy, m.ci95) if m else "" for m in (minus, best, plus)),
+                _difference(best, minus), _difference(best, plus), _order(ours), _order(paper),
+                " / ".join(f"`{variants[v][n].source.path}`" for v in VARIANT_NAMES
+                           if n in variants.get(v, {})),
+            ])  # fmt: skip
+    if not rows:
+        rows = [[""] * 9]
+    header = ("N-way", "MetaNet-", "MetaNet", "MetaNet+", "MetaNet - MetaNet-",
+              "MetaNet - MetaNet+", "ours, best first", "paper, best first", "models")  # fmt: skip
+    return _section("ordering", header, rows)
 
 
 def _standard_split(ms: list[Measurement]) -> list[str]:

@@ -270,3 +270,41 @@ def test_table_1_shows_a_model_trained_on_several_ways_in_every_column_it_was_te
     assert "| 93.00 +- 0.20 | 1,000 | `models/one10` |" in _row(text, "10", "20", "96.21")
     n_to_k = text[text.index("## Trained N-way, tested K-way") : text.index("## MNIST")]
     assert "`models/mix" not in n_to_k
+
+
+def test_the_ordering_table_compares_the_variants_of_one_recipe_with_their_intervals(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+
+    def tested(ways, accuracy):
+        return {"name": f"w{ways}", "data": "omniglot/previous/test", "ways": ways, "shots": 1,
+                "queries_per_class": 10, "episodes": 1000, "seed": train.TEST_SEED,
+                "batch": 50, "accuracy": accuracy, "ci95": 0.002}  # fmt: skip
+
+    mixed = dict(split="previous", ways=5, max_ways=20, train_ways=(5, 10, 15, 20),
+                 conv_channels=32)  # fmt: skip
+    models = tmp_path / "models"
+    _source(models, "mix", evals=[tested(10, 0.97), tested(20, 0.95)], **mixed)
+    _source(models, "mix_minus", variant="metanet-", evals=[tested(10, 0.9611)], **mixed)
+    # Fewer steps: still the same recipe.
+    _source(models, "mix_plus", variant="metanet+", steps=20000, evals=[tested(20, 0.953)],
+            **mixed)  # fmt: skip
+    # Another recipe (16 channels): compared with nothing.
+    _source(models, "narrow_minus", variant="metanet-", **{**mixed, "conv_channels": 16})
+    text = reporting.results_markdown(
+        reporting.find_sources(["models"]), ["models"], ablations_dir=None
+    )
+    section = text[text.index("## Table 1's ablation") : text.index("## Omniglot, standard")]
+    # 5-way: every results.json test is 97.12 +- 0.31; each difference is 0 +- 0.44.
+    row = _row(section, "5", *["97.12 +- 0.31"] * 3, *["+0.00 +- 0.44 (within CI)"] * 2)
+    assert "| MetaNet- = MetaNet = MetaNet+ | MetaNet > MetaNet+ > MetaNet- |" in row
+    assert "`models/mix_minus` / `models/mix` / `models/mix_plus` |" in row
+    # 10-way: 97.00 - 96.11 = +0.89, interval 1.96 * sqrt(2) * 0.102 = 0.28.
+    row = _row(section, "10", "96.11 +- 0.20", "97.00 +- 0.20", "")
+    assert "| +0.89 +- 0.28 (ahead) |  | MetaNet > MetaNet- | MetaNet > MetaNet- |" in row
+    # 20-way: MetaNet+ 95.30 beats MetaNet 95.00 by more than 0.28: the paper's order fails.
+    row = _row(section, "20", "", "95.00 +- 0.20", "95.30 +- 0.20")
+    assert "|  | -0.30 +- 0.28 (behind) | MetaNet+ > MetaNet | MetaNet > MetaNet+ |" in row
+    assert "narrow_minus" not in section
+    assert "| 15 |" not in section
