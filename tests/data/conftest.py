@@ -31,9 +31,20 @@ def datasets_root() -> Path:
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """`$METANET_DATA_DIR` when set (reused between runs), else a fresh folder."""
+    """`$METANET_DATA_DIR` when set (reused between runs), else a fresh folder of this run.
+
+    Under pytest-xdist the workers share one folder (the run's base temp, above each worker's
+    own), so a data set is prepared once per run, not once per worker that needs it: the
+    library's preparation lock makes a second worker wait for the first one's cache.
+    """
     env = os.environ.get("METANET_DATA_DIR")
-    return Path(env) if env else tmp_path_factory.mktemp("metanet_data")
+    if env:
+        return Path(env)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = tmp_path_factory.getbasetemp().parent / "metanet_data"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("metanet_data")
 
 
 @pytest.fixture(scope="session")
