@@ -131,7 +131,9 @@ _SECTIONS = {
         "but for the variant, the steps and the workdir) on the same fixed test episodes; a "
         'difference is "ahead" or "behind" when it exceeds its 95% interval, '
         "`1.96 * sqrt(se1^2 + se2^2)` (the two means treated as independent, which is "
-        'conservative for paired episodes), and "within CI" otherwise.',
+        'conservative for paired episodes), and "within CI" otherwise. In our order, `~` joins '
+        "neighbours whose difference is within that interval (`=`: equal to the decimals "
+        "shown).",
     ),
     "standard_split": (
         "Omniglot, standard split (Lake et al.), MetaNet 1-shot",
@@ -204,14 +206,21 @@ def _difference(a: Measurement, b: Measurement | None) -> str:
     return f"{100 * diff:+.2f} +- {100 * ci:.2f} ({verdict})"
 
 
-def _order(accuracy: dict[str, float]) -> str:
+def _order(accuracy: dict[str, float], ci95: dict[str, float] | None = None) -> str:
     """Variants from best to worst, e.g. `MetaNet > MetaNet+ = MetaNet-` (equal to the two
-    decimals shown)."""
+    decimals shown). With `ci95`, neighbours whose difference is inside its 95% interval
+    (`sqrt(ci1^2 + ci2^2)`, as `_difference`) are joined by `~`: `MetaNet- ~ MetaNet`."""
     shown = {v: round(100 * a, 2) for v, a in accuracy.items()}
     ranked = sorted(shown, key=lambda v: -shown[v])
     text = VARIANT_NAMES[ranked[0]]
     for before, v in itertools.pairwise(ranked):
-        text += (" = " if shown[v] == shown[before] else " > ") + VARIANT_NAMES[v]
+        if shown[v] == shown[before]:
+            sign = " = "
+        elif ci95 and accuracy[before] - accuracy[v] <= (ci95[before] ** 2 + ci95[v] ** 2) ** 0.5:
+            sign = " ~ "
+        else:
+            sign = " > "
+        text += sign + VARIANT_NAMES[v]
     return text
 
 
@@ -233,10 +242,12 @@ def _ordering(ms: list[Measurement]) -> list[str]:
             if minus is None and plus is None:
                 continue
             ours = {v: variants[v][n].accuracy for v in variants if n in variants[v]}
+            cis = {v: variants[v][n].ci95 for v in ours}
             paper = {v: float(PAPER_PREVIOUS[v][n]) / 100 for v in ours}
             rows.append([
                 str(n), *(md.pct(m.accuracy, m.ci95) if m else "" for m in (minus, best, plus)),
-                _difference(best, minus), _difference(best, plus), _order(ours), _order(paper),
+                _difference(best, minus), _difference(best, plus),
+                _order(ours, None if None in cis.values() else cis), _order(paper),
                 " / ".join(f"`{variants[v][n].source.path}`" for v in VARIANT_NAMES
                            if n in variants.get(v, {})),
             ])  # fmt: skip
