@@ -224,6 +224,12 @@ def _order(accuracy: dict[str, float], ci95: dict[str, float] | None = None) -> 
     return text
 
 
+def _model_steps(source: Source) -> str:
+    """`path` (steps): the variants of a recipe may have trained for different steps."""
+    steps = steps_text(source)
+    return f"`{source.path}`" + (f" ({steps})" if steps else "")
+
+
 def _ordering(ms: list[Measurement]) -> list[str]:
     """Table 1's variants of one recipe side by side at each N, against the paper's order."""
     groups: dict[str, dict[str, dict[int, Measurement]]] = {}
@@ -248,13 +254,14 @@ def _ordering(ms: list[Measurement]) -> list[str]:
                 str(n), *(md.pct(m.accuracy, m.ci95) if m else "" for m in (minus, best, plus)),
                 _difference(best, minus), _difference(best, plus),
                 _order(ours, None if None in cis.values() else cis), _order(paper),
-                " / ".join(f"`{variants[v][n].source.path}`" for v in VARIANT_NAMES
+                " / ".join(_model_steps(variants[v][n].source) for v in VARIANT_NAMES
                            if n in variants.get(v, {})),
             ])  # fmt: skip
     if not rows:
         rows = [[""] * 9]
     header = ("N-way", "MetaNet-", "MetaNet", "MetaNet+", "MetaNet - MetaNet-",
-              "MetaNet - MetaNet+", "ours, best first", "paper, best first", "models")  # fmt: skip
+              "MetaNet - MetaNet+", "ours, best first", "paper, best first",
+              "models (steps)")  # fmt: skip
     return _section("ordering", header, rows)
 
 

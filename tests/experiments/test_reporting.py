@@ -300,7 +300,8 @@ def test_the_ordering_table_compares_the_variants_of_one_recipe_with_their_inter
     # 5-way: every results.json test is 97.12 +- 0.31; each difference is 0 +- 0.44.
     row = _row(section, "5", *["97.12 +- 0.31"] * 3, *["+0.00 +- 0.44 (within CI)"] * 2)
     assert "| MetaNet- = MetaNet = MetaNet+ | MetaNet > MetaNet+ > MetaNet- |" in row
-    assert "`models/mix_minus` / `models/mix` / `models/mix_plus` |" in row
+    # Each model with its steps: MetaNet+ trained 20,000 (the others the helper's 1,000).
+    assert "`models/mix_minus` (1,000) / `models/mix` (1,000) / `models/mix_plus` (20,000) |" in row
     # 10-way: 97.00 - 96.11 = +0.89, interval 1.96 * sqrt(2) * 0.102 = 0.28.
     row = _row(section, "10", "96.11 +- 0.20", "97.00 +- 0.20", "")
     assert "| +0.89 +- 0.28 (ahead) |  | MetaNet > MetaNet- | MetaNet > MetaNet- |" in row
