@@ -225,18 +225,24 @@ def test_report_program_check_fails_on_a_stale_readme(tmp_path):
     assert readme.read_text().count("stale") == 1 and not (tmp_path / "R.md").exists()
 
 
+# A model trained on episodes of several ways on the previous split (previous_cpu's recipe).
+MIXED_RECIPE = dict(split="previous", ways=5, max_ways=20, train_ways=(5, 10, 15, 20),
+                    conv_channels=32)  # fmt: skip
+
+
+def _tested_previous(ways, accuracy):
+    """An `eval_*.json` record of the previous split's test at `ways`, CI 0.20 points."""
+    return {"name": f"w{ways}", "data": "omniglot/previous/test", "ways": ways, "shots": 1,
+            "queries_per_class": 10, "episodes": 1000, "seed": train.TEST_SEED,
+            "batch": 50, "accuracy": accuracy, "ci95": 0.002}  # fmt: skip
+
+
 def test_table_1_shows_a_model_trained_on_several_ways_in_every_column_it_was_tested_at(
     tmp_path, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
 
-    def tested(ways, accuracy):
-        return {"name": f"w{ways}", "data": "omniglot/previous/test", "ways": ways, "shots": 1,
-                "queries_per_class": 10, "episodes": 1000, "seed": train.TEST_SEED,
-                "batch": 50, "accuracy": accuracy, "ci95": 0.002}  # fmt: skip
-
-    mixed = dict(split="previous", ways=5, max_ways=20, train_ways=(5, 10, 15, 20),
-                 conv_channels=32)  # fmt: skip
+    tested, mixed = _tested_previous, MIXED_RECIPE
     _source(tmp_path / "models", "mix", evals=[tested(10, 0.97), tested(20, 0.95)], **mixed)
     folder = _source(tmp_path / "models", "mix_minus", variant="metanet-",
                      evals=[tested(15, 0.9611)], **mixed)  # fmt: skip
@@ -277,13 +283,7 @@ def test_the_ordering_table_compares_the_variants_of_one_recipe_with_their_inter
 ):
     monkeypatch.chdir(tmp_path)
 
-    def tested(ways, accuracy):
-        return {"name": f"w{ways}", "data": "omniglot/previous/test", "ways": ways, "shots": 1,
-                "queries_per_class": 10, "episodes": 1000, "seed": train.TEST_SEED,
-                "batch": 50, "accuracy": accuracy, "ci95": 0.002}  # fmt: skip
-
-    mixed = dict(split="previous", ways=5, max_ways=20, train_ways=(5, 10, 15, 20),
-                 conv_channels=32)  # fmt: skip
+    tested, mixed = _tested_previous, MIXED_RECIPE
     models = tmp_path / "models"
     _source(models, "mix", evals=[tested(10, 0.97), tested(15, 0.96), tested(20, 0.95)], **mixed)
     _source(models, "mix_minus", variant="metanet-",
