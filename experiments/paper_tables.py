@@ -197,26 +197,37 @@ def _recipe(source: Source) -> str:
     return json.dumps(keep, sort_keys=True, default=str)
 
 
+def _interval(ci_a: float, ci_b: float) -> float:
+    """The 95% interval of a difference of two means, from theirs (treated as independent)."""
+    return (ci_a**2 + ci_b**2) ** 0.5
+
+
 def _difference(a: Measurement, b: Measurement | None) -> str:
     """`a - b` in points with its 95% interval and its verdict; "" without `b`."""
     if b is None or a.ci95 is None or b.ci95 is None:
         return ""
-    diff, ci = a.accuracy - b.accuracy, (a.ci95**2 + b.ci95**2) ** 0.5
+    diff, ci = a.accuracy - b.accuracy, _interval(a.ci95, b.ci95)
     verdict = "within CI" if abs(diff) <= ci else ("ahead" if diff > 0 else "behind")
     return f"{100 * diff:+.2f} +- {100 * ci:.2f} ({verdict})"
 
 
-def _order(accuracy: dict[str, float], ci95: dict[str, float] | None = None) -> str:
+def _order(accuracy: dict[str, float], ci95: dict[str, float | None] | None = None) -> str:
     """Variants from best to worst, e.g. `MetaNet > MetaNet+ = MetaNet-` (equal to the two
     decimals shown). With `ci95`, neighbours whose difference is inside its 95% interval
-    (`sqrt(ci1^2 + ci2^2)`, as `_difference`) are joined by `~`: `MetaNet- ~ MetaNet`."""
+    (`_interval`, as `_difference`) are joined by `~`: `MetaNet- ~ MetaNet`; a variant
+    without an interval is ranked by its mean alone."""
     shown = {v: round(100 * a, 2) for v, a in accuracy.items()}
     ranked = sorted(shown, key=lambda v: -shown[v])
     text = VARIANT_NAMES[ranked[0]]
     for before, v in itertools.pairwise(ranked):
         if shown[v] == shown[before]:
             sign = " = "
-        elif ci95 and accuracy[before] - accuracy[v] <= (ci95[before] ** 2 + ci95[v] ** 2) ** 0.5:
+        elif (
+            ci95
+            and ci95[before] is not None
+            and ci95[v] is not None
+            and accuracy[before] - accuracy[v] <= _interval(ci95[before], ci95[v])
+        ):
             sign = " ~ "
         else:
             sign = " > "
@@ -253,7 +264,7 @@ def _ordering(ms: list[Measurement]) -> list[str]:
             rows.append([
                 str(n), *(md.pct(m.accuracy, m.ci95) if m else "" for m in (minus, best, plus)),
                 _difference(best, minus), _difference(best, plus),
-                _order(ours, None if None in cis.values() else cis), _order(paper),
+                _order(ours, cis), _order(paper),
                 " / ".join(_model_steps(variants[v][n].source) for v in VARIANT_NAMES
                            if n in variants.get(v, {})),
             ])  # fmt: skip
