@@ -34,6 +34,7 @@ DATASETS = ("omniglot", "mini_imagenet", "synthetic")
 LEGACY_RUN_VALUES = {
     **LEGACY_VALUES,
     "validation_alphabets": 0,
+    "translate": 0,
 }
 
 
@@ -126,6 +127,10 @@ class DataSpec(common.Spec):
     rotations_as_classes: bool = common.bool_field(
         False, "The 4 rotations of a training class are 4 classes."
     )
+    translate: int = common.int_field(
+        0, 0, 8, "Move each training image by a random whole number of pixels, up to this many "
+        "in each direction, zero fill (0: off; an augmentation not in the paper).",
+    )  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)

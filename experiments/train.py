@@ -258,6 +258,7 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime
         spec.step_ways,
         rotate=spec.data.rotate,
         rotations_as_classes=spec.data.rotations_as_classes,
+        translate=spec.data.translate,
     )
     out = None if parallel.is_primary() else io.StringIO()
     start = int(state.step)

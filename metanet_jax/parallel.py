@@ -385,7 +385,7 @@ def sample_process_episodes(
     class, example and rotation indices of the whole batch, then gathers the images of its
     own tasks only (`process_task_indices`, the sampler's `rows`). `images` is this
     process's copy of the class array; `options` are `data.sample_episodes`' keywords
-    (`rotate`, `rotations_as_classes`, `permutations`).
+    (`rotate`, `rotations_as_classes`, `translate`, `permutations`).
     """
     from metanet_jax.data import sampler
 

@@ -19,6 +19,10 @@ Layout of every episode (support and query alike), "class-major":
   `classes * P` (`* 4` with rotations as classes); class `c + p * classes` is class `c` with
   its pixels reordered by `permutations[p]` (`x_flat[permutations[p]]`), applied on the fly.
   Index order of the pool: `c + classes * (p + P * r)`.
+* translation (`translate=s > 0`, not in the paper): every image, support and query alike,
+  is moved by its own random whole number of pixels in `[-s, s]` down and right (negative:
+  up and left), after any rotation or permutation; pixels moved in from outside are 0 (no
+  ink). An augmentation of training episodes only; evaluation episodes are never moved.
 """
 
 from __future__ import annotations
@@ -43,12 +47,15 @@ class EpisodeIndices(NamedTuple):
         support, the rest: query), distinct within a class.
       rotations: `[B, ways]` int32, multiples of 90 degrees (`jnp.rot90` k), 0 when not rotated.
       permutations: `[B, ways]` int32, index into the pixel permutations (0 when none).
+      shifts: `[B, ways, shots + queries, 2]` int32, each image's (down, right) translation
+        in pixels, in `[-translate, translate]` (all 0 when not translated).
     """
 
     classes: jax.Array
     drawers: jax.Array
     rotations: jax.Array
     permutations: jax.Array
+    shifts: jax.Array
 
 
 class EpisodeShape(NamedTuple):
@@ -64,6 +71,7 @@ class EpisodeShape(NamedTuple):
       rotate: a random multiple of 90 degrees per class, the same for its support and query
         images (ignored with rotations as classes).
       rotations_as_classes: the 4 rotations of a class are 4 classes.
+      translate: each image moved by up to this many pixels in each direction (0: off).
     """
 
     ways: int
@@ -72,6 +80,7 @@ class EpisodeShape(NamedTuple):
     batch_size: int
     rotate: bool = True
     rotations_as_classes: bool = False
+    translate: int = 0
 
     def class_pool(self, num_classes: int, num_drawers: int, num_permutations: int) -> int:
         """The classes to draw from: `num_classes * num_permutations`, times 4 with rotations
@@ -82,10 +91,11 @@ class EpisodeShape(NamedTuple):
             queries_per_class` above `num_drawers`, the examples per class.
         """
         ways, shots, queries, batch = self[:4]
-        if ways < 1 or shots < 1 or queries < 0 or batch < 1:
+        if ways < 1 or shots < 1 or queries < 0 or batch < 1 or self.translate < 0:
             raise ValueError(
-                f"Need ways >= 1, shots >= 1, queries_per_class >= 0, batch_size >= 1; got "
-                f"ways={ways}, shots={shots}, queries_per_class={queries}, batch_size={batch}."
+                f"Need ways >= 1, shots >= 1, queries_per_class >= 0, batch_size >= 1, "
+                f"translate >= 0; got ways={ways}, shots={shots}, queries_per_class={queries}, "
+                f"batch_size={batch}, translate={self.translate}."
             )
         pool = num_classes * num_permutations * (4 if self.rotations_as_classes else 1)
         if ways > pool:
@@ -111,13 +121,13 @@ def sample_episode_indices(
     shape: EpisodeShape,
     num_permutations: int = 1,
 ) -> EpisodeIndices:
-    """Draws the classes, examples, rotations and permutations of a batch of episodes.
+    """Draws the classes, examples, rotations, permutations and translations of a batch.
 
     Args:
       key: a PRNG key.
       num_classes: `C`, classes in the image array.
       num_drawers: `D`, examples per class.
-      shape: the episodes' sizes and rotations (static).
+      shape: the episodes' sizes, rotations and translation (static).
       num_permutations: `P` pixel permutations, each making `C` more classes.
 
     Returns:
@@ -140,8 +150,15 @@ def sample_episode_indices(
         rotations = jax.random.randint(k_rot, (batch_size, ways), 0, 4)
     else:
         rotations = jnp.zeros((batch_size, ways), jnp.int32)
+    n = shots + queries_per_class
+    if shape.translate:
+        # Its own key (fold_in, not a fourth split) keeps untranslated episodes as they were.
+        t = shape.translate
+        shifts = jax.random.randint(jax.random.fold_in(key, 3), (batch_size, ways, n, 2), -t, t + 1)
+    else:
+        shifts = jnp.zeros((batch_size, ways, n, 2), jnp.int32)
     i32 = lambda a: a.astype(jnp.int32)
-    return EpisodeIndices(i32(classes), i32(drawers), i32(rotations), i32(perms))
+    return EpisodeIndices(i32(classes), i32(drawers), i32(rotations), i32(perms), i32(shifts))
 
 
 def _rotation_tables(h: int, w: int) -> np.ndarray:
@@ -157,6 +174,7 @@ def gather_episodes(
     permutations: jax.Array | None = None,
     *,
     rotate: bool = True,
+    translate: int = 0,
 ) -> tuple[Episode, Episode]:
     """Gathers the images that `indices` names and lays them out as support and query sets.
 
@@ -169,6 +187,7 @@ def gather_episodes(
       permutations: `[P, H*W]` int pixel permutations, or None.
       rotate: apply `indices.rotations` (False skips the pixel gather when there are no
         permutations either).
+      translate: the largest shift of `indices.shifts` (0: the images are not moved).
 
     Returns:
       `(support, query)`: `Episode`s with x `[B, ways*shots, H, W, ch]` and
@@ -187,7 +206,9 @@ def gather_episodes(
         # x_flat[perm][rot] == x_flat[perm[rot]]: permute, then rotate.
         pix = perm if pix is None else jnp.take_along_axis(perm, pix, axis=-1)
 
-    def episode(r: jax.Array) -> Episode:
+    shifts = indices.shifts
+
+    def episode(r: jax.Array, r0: int) -> Episode:
         # One gather straight into the output layout: [B, ways, k, ...] -> [B, ways * k, ...].
         k = r.shape[-1]
         if pix is None:
@@ -195,10 +216,24 @@ def gather_episodes(
         else:
             x = images.reshape(c * d, h * w, ch)[r[..., None], pix[:, :, None, :]]
         x = x.astype(jnp.float32) * (1.0 / 255.0) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
+        if translate:
+            x = _translated(x.reshape(b, ways, k, h, w, ch), shifts[:, :, r0 : r0 + k], translate)
         y = jnp.broadcast_to(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), k), (b, ways * k))
         return Episode(x.reshape(b, ways * k, h, w, ch), y)
 
-    return episode(rows[:, :, :shots]), episode(rows[:, :, shots:])
+    return episode(rows[:, :, :shots], 0), episode(rows[:, :, shots:], shots)
+
+
+def _translated(x: jax.Array, shifts: jax.Array, t: int) -> jax.Array:
+    """`x [..., H, W, ch]` each moved by its `shifts [..., 2]` (down, right), zero fill.
+
+    Out pixel `(i, j)` is in pixel `(i - dy, j - dx)`: a window of the image padded by `t`.
+    """
+    h, w, ch = x.shape[-3:]
+    lead = x.shape[:-3]
+    padded = jnp.pad(x.reshape(-1, h, w, ch), ((0, 0), (t, t), (t, t), (0, 0)))
+    window = lambda img, s: jax.lax.dynamic_slice(img, (t - s[0], t - s[1], 0), (h, w, ch))
+    return jax.vmap(window)(padded, shifts.reshape(-1, 2)).reshape(*lead, h, w, ch)
 
 
 # The arguments that fix the batch's shapes (`EpisodeShape`'s fields) are static.
@@ -213,6 +248,7 @@ def sample_episodes(
     *,
     rotate: bool = True,
     rotations_as_classes: bool = False,
+    translate: int = 0,
     permutations: jax.Array | None = None,
     rows: jax.Array | None = None,
 ) -> tuple[Episode, Episode]:
@@ -230,6 +266,8 @@ def sample_episodes(
       rotate: rotate each class by a random multiple of 90 degrees, the same for its support
         and query images (the authors' protocol). Needs square images.
       rotations_as_classes: the 4 rotations of each class are distinct classes instead.
+      translate: move every image by its own random whole number of pixels, up to this many
+        in each direction, zero fill (0: off; a training augmentation, not in the paper).
       permutations: `[P, H*W]` int pixel permutations (`pixel_permutations`), making `C * P`
         classes (permuted MNIST); None for none.
       rows: `[R]` int, only these episodes of the batch (a process's own tasks,
@@ -250,14 +288,17 @@ def sample_episodes(
     c, d, h, w = images.shape[:4]
     if (rotate or rotations_as_classes) and h != w:
         raise ValueError(f"Rotations need square images, got {h}x{w}; pass rotate=False.")
-    shape = EpisodeShape(ways, shots, queries_per_class, batch_size, rotate, rotations_as_classes)
+    shape = EpisodeShape(
+        ways, shots, queries_per_class, batch_size, rotate, rotations_as_classes, translate
+    )
     num_perms = 1 if permutations is None else int(permutations.shape[0])
     indices = sample_episode_indices(key, c, d, shape, num_perms)
     if rows is not None:
         indices = jax.tree.map(lambda a: a[rows], indices)
     return gather_episodes(
-        images, indices, shots, permutations, rotate=rotate or rotations_as_classes
-    )
+        images, indices, shots, permutations, rotate=rotate or rotations_as_classes,
+        translate=translate,
+    )  # fmt: skip
 
 
 def pixel_permutations(

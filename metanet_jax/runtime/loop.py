@@ -94,7 +94,8 @@ def episode_source(
       meta_batch: tasks per step.
       step_ways: step t -> the ways of its episodes (`RunSpec.step_ways`); default
         `config.ways` for every step.
-      **options: the sampler's options (`rotate`, `rotations_as_classes`, `permutations`).
+      **options: the sampler's options (`rotate`, `rotations_as_classes`, `translate`,
+        `permutations`).
 
     Returns:
       `episodes(t) -> (support, query)`.

@@ -108,6 +108,39 @@ def test_permutations(images):
         assert found == set(itertools.product(range(C), range(3)))
 
 
+def _moved(img, dy, dx):
+    """The loop reference of a translation: out[i, j] = img[i - dy, j - dx], else 0."""
+    out = np.zeros_like(img)
+    for i, j in itertools.product(range(img.shape[0]), range(img.shape[1])):
+        if 0 <= i - dy < img.shape[0] and 0 <= j - dx < img.shape[1]:
+            out[i, j] = img[i - dy, j - dx]
+    return out
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_translation_moves_each_image_by_its_own_shift(images, rotate):
+    # The translation has its own key: the same key with translate=0 draws the same classes,
+    # drawers and rotations, so each moved image is the unmoved one shifted by its indices.
+    imgs, key, t = jnp.asarray(images), jax.random.key(4), 2
+    ways, shots, queries, batch = 3, 2, 3, 4
+    moved = data.sample_episodes(key, imgs, ways, shots, queries, batch, rotate=rotate, translate=t)
+    still = data.sample_episodes(key, imgs, ways, shots, queries, batch, rotate=rotate)
+    shape = data.EpisodeShape(ways, shots, queries, batch, rotate, False, t)
+    shifts = np.asarray(data.sample_episode_indices(key, C, D, shape).shifts)
+    assert shifts.shape == (batch, ways, shots + queries, 2)
+    assert set(np.unique(shifts)) == set(range(-t, t + 1))  # every shift, both directions
+    for m, first, k in ((moved[0], still[0], 0), (moved[1], still[1], shots)):
+        np.testing.assert_array_equal(m.y, first.y)
+        n = m.x.shape[1] // ways
+        for b, i in itertools.product(range(batch), range(m.x.shape[1])):
+            dy, dx = shifts[b, i // n, k + i % n]
+            expected = _moved(np.asarray(first.x[b, i]), dy, dx)
+            np.testing.assert_array_equal(np.asarray(m.x[b, i]), expected)
+    # Untranslated episodes: no shift drawn, the images as gathered.
+    unshifted = data.sample_episode_indices(key, C, D, shape._replace(translate=0)).shifts
+    assert not np.any(np.asarray(unshifted))
+
+
 def test_determinism_and_label_permutation(images):
     imgs = jnp.asarray(images)
     a = data.sample_episodes(jax.random.key(7), imgs, 3, 1, 2, 8)
@@ -142,6 +175,8 @@ def test_bad_input(images):
         data.sample_episodes(key, imgs[:, :, :, :4], 2, 1, 1, 2)
     with pytest.raises(ValueError):
         data.sample_episodes(key, imgs, 2, 0, 1, 2)
+    with pytest.raises(ValueError, match="translate"):
+        data.sample_episodes(key, imgs, 2, 1, 1, 2, translate=-1)
 
 
 def test_fixed_eval_episodes(images):

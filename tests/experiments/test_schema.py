@@ -14,7 +14,7 @@ from experiments import common, protocol, schema
 # Each group's flags, written out here (not read from the code under test), in field order.
 DATA_FLAGS = [
     "dataset", "split", "validation_classes", "validation_alphabets", "split_seed", "datasets",
-    "mini_imagenet_dir", "synthetic_size", "rotate", "rotations_as_classes",
+    "mini_imagenet_dir", "synthetic_size", "rotate", "rotations_as_classes", "translate",
 ]  # fmt: skip
 MODEL_FLAGS = [
     "ways", "shots", "queries_per_class", "max_ways", "learning_rate", "clip_norm",
@@ -36,7 +36,7 @@ FLAT = {
     "dataset": "synthetic", "split": "small1", "validation_classes": 50,
     "validation_alphabets": 3, "split_seed": 7, "datasets": "/data/offline",
     "mini_imagenet_dir": "/data/mini", "synthetic_size": 12, "rotate": False,
-    "rotations_as_classes": True,
+    "rotations_as_classes": True, "translate": 2,
     "ways": 4, "shots": 2, "queries_per_class": 3, "max_ways": 6, "learning_rate": 0.002,
     "clip_norm": 5.0, "lr_schedule": "cosine", "warmup_steps": 10, "schedule_steps": 100,
     "generator_init": "authors", "network_init": "authors", "label_units": "any",
@@ -55,7 +55,7 @@ FLAT = {
 RUN_DEFAULTS = {
     "dataset": "omniglot", "split": "standard", "validation_classes": 100,
     "validation_alphabets": 0, "split_seed": 0, "datasets": None, "mini_imagenet_dir": None,
-    "synthetic_size": 28, "rotate": True, "rotations_as_classes": False,
+    "synthetic_size": 28, "rotate": True, "rotations_as_classes": False, "translate": 0,
     "eval_queries_per_class": 10, "eval_ways": None, "train_ways": (),
     "meta_batch": 1, "steps": 1000, "seed": 0,
     "eval_every": 500, "eval_episodes": 200, "test_episodes": 1000, "mnist_test_episodes": 0,
@@ -95,7 +95,7 @@ def test_the_flat_map_round_trips_through_the_groups():
     assert spec.data == schema.DataSpec(
         dataset="synthetic", split="small1", validation_classes=50, validation_alphabets=3,
         split_seed=7, datasets="/data/offline", mini_imagenet_dir="/data/mini",
-        synthetic_size=12, rotate=False, rotations_as_classes=True,
+        synthetic_size=12, rotate=False, rotations_as_classes=True, translate=2,
     )  # fmt: skip
     assert spec.optim == schema.OptimSpec(meta_batch=8, steps=123, seed=9)
     assert spec.schedule == schema.ScheduleSpec(
@@ -130,8 +130,8 @@ def test_an_unknown_flat_key_is_refused_naming_it(name):
 
 
 def test_a_legacy_config_without_the_newer_flags_still_loads():
-    """config.json of the flat spec, before attention_scale, generator_kernel, train_ways
-    (and a flags map before validation_alphabets): the missing flags take what the run did
+    """config.json of the flat spec, before attention_scale, generator_kernel, train_ways,
+    translate (and a flags map before validation_alphabets): the missing flags take what the run did
     then (`LEGACY_RUN_VALUES`, else their defaults), the saved ones their groups."""
     old = json.loads(OLD_CONFIG.read_text())["flags"]
     spec = protocol.run_spec(old)
@@ -142,7 +142,9 @@ def test_a_legacy_config_without_the_newer_flags_still_loads():
         eval_every=2, eval_episodes=4, test_episodes=8, mnist_test_episodes=0, eval_batch=4,
         checkpoint_every=1, keep_checkpoints=2, log_every=1,
     )  # fmt: skip
-    assert spec.to_dict() == dict(old, attention_scale=1.0, generator_kernel="auto", train_ways=())
+    assert spec.to_dict() == dict(
+        old, attention_scale=1.0, generator_kernel="auto", train_ways=(), translate=0
+    )
     older = {k: v for k, v in old.items() if k != "validation_alphabets"}
     assert protocol.run_spec(older).data.validation_alphabets == 0
 

@@ -249,6 +249,40 @@ def test_mixed_training_ways_draw_each_steps_episode_size_and_resume_exactly(spe
         train.train_and_evaluate(replace(spec, train_ways=(2, 3)))
 
 
+class _FirstEpisodes(Exception):
+    """Raised by `_first_episodes`' step: the run stops at its first step."""
+
+
+def _first_episodes(spec):
+    """The support images the run's first train step is given (the run stops there)."""
+    seen = []
+
+    def factory(config, optimizer, validate=False):
+        def run(state, support, query):
+            seen.append(np.asarray(support.x))
+            raise _FirstEpisodes
+
+        return run
+
+    with pytest.raises(_FirstEpisodes):
+        train.train_and_evaluate(spec, step_factory=factory)
+    return seen[0]
+
+
+def test_translate_moves_each_training_image_by_at_most_its_pixels(spec_factory):
+    still = _first_episodes(spec_factory("still"))
+    moved = _first_episodes(spec_factory("moved", translate=1))
+    assert still.shape == moved.shape and not np.array_equal(still, moved)
+    # The same drawings (the shifts have their own key), each moved by one of the 9 shifts.
+    h, w = still.shape[-3:-1]
+    padded = np.pad(still, [(0, 0)] * (still.ndim - 3) + [(1, 1), (1, 1), (0, 0)])
+    windows = [padded[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w, :]
+               for dy in (-1, 0, 1) for dx in (-1, 0, 1)]  # fmt: skip
+    match = np.stack([np.all(win == moved, axis=(-3, -2, -1)) for win in windows])
+    assert match.any(axis=0).all()  # every image is a shift of its unmoved self
+    assert (~match[4]).any()  # and some are not the unmoved image (shift (0, 0))
+
+
 @pytest.mark.parametrize(
     "train_ways, match",
     [("2,5", r"\[5\] outside 2\.\.4"), ("3,3", "twice"), ("1", r"\[1\] outside")],
