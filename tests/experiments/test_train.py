@@ -120,7 +120,9 @@ def test_a_workdir_written_before_the_nested_spec_resumes(spec_factory, caplog):
     assert saved == {k: now[k] for k in saved}  # the same flags, flat
     # Only fields added since the fixture was written are missing (their defaults are what
     # the run did).
-    assert set(now) - set(saved) == {"attention_scale", "train_ways", "generator_kernel"}
+    assert set(now) - set(saved) == {
+        "attention_scale", "train_ways", "generator_kernel", "translate"
+    }  # fmt: skip
     spec = replace(spec, steps=2)
     assert train.train_and_evaluate(spec)["status"] == "completed"
     with caplog.at_level(logging.INFO):
@@ -129,8 +131,9 @@ def test_a_workdir_written_before_the_nested_spec_resumes(spec_factory, caplog):
     saved = json.loads(open(os.path.join(spec.workdir, "config.json")).read())
     # config.json keeps its flags, the new steps, and now records the newer fields' values.
     assert saved["flags"] == dict(
-        old["flags"], steps=3, attention_scale=1.0, train_ways=[], generator_kernel="auto"
-    )
+        old["flags"], steps=3, attention_scale=1.0, train_ways=[], generator_kernel="auto",
+        translate=0,
+    )  # fmt: skip
     assert saved["model_config"] == dict(
         old["model_config"], attention_scale=1.0, generator_kernel="auto"
     )
