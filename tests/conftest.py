@@ -60,3 +60,25 @@ def x64():
     """Run a test in float64."""
     with jax.enable_x64(True):
         yield
+
+
+# `make test` hands whole files to two workers (`--dist loadfile`) in collection order; a long
+# file collected last keeps one worker busy while the other idles. These files (the longest,
+# from `--durations` of a full run) are collected first; the rest keep their order.
+LONGEST_FIRST = (
+    "tests/model/test_gradients.py",
+    "tests/experiments/test_programs.py",
+    "tests/model/test_recurrent.py",
+    "tests/model/test_user_networks.py",
+    "tests/model/test_episode.py",
+    "tests/kernels/test_model.py",
+    "tests/test_training.py",
+    "tests/experiments/test_distributed.py",
+    "tests/test_batching.py",
+    "tests/model/test_generators.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
