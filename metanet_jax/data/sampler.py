@@ -206,9 +206,7 @@ def gather_episodes(
         # x_flat[perm][rot] == x_flat[perm[rot]]: permute, then rotate.
         pix = perm if pix is None else jnp.take_along_axis(perm, pix, axis=-1)
 
-    shifts = indices.shifts
-
-    def episode(r: jax.Array, r0: int) -> Episode:
+    def episode(r: jax.Array, shifts: jax.Array) -> Episode:
         # One gather straight into the output layout: [B, ways, k, ...] -> [B, ways * k, ...].
         k = r.shape[-1]
         if pix is None:
@@ -217,11 +215,15 @@ def gather_episodes(
             x = images.reshape(c * d, h * w, ch)[r[..., None], pix[:, :, None, :]]
         x = x.astype(jnp.float32) * (1.0 / 255.0) if x.dtype == jnp.uint8 else x.astype(jnp.float32)
         if translate:
-            x = _translated(x.reshape(b, ways, k, h, w, ch), shifts[:, :, r0 : r0 + k], translate)
+            x = _translated(x.reshape(b, ways, k, h, w, ch), shifts, translate)
         y = jnp.broadcast_to(jnp.repeat(jnp.arange(ways, dtype=jnp.int32), k), (b, ways * k))
         return Episode(x.reshape(b, ways * k, h, w, ch), y)
 
-    return episode(rows[:, :, :shots], 0), episode(rows[:, :, shots:], shots)
+    shifts = indices.shifts  # [B, ways, shots + queries, 2], in the drawers' order
+    return (
+        episode(rows[:, :, :shots], shifts[:, :, :shots]),
+        episode(rows[:, :, shots:], shifts[:, :, shots:]),
+    )
 
 
 def _translated(x: jax.Array, shifts: jax.Array, t: int) -> jax.Array:

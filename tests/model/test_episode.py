@@ -56,15 +56,15 @@ def test_output_shapes_and_fast_weight_structure():
     # Fast weights mirror the augmented slow subtrees (shapes only: traced, not run).
     b, u = networks.learners(config)
     task = mn.Episode(support.x[0], support.y[0])
-    shapes = jax.eval_shape
     rep_meta = functools.partial(mn.representation_meta_info, config=config)
-    grads_u, losses = shapes(rep_meta, params["representation"], task)
+    grads_u, losses = jax.eval_shape(rep_meta, params["representation"], task)
     chex.assert_shape(losses, (min(config.rep_chunks, n),))
-    q_star = shapes(mn.task_fast_weights, params["task_generator"]["representation"], grads_u)
+    rep_gen = params["task_generator"]["representation"]
+    q_star = jax.eval_shape(mn.task_fast_weights, rep_gen, grads_u)
     chex.assert_trees_all_equal_shapes(q_star, u.subtree(params["representation"]))
     base_meta = functools.partial(mn.base_meta_info, config=config)
-    grads_b = shapes(base_meta, params["base"], task.x, task.y)
-    values = shapes(mn.example_fast_weights, params["example_generator"], grads_b)
+    grads_b = jax.eval_shape(base_meta, params["base"], task.x, task.y)
+    values = jax.eval_shape(mn.example_fast_weights, params["example_generator"], grads_b)
     w_aug = b.subtree(params["base"])
     assert list(w_aug) == list(networks.augmented_names(config, "base"))
     chex.assert_trees_all_equal_shapes(
