@@ -25,6 +25,7 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()
+    common.set_compile_flags()  # before a backend starts: XLA reads them then
     try:
         spec = continual_protocol.ContinualSpec.from_flag_values(FLAGS)
         result = continual_protocol.run(spec)

@@ -68,6 +68,7 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()
+    common.set_compile_flags()  # before a backend starts: XLA reads them then
     from experiments import exporting, protocol
     from metanet_jax import evaluation, pretrained
 

@@ -68,6 +68,7 @@ def main(argv):
     if len(argv) > 1:
         common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
     common.quiet_libraries()  # first: JAX logs its backend probing when it starts one
+    common.set_compile_flags()  # before a backend starts: XLA reads them then
     try:
         spec = spec_from_flags()  # the flags' checks, before any backend or file
     except ValueError as e:

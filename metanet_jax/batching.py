@@ -100,18 +100,31 @@ def stack_tasks(outs):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
 
+# ----------------------------------------------------------------------------- task loop
+@functools.lru_cache(maxsize=64)
+def _jitted_finish(finish, donate: bool):
+    """One jitted combining program per `finish` function: the loops of configurations that
+    share it (e.g. the train steps of several ways with one optimiser) share its executables,
+    so it compiles once for them all."""
+    return jax.jit(
+        lambda shared, outs: finish(shared, stack_tasks(outs)),
+        donate_argnums=(0,) if donate else (),
+    )
+
+
 class TaskLoop:
     """`task_batching="loop"`: `per_task` dispatched from the host for every task, then `finish`.
 
     `per_task(shared, task, index)` is compiled once (for one task's shapes) and dispatched B
     times; dispatch is asynchronous, so the host does not wait for the device between tasks.
     `finish(shared, stacked)` is compiled once and receives the per-task outputs stacked along
-    a leading task axis, as `map_tasks` gives them. `split(*args) -> (shared, tasks)` maps the
-    entry point's arguments to those of the loop.
+    a leading task axis, as `map_tasks` gives them; loops made with the same `finish` function
+    share its program. `split(*args) -> (shared, tasks)` maps the entry point's arguments to
+    those of the loop.
 
     Args:
       per_task: the per-task function.
-      finish: the combining function.
+      finish: the combining function (hashable; the same object for loops meant to share it).
       split: the entry point's arguments as `(shared, tasks)`.
       donate: donate `shared` to `finish` (the train state; `per_task` only reads it).
     """
@@ -120,10 +133,7 @@ class TaskLoop:
 
     def __init__(self, per_task, finish, split, *, donate: bool = False):
         self._per_task = jax.jit(per_task)
-        self._finish = jax.jit(
-            lambda shared, outs: finish(shared, stack_tasks(outs)),
-            donate_argnums=(0,) if donate else (),
-        )
+        self._finish = _jitted_finish(finish, donate)
         self._split = split
 
     def __call__(self, *args):
@@ -280,6 +290,16 @@ def make_entry_point(
     return ValidatedFunction(fn, config, query_labels=query_labels, validate=validate)
 
 
+def _mean_of_tasks(shared, outs):
+    """`TaskLoop` finish of the episode loss (one function: every loop shares its program)."""
+    return mean_task_loss(*outs)
+
+
+def _stacked_logits(params, logits):
+    """`TaskLoop` finish of the predictions: the per-task logits, stacked."""
+    return logits
+
+
 def make_episode_loss(
     config: MetaNetConfig, *, networks=None, validate: bool = True
 ) -> ValidatedFunction:
@@ -291,7 +311,7 @@ def make_episode_loss(
 
     loop = (
         per_task_loss(config, networks),
-        lambda shared, outs: mean_task_loss(*outs),
+        _mean_of_tasks,
         lambda params, support, query, key=None: ((params, key), (support, query)),
     )
     return make_entry_point(config, batched, loop, query_labels=True, validate=validate)
@@ -305,7 +325,7 @@ def make_predict(
     batched = functools.partial(predict, config=config, networks=networks)
     loop = (
         per_task_logits(config, networks),
-        lambda params, logits: logits,
+        _stacked_logits,
         lambda params, support, query_x: (params, (support, query_x)),
     )
     return make_entry_point(config, batched, loop, query_labels=False, validate=validate)

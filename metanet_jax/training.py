@@ -8,6 +8,7 @@ jits it ("vmap") or runs the per-task gradient program from the host ("loop",
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -191,15 +192,32 @@ def apply_gradients(
 
 def per_task_grads(config: MetaNetConfig, networks=None):
     """`one(state, (support, query), index) -> (loss, aux, grads)` of one task, with the key
-    `fold_in(fold_in(state.key, state.step), index)` (as `train_step`)."""
+    `fold_in(fold_in(state.key, state.step), index)` (as `train_step`). `aux` holds only the
+    scalars the update reads (`_MEAN_METRICS`), so the outputs' shapes do not depend on the
+    ways and the steps of every ways share one update program."""
     grad_fn = jax.value_and_grad(task_loss, has_aux=True)
 
     def one(state, task, index):
         key = jax.random.fold_in(jax.random.fold_in(state.key, state.step), index)
         (loss, aux), grads = grad_fn(state.params, *task, config, key, networks=networks)
-        return loss, aux, grads
+        return loss, {name: aux[name] for name in _MEAN_METRICS}, grads
 
     return one
+
+
+@functools.lru_cache(maxsize=64)
+def _update(optimizer: optax.GradientTransformation):
+    """The `TaskLoop` finish of a train step: the mean of the stacked per-task gradients and
+    aux, then `apply_gradients`. One function per optimiser, so the steps of several
+    configurations made with one optimiser (e.g. of several ways) share its program."""
+
+    def finish(state, outs):
+        losses, aux, grads = outs
+        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
+        loss, aux = batching.mean_task_loss(losses, aux)
+        return apply_gradients(state, grads, loss, aux, optimizer)
+
+    return finish
 
 
 def make_train_step(
@@ -217,18 +235,12 @@ def make_train_step(
     donates the state (`batching.TaskLoop`). Same mathematics and keys in both.
     """
 
-    def finish(state, outs):
-        losses, aux, grads = outs
-        grads = jax.tree.map(lambda g: jnp.mean(g, axis=0), grads)
-        loss, aux = batching.mean_task_loss(losses, aux)
-        return apply_gradients(state, grads, loss, aux, optimizer)
-
     def batched(state, support, query):
         return train_step(state, support, query, config, optimizer, networks=networks)
 
     loop = (
         per_task_grads(config, networks),
-        finish,
+        _update(optimizer),
         lambda state, support, query: (state, (support, query)),
     )
     return batching.make_entry_point(

@@ -180,10 +180,22 @@ class Compilations:
 
 # ----------------------------------------------------------------------------- the factory
 @functools.lru_cache(maxsize=16)
+def _optimizer(config: MetaNetConfig) -> optax.GradientTransformation:
+    return training.make_optimizer(config)
+
+
+def shared_optimizer(config: MetaNetConfig) -> optax.GradientTransformation:
+    """`training.make_optimizer(config)`, one object for configurations that differ only in
+    their ways (the optimiser does not depend on them), so the steps of every ways share one
+    update program (`training.make_train_step`), compiled once."""
+    return _optimizer(config.replace(ways=config.output_units))
+
+
+@functools.lru_cache(maxsize=16)
 def single_device_step(config: MetaNetConfig) -> batching.ValidatedFunction:
     """The single-device train step of `config` (labels unchecked: the sampler makes them),
     jitted once per configuration and reused by later runs in the same process."""
-    return training.make_train_step(config, training.make_optimizer(config), validate=False)
+    return training.make_train_step(config, shared_optimizer(config), validate=False)
 
 
 @functools.lru_cache(maxsize=16)

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import ClassVar, Literal
 
+import jax.numpy as jnp
 import pytest
 from absl import flags
 
@@ -234,3 +239,37 @@ def test_the_library_filter_drops_backend_probing_and_the_font_cache_only():
     assert not drop.filter(record(fm, std_logging.WARNING, building))
     assert drop.filter(record(fm, std_logging.WARNING, "findfont: Font family %r not found."))
     assert drop.filter(record("experiments.train", std_logging.INFO, "starting a new run"))
+
+
+def test_the_programs_compile_flags_reach_xla_before_a_backend_starts():
+    """A fresh process: `set_compile_flags` appends the flag, XLA starts with it (an unknown
+    flag would abort the process) and compiles; a second call adds nothing."""
+    code = (
+        "import os; from experiments import common; common.set_compile_flags(); "
+        "common.set_compile_flags(); import jax.numpy as jnp; "
+        "print(float(jnp.arange(4.0).sum())); print(os.environ['XLA_FLAGS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\n")
+    assert out[0] == "6.0"
+    assert out[1] == " ".join(common.CPU_COMPILE_FLAGS)
+
+
+def test_a_users_xla_flag_wins_and_a_late_call_is_an_error(monkeypatch):
+    """This process's backend has started (the tests compile): an option the user set is
+    kept as it is, and a missing one can no longer take effect, which is an error."""
+    jnp.zeros(1).block_until_ready()
+    mine = "--xla_cpu_use_fusion_emitters=true --xla_force_host_platform_device_count=1"
+    monkeypatch.setenv("XLA_FLAGS", mine)
+    common.set_compile_flags()
+    assert os.environ["XLA_FLAGS"] == mine
+    monkeypatch.setenv("XLA_FLAGS", "")
+    with pytest.raises(RuntimeError, match="after a JAX backend started"):
+        common.set_compile_flags()

@@ -96,6 +96,21 @@ def test_the_cpu_step_is_todays_make_train_step_for_each_ways_and_compiles_nothi
         _bitwise(got, expected)
 
 
+def test_the_steps_of_every_ways_share_one_update_program():
+    """On the CPU a step is a per-task program and an update program; the update does not
+    depend on the ways, so the second ways compiles its per-task program only."""
+    config = tiny_config(max_ways=3, learning_rate=0.00123)  # fresh: no earlier test's cache
+    step = runtime.make_step(config, ways=WAYS)
+    state = _state(config)
+    counts = []
+    for ways in WAYS:
+        with compiles() as counted:
+            for program in step.programs(state, 2, ways):
+                program()
+        counts.append(counted["compile"])
+    assert counts == [2, 1]
+
+
 def test_the_evaluation_step_compiles_ahead_of_time_too():
     config = tiny_config()
     cfg = evaluation.eval_config(config, 3, 1, 2)
