@@ -19,6 +19,9 @@ export METANET_DATA_DIR ?= $(HOME)/.cache/metanet_jax/data
 # JAX's persistent compilation cache: recompiles of the same programs are skipped.
 export JAX_COMPILATION_CACHE_DIR ?= $(HOME)/.cache/metanet_jax/jax_cache
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# glibc's malloc with transparent huge pages for XLA's per-step buffers (experiments/common.py,
+# MALLOC_TUNABLES; the programs restart themselves with it when it is unset).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: install kernels test demo bench lint format clean
 

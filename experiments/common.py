@@ -26,6 +26,47 @@ from experiments.flag_definitions import (
 MAX_INT = 2**31 - 1
 
 
+# glibc's malloc with transparent huge pages for its large blocks: XLA's CPU runtime allocates
+# its buffers afresh at every execution (tens of MB per train step, above malloc's mmap
+# threshold), so with 4 KiB pages every step faults them in page by page, which costs as much
+# system time as a third of the step (README, Performance). glibc reads the variable only
+# when a process starts.
+MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_restart_argv() -> list[str] | None:
+    """The command that restarts this program with `GLIBC_TUNABLES=MALLOC_TUNABLES`, or `None`
+    where it would change nothing or is not ours to change: not Linux with glibc, transparent
+    huge pages off (`never`), or `GLIBC_TUNABLES` already set (the user's setting wins)."""
+    import platform
+
+    if sys.platform != "linux" or "GLIBC_TUNABLES" in os.environ:
+        return None
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        with open(_THP_SETTING) as f:
+            if "[never]" in f.read():
+                return None
+    except OSError:
+        return None
+    return [sys.executable, *sys.orig_argv[1:]]
+
+
+def restart_with_huge_pages() -> None:
+    """Restarts this program (`os.execv`: same process id, arguments and open files) with
+    `GLIBC_TUNABLES=MALLOC_TUNABLES` when `huge_pages_restart_argv` says so; else returns.
+    Call it first in a program's `__main__` block, before the slow imports, and never from a
+    process that has started threads or a JAX backend."""
+    argv = huge_pages_restart_argv()
+    if argv is not None:
+        os.environ["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(argv[0], argv)
+
+
 def handle_startup_signals(prog: str | None = None, detail: str = "nothing to save") -> None:
     """SIGINT and SIGTERM print one line and exit at once with status 128 + their number.
 

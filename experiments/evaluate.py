@@ -32,6 +32,7 @@ from experiments import common
 from experiments.flag_definitions import define_folder, define_int, define_run_folder
 
 if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
+    common.restart_with_huge_pages()  # malloc with huge pages: faster CPU steps
     common.handle_startup_signals(detail="nothing written")
 
 from experiments import protocol, records, schema  # noqa: E402

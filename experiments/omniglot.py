@@ -28,6 +28,7 @@ from absl import app, flags, logging
 from experiments import common
 
 if __name__ == "__main__":  # before the slow imports (JAX): a signal from now on says so
+    common.restart_with_huge_pages()  # malloc with huge pages: faster CPU steps
     common.handle_startup_signals()
 
 from experiments import run_data, schema, train, workdir  # noqa: E402

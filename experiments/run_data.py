@@ -83,9 +83,10 @@ def mnist_out_of_domain(spec: RunSpec, config: MetaNetConfig, params, stop) -> d
 
 
 def environment_summary() -> str:
-    """One line: devices and the data folders in use."""
+    """One line: devices, the data folders in use and glibc's malloc tunables."""
     return (
         f"devices: {jax.device_count()} x {jax.devices()[0].platform}; "
         f"METANET_DATASETS={os.environ.get('METANET_DATASETS', '<unset>')}; "
-        f"METANET_DATA_DIR={os.environ.get('METANET_DATA_DIR', '<default>')}"
+        f"METANET_DATA_DIR={os.environ.get('METANET_DATA_DIR', '<default>')}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '<unset>')}"
     )

@@ -273,3 +273,58 @@ def test_a_users_xla_flag_wins_and_a_late_call_is_an_error(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "")
     with pytest.raises(RuntimeError, match="after a JAX backend started"):
         common.set_compile_flags()
+
+
+@pytest.mark.parametrize(
+    "setting, tunables, restarts",
+    [
+        ("always [madvise] never", None, True),
+        ("[always] madvise never", None, True),
+        ("always madvise [never]", None, False),  # huge pages off: nothing to gain
+        ("always [madvise] never", "glibc.malloc.arena_max=2", False),  # the user's wins
+    ],
+)
+def test_a_program_restarts_with_huge_pages_only_where_they_help(
+    monkeypatch, tmp_path, setting, tunables, restarts
+):
+    thp = tmp_path / "enabled"
+    thp.write_text(setting + "\n")
+    monkeypatch.setattr(common, "_THP_SETTING", str(thp))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    if tunables is not None:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    argv = common.huge_pages_restart_argv()
+    if sys.platform != "linux":
+        assert argv is None
+    elif restarts:
+        assert argv == [sys.executable, *sys.orig_argv[1:]]
+    else:
+        assert argv is None
+
+
+def test_the_restart_is_the_same_process_with_the_tunables_set(tmp_path):
+    """A script that restarts itself: it runs twice in one process id, the second time with
+    `GLIBC_TUNABLES` set, and the restart happens once."""
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    script = tmp_path / "prog.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
+        "from experiments import common\n"
+        "print('start', os.getpid(), os.environ.get('GLIBC_TUNABLES'), flush=True)\n"
+        "common.restart_with_huge_pages()\n"
+        "print('after', os.getpid(), os.environ.get('GLIBC_TUNABLES'))\n"
+    )
+    probe = [sys.executable, "-c", "from experiments import common; "
+             "print(common.huge_pages_restart_argv() is not None)"]  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    applies = subprocess.run(probe, env=env, cwd=root, capture_output=True, text=True)
+    if applies.stdout.strip() != "True":
+        pytest.skip("no glibc with transparent huge pages here: the programs do not restart")
+    out = subprocess.run(
+        [sys.executable, str(script), "--flag=1"], env=env, capture_output=True, text=True
+    )
+    lines = out.stdout.split()
+    pid = lines[1]
+    assert lines == ["start", pid, "None", "start", pid, common.MALLOC_TUNABLES,
+                     "after", pid, common.MALLOC_TUNABLES]  # fmt: skip
