@@ -57,6 +57,19 @@ def load_splits(spec: RunSpec) -> dict[str, np.ndarray]:
     raise ValueError(f"unknown dataset {want.dataset!r}; expected one of {DATASETS}")
 
 
+def image_shape(spec: RunSpec) -> tuple[int, ...]:
+    """The `[H, W, ch]` of the images `load_splits(spec)` returns, known before loading
+    them: Omniglot 28x28x1, Mini-ImageNet 84x84x3, synthetic `synthetic_size` squared x1."""
+    dataset = spec.data.dataset
+    if dataset == "omniglot":
+        return (28, 28, 1)
+    if dataset == "mini_imagenet":
+        return (84, 84, 3)
+    if dataset == "synthetic":
+        return (spec.data.synthetic_size, spec.data.synthetic_size, 1)
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+
+
 def model_config(spec: RunSpec, image_shape: tuple[int, ...]) -> MetaNetConfig:
     """The `MetaNetConfig` of a run: its model with the data's image shape."""
     return dataclasses.replace(spec.model, image_shape=tuple(int(s) for s in image_shape))

@@ -160,10 +160,26 @@ def train_and_evaluate(
     parallel.check_meta_batch(spec.optim.meta_batch, mesh)  # before any work
     logging.info(parallel.device_summary(mesh, spec.optim.meta_batch))
     logging.info(kernels.describe(spec.model))  # ValueError: "fused" where it cannot run
-    splits = run_data.load_data(spec) if splits is None else splits
-    run, state = _start_run(spec, splits, mesh, t_start)
+    # The step's programs compile while the data loads (the data's image shape is known
+    # from the spec): preparing the data the first time takes longer than compiling.
+    shape = run_data.image_shape(spec) if splits is None else tuple(splits["train"].shape[2:])
+    step_fn = _make_step(spec, run_data.model_config(spec, shape), mesh, step_factory)
+    compilations = _compile_ahead(spec, step_fn)
     try:
-        outcome = runtime.train(_start_loop(run, state, step_factory), run.loop_context())
+        splits = run_data.load_data(spec) if splits is None else splits
+        run, state = _start_run(spec, splits, mesh, t_start)
+        if run.config != step_fn.config:
+            raise ValueError(
+                f"the data's images are {run.config.image_shape}, not "
+                f"{step_fn.config.image_shape} as run_data.image_shape said"
+            )
+    except BaseException:
+        if compilations is not None:
+            compilations.close()
+        raise
+    try:
+        loop = _start_loop(run, state, step_fn, compilations)
+        outcome = runtime.train(loop, run.loop_context())
         if outcome["status"] != "completed":
             return outcome
         return _final_test(run, outcome)
@@ -231,19 +247,29 @@ def _initial_state(
     return state, float(meta.get("wall_time_s", 0.0))
 
 
-def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime.TrainingLoop:
-    """The run's loop from the state's step: its train step (`runtime.make_step`, compiling
-    ahead of time), its episodes and its progress bar."""
-    from metanet_jax import data
-
-    spec, sharded = run.spec, parallel.is_sharded(run.mesh)
+def _make_step(spec: RunSpec, config: MetaNetConfig, mesh, step_factory: Callable):
+    """The run's train step (`runtime.make_step`) for every ways of `spec.train_ways`."""
     make = None
     if step_factory is not make_train_step:  # used as given, also on several devices
 
         def make(config):
             return step_factory(config, make_optimizer(config), validate=False)
 
-    step_fn = runtime.make_step(run.config, ways=spec.train_ways, mesh=run.mesh, make=make)
+    return runtime.make_step(config, ways=spec.train_ways, mesh=mesh, make=make)
+
+
+def _start_loop(
+    run: _Run, state: TrainState, step_fn: runtime.TrainStep, compilations
+) -> runtime.TrainingLoop:
+    """The run's loop from the state's step: its train step (`_make_step`, compiling ahead of
+    time into `compilations`), its episodes and its progress bar."""
+    from metanet_jax import data
+
+    spec, sharded = run.spec, parallel.is_sharded(run.mesh)
+    start = int(state.step)
+    if compilations is not None and start >= spec.optim.steps:
+        compilations.close()  # nothing to train: drop what has not started compiling
+        compilations = None
     if sharded:
         state = parallel.replicate(state, run.mesh)
         sample = functools.partial(parallel.sample_process_episodes, mesh=run.mesh)
@@ -261,7 +287,6 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime
         translate=spec.data.translate,
     )
     out = None if parallel.is_primary() else io.StringIO()
-    start = int(state.step)
     return runtime.TrainingLoop(
         state=state,
         step_fn=step_fn,
@@ -269,29 +294,42 @@ def _start_loop(run: _Run, state: TrainState, step_factory: Callable) -> runtime
         start=start,
         bar=logging_utils.ProgressBar(spec.optim.steps, out),
         last_saved=run.ckpt.latest_step(),
-        compilations=_compile_ahead(run, step_fn, state, start),
+        compilations=compilations,
     )
 
 
-def _compile_ahead(run: _Run, step_fn: runtime.TrainStep, state, start: int):
-    """Starts compiling the training step of every ways, then the validation step, on threads
-    (`runtime.steps`; the loop waits for each before its first use). Not in a run of several
-    processes (each would compile on its own schedule) nor when there is nothing to train.
+def _abstract_state(spec: RunSpec, config: MetaNetConfig):
+    """The shapes and dtypes of the run's train state (`_initial_state`'s), computing
+    nothing."""
+    root = jax.random.key(spec.optim.seed)
+
+    def fresh():
+        params = init(jax.random.fold_in(root, 0), config)
+        return init_train_state(params, make_optimizer(config), jax.random.fold_in(root, 1))
+
+    return runtime.steps.abstract(jax.eval_shape(fresh))
+
+
+def _compile_ahead(spec: RunSpec, step_fn: runtime.TrainStep):
+    """Starts compiling the training step of every ways (step 0's first), then the
+    validation step, on threads (`runtime.steps`; the loop waits for each before its first
+    use). Not in a run of several processes (each would compile on its own schedule).
 
     Returns:
       The `runtime.Compilations`, or `None`.
     """
-    spec = run.spec
-    if start >= spec.optim.steps or jax.process_count() > 1:
+    if jax.process_count() > 1:
         return None
-    compilations = step_fn.compile(state, spec.optim.meta_batch, first=spec.step_ways(start))
+    state = _abstract_state(spec, step_fn.config)
+    compilations = step_fn.compile(state, spec.optim.meta_batch, first=spec.step_ways(0))
     if compilations is not None:
-        cfg = run.eval_config()
+        cfg = evaluation.eval_config(
+            step_fn.config, spec.test_ways(), spec.model.shots, spec.eval_queries_per_class
+        )
         batch = min(spec.schedule.eval_batch, spec.schedule.eval_episodes)
         support, query = runtime.steps.episode_shapes(cfg, cfg.ways, batch)
-        params = runtime.steps.abstract(parallel.local_copy(state.params))
         fn = evaluation._episode_loss(cfg)
-        programs = runtime.steps.programs(fn, params, support, query)
+        programs = runtime.steps.programs(fn, state.params, support, query)
         # After the training steps': the first steps need those, the first validation later.
         compilations.submit("eval", programs, after=[("train", w) for w in step_fn.ways])
     return compilations
