@@ -6,7 +6,8 @@
 
 Runs `python -m experiments.omniglot --flagfile=<flagfile> --steps=<steps>` in fresh
 processes, each with a fresh workdir and a fresh, empty JAX compilation cache (the data
-cache is shared: preparing the data comes before the loop), and reads the `episodes_per_s`
+cache is shared, unless `--fresh_data`: then each run prepares the data afresh, as `make
+demo` on a new machine, and the step's programs compile meanwhile), and reads the `episodes_per_s`
 of each `--log_every` window from the run's `metrics.jsonl`. The first window holds the
 compilation the loop waits for (the training step of every `--train_ways`, compiled ahead of
 time, `metanet_jax.runtime.steps`); the steady time is the median of the later windows.
@@ -37,10 +38,12 @@ SETTINGS = {
 }
 
 
-def run_once(flagfile: str, steps: int, xla_flags: str) -> dict:
+def run_once(flagfile: str, steps: int, xla_flags: str, fresh_data: bool = False) -> dict:
     """One fresh training process; its windows' seconds and the first / steady ratio."""
     with tempfile.TemporaryDirectory(prefix="metanet_startup_") as tmp:
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=f"{tmp}/jax_cache")
+        if fresh_data:
+            env["METANET_DATA_DIR"] = f"{tmp}/data"
         env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), xla_flags) if f)
         log_every = 250
         cmd = [
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="a multiple of 250, >= 750")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", default=",".join(SETTINGS), help="settings, comma-separated")
+    parser.add_argument("--fresh_data", action="store_true", help="prepare the data afresh")
     parser.add_argument("--out", help="write the measurements as JSON here")
     args = parser.parse_args()
     names = args.only.split(",")
@@ -88,7 +92,7 @@ def main() -> None:
     runs = {name: [] for name in names}
     for r in range(args.rounds):
         for name in names:
-            result = run_once(args.flagfile, args.steps, SETTINGS[name])
+            result = run_once(args.flagfile, args.steps, SETTINGS[name], args.fresh_data)
             runs[name].append(result)
             print(f"round {r + 1} {name:9s} first window {result['first_window_s']:6.2f} s, "
                   f"steady {result['steady_window_s']:6.2f} s, ratio {result['ratio']:.2f}, "
@@ -99,7 +103,8 @@ def main() -> None:
         print(f"| {name} | {best['first_window_s']:.2f} | {best['steady_window_s']:.2f} | "
               f"{best['ratio']:.2f} |")  # fmt: skip
     if args.out:
-        info = {"flagfile": args.flagfile, "steps": args.steps, "runs": runs}
+        info = {"flagfile": args.flagfile, "steps": args.steps, "fresh_data": args.fresh_data,
+                "runs": runs}  # fmt: skip
         Path(args.out).write_text(json.dumps(info, indent=1) + "\n")
 
 
