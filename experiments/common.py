@@ -244,6 +244,15 @@ def quiet_libraries() -> None:
 CPU_COMPILE_FLAGS = ("--xla_cpu_use_fusion_emitters=false",)
 
 
+def start_main(argv: list[str]) -> None:
+    """The opening of a program's `main`: refuses positional arguments (one line, status 1),
+    then `quiet_libraries` and `set_compile_flags`, before anything starts a JAX backend."""
+    if len(argv) > 1:
+        fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_libraries()
+    set_compile_flags()
+
+
 def set_compile_flags() -> None:
     """Appends `CPU_COMPILE_FLAGS` to `XLA_FLAGS`, except an option the variable names
     already (the user's setting wins). Call it in `main` before anything starts a JAX

@@ -22,10 +22,7 @@ continual_protocol.ContinualSpec.define_flags()
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    common.quiet_libraries()
-    common.set_compile_flags()  # before a backend starts: XLA reads them then
+    common.start_main(argv)  # before a backend starts: JAX logs its probing, XLA reads flags
     try:
         spec = continual_protocol.ContinualSpec.from_flag_values(FLAGS)
         result = continual_protocol.run(spec)

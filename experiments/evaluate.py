@@ -72,10 +72,7 @@ def _exclusive(v):
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    common.quiet_libraries()
-    common.set_compile_flags()  # before a backend starts: XLA reads them then
+    common.start_main(argv)  # before a backend starts: JAX logs its probing, XLA reads flags
     from metanet_jax import pretrained
 
     # A corrupt checkpoint is reported in one warning line and the next candidate used, as

@@ -65,10 +65,7 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing pretrained/<name>.")
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    common.quiet_libraries()
-    common.set_compile_flags()  # before a backend starts: XLA reads them then
+    common.start_main(argv)  # before a backend starts: JAX logs its probing, XLA reads flags
     from experiments import exporting, protocol
     from metanet_jax import evaluation, pretrained
 

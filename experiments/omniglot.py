@@ -66,10 +66,7 @@ def spec_from_flags() -> schema.RunSpec:
 
 
 def main(argv):
-    if len(argv) > 1:
-        common.fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    common.quiet_libraries()  # first: JAX logs its backend probing when it starts one
-    common.set_compile_flags()  # before a backend starts: XLA reads them then
+    common.start_main(argv)  # before a backend starts: JAX logs its probing, XLA reads flags
     try:
         spec = spec_from_flags()  # the flags' checks, before any backend or file
     except ValueError as e:
