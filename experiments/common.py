@@ -263,9 +263,12 @@ def set_compile_flags() -> None:
     """
     from jax._src import xla_bridge
 
+    def option(flag: str) -> str:  # "--name=value" -> "name"
+        return flag.lstrip("-").split("=", 1)[0]
+
     current = os.environ.get("XLA_FLAGS", "")
-    named = {f.lstrip("-").split("=", 1)[0] for f in current.split()}
-    extra = [f for f in CPU_COMPILE_FLAGS if f.lstrip("-").split("=", 1)[0] not in named]
+    named = {option(f) for f in current.split()}
+    extra = [f for f in CPU_COMPILE_FLAGS if option(f) not in named]
     if not extra:
         return
     if xla_bridge.backends_are_initialized():

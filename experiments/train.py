@@ -100,10 +100,7 @@ class _Run:
 
     def eval_config(self) -> MetaNetConfig:
         """The model configuration of validation and test episodes."""
-        spec = self.spec
-        return evaluation.eval_config(
-            self.config, spec.test_ways(), spec.model.shots, spec.eval_queries_per_class
-        )
+        return _eval_config(self.spec, self.config)
 
     def loop_context(self) -> runtime.LoopContext:
         """The run as its training loop sees it (`runtime.train`)."""
@@ -235,9 +232,7 @@ def _initial_state(
     spec: RunSpec, config: MetaNetConfig, ckpt: checkpointing.Checkpointer
 ) -> tuple[TrainState, float]:
     """The latest good checkpoint's state, else a fresh one; and the wall time before it."""
-    root = jax.random.key(spec.optim.seed)
-    params = init(jax.random.fold_in(root, 0), config)
-    state = init_train_state(params, make_optimizer(config), jax.random.fold_in(root, 1))
+    state = _fresh_state(spec, config)
     restored = ckpt.restore_latest(state)
     if restored is None:
         logging.info("starting a new run in %s", spec.workdir)
@@ -298,16 +293,23 @@ def _start_loop(
     )
 
 
-def _abstract_state(spec: RunSpec, config: MetaNetConfig):
-    """The shapes and dtypes of the run's train state (`_initial_state`'s), computing
-    nothing."""
+def _eval_config(spec: RunSpec, config: MetaNetConfig) -> MetaNetConfig:
+    """The model configuration of the run's validation and test episodes."""
+    return evaluation.eval_config(
+        config, spec.test_ways(), spec.model.shots, spec.eval_queries_per_class
+    )
+
+
+def _fresh_state(spec: RunSpec, config: MetaNetConfig) -> TrainState:
+    """The run's train state at step 0 (from its seed)."""
     root = jax.random.key(spec.optim.seed)
+    params = init(jax.random.fold_in(root, 0), config)
+    return init_train_state(params, make_optimizer(config), jax.random.fold_in(root, 1))
 
-    def fresh():
-        params = init(jax.random.fold_in(root, 0), config)
-        return init_train_state(params, make_optimizer(config), jax.random.fold_in(root, 1))
 
-    return runtime.steps.abstract(jax.eval_shape(fresh))
+def _abstract_state(spec: RunSpec, config: MetaNetConfig):
+    """The shapes and dtypes of the run's train state, computing nothing."""
+    return runtime.steps.abstract(jax.eval_shape(lambda: _fresh_state(spec, config)))
 
 
 def _compile_ahead(spec: RunSpec, step_fn: runtime.TrainStep):
@@ -323,9 +325,7 @@ def _compile_ahead(spec: RunSpec, step_fn: runtime.TrainStep):
     state = _abstract_state(spec, step_fn.config)
     compilations = step_fn.compile(state, spec.optim.meta_batch, first=spec.step_ways(0))
     if compilations is not None:
-        cfg = evaluation.eval_config(
-            step_fn.config, spec.test_ways(), spec.model.shots, spec.eval_queries_per_class
-        )
+        cfg = _eval_config(spec, step_fn.config)
         batch = min(spec.schedule.eval_batch, spec.schedule.eval_episodes)
         support, query = runtime.steps.episode_shapes(cfg, cfg.ways, batch)
         fn = evaluation._episode_loss(cfg)
